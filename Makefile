@@ -1,0 +1,30 @@
+# Set-up and the two entry points named in README.md.
+#   make run   - create .venv (if needed) and run the main job
+#   make test  - create .venv (if needed) and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/gradhpo train experiments/configs/digits_cnn.yaml
+
+# pytest exits 5 when it collected no test; that is a failure here (make stops on any non-zero exit).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check gradhpo models experiments tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
