@@ -1,0 +1,128 @@
+"""YAML configuration files: loading (``yaml.safe_load`` only) and validation.
+
+Every problem is reported as a :class:`ConfigError` whose message names the field by its dotted
+path and the bad value, e.g. ``training.epochs: expected an integer >= 1, got -3``. The CLI
+prints that one line and exits with code 2.
+
+The schema here is the one of ``gradhpo train``; model, data and optimizer sections are
+validated by the code that owns them (:func:`models.build_model`,
+:func:`gradhpo.data.load_dataset`, :class:`gradhpo.run.TrainingRun`) so the rules live in
+one place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "load_yaml", "validate_train_config", "TRAIN_DEFAULTS"]
+
+
+class ConfigError(ValueError):
+    """A user mistake in a configuration file or mapping."""
+
+
+#: Defaults of the ``training`` and ``output`` sections of a ``gradhpo train`` config.
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "training": {
+        "epochs": 10,
+        "batch_size": 64,
+        "seed": 0,
+        "device": "auto",
+        "augment": False,
+        "eval_every": 1,
+    },
+    "output": {"dir": "runs", "tensorboard_dir": "tensorboard_logs"},
+}
+_TRAIN_SECTIONS = ("name", "data", "model", "optimizer", "training", "output")
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML mapping with ``yaml.safe_load``; errors become :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {str(path)!r}")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def _section(config: Mapping[str, Any], name: str, required: bool) -> dict[str, Any]:
+    value = config.get(name)
+    if value is None:
+        if required:
+            raise ConfigError(f"{name}: section is required")
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def _check_unknown(path: str, mapping: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(mapping) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {list(allowed)}")
+
+
+def check_int(path: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{path}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    return value
+
+
+def check_str(path: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def validate_train_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the structure of a ``gradhpo train`` config and fill in defaults.
+
+    Returns a new, fully resolved dict. Section contents of ``data``, ``model`` and
+    ``optimizer`` are checked later by their owners (see module docstring).
+    """
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config: expected a mapping, got {config!r}")
+    _check_unknown("config", config, _TRAIN_SECTIONS)
+    resolved: dict[str, Any] = {"name": check_str("name", config.get("name", "train"))}
+    for section in ("data", "model"):
+        resolved[section] = _section(config, section, required=True)
+        if "name" not in resolved[section]:
+            raise ConfigError(f"{section}.name is required")
+    resolved["optimizer"] = _section(config, "optimizer", required=False) or {"name": "sgd"}
+
+    for section, defaults in TRAIN_DEFAULTS.items():
+        given = _section(config, section, required=False)
+        _check_unknown(section, given, tuple(defaults))
+        resolved[section] = {**defaults, **given}
+
+    training = resolved["training"]
+    check_int("training.epochs", training["epochs"], 1)
+    check_int("training.batch_size", training["batch_size"], 1)
+    check_int("training.seed", training["seed"], 0)
+    check_int("training.eval_every", training["eval_every"], 1)
+    check_str("training.device", training["device"])
+    check_bool("training.augment", training["augment"])
+    check_str("output.dir", resolved["output"]["dir"])
+    check_str("output.tensorboard_dir", resolved["output"]["tensorboard_dir"])
+    return resolved

@@ -1,0 +1,430 @@
+"""A training run: model + data + optimizer + step counter behind one small interface.
+
+Search, PBT and the CLI all drive training through :class:`TrainingRun`:
+
+* ``step(n)`` trains ``n`` optimizer steps and returns their mean training loss;
+* ``evaluate(split)`` returns loss and accuracy on ``"train"``, ``"val"`` or ``"test"``;
+* ``hyperparameters`` reads and writes the continuous hyperparameters (lr, weight decay, ...);
+* ``state_dict()`` / ``load_state_dict()`` and ``save()`` / ``from_checkpoint()`` give a
+  bit-identical continuation on CPU: weights, optimizer state, batch order, augmentation and
+  dropout randomness all resume where they stopped.
+
+Each run owns its random stream: the global torch RNG is swapped in for the duration of a
+``step``/``evaluate`` call and swapped out again, so several runs interleaved in one process
+(a PBT population) do not disturb one another.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradhpo.data import Augment, BatchIterator, DataSplits, load_dataset
+from models import build_model
+
+__all__ = ["TrainingRun", "OPTIMIZER_HYPERPARAMETERS", "resolve_device"]
+
+#: Continuous hyperparameters each optimizer exposes through ``TrainingRun.hyperparameters``.
+OPTIMIZER_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
+    "sgd": ("lr", "weight_decay", "momentum"),
+    "adam": ("lr", "weight_decay", "beta1", "beta2", "eps"),
+    "adamw": ("lr", "weight_decay", "beta1", "beta2", "eps"),
+}
+_OPTIMIZER_FLAGS: dict[str, tuple[str, ...]] = {"sgd": ("nesterov",), "adam": (), "adamw": ()}
+_DEFAULT_HYPERS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 0.1, "weight_decay": 0.0, "momentum": 0.0},
+    "adam": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+    "adamw": {"lr": 1e-3, "weight_decay": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+}
+_DATA_KEYS = ("name", "seed", "val_fraction", "test_fraction", "data_dir", "n_folds", "fold")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to torch."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string or torch.device, got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device: unknown device {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def _check_hyper_value(name: str, value: Any, label: str | None = None) -> float:
+    """Validate one hyperparameter value; ``label`` is the field name used in messages."""
+    label = label or name
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"hyperparameter {label!r} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"hyperparameter {label!r} must be finite, got {value!r}")
+    if name in ("lr", "eps") and value <= 0:
+        raise ValueError(f"hyperparameter {label!r} must be > 0, got {value!r}")
+    if name == "weight_decay" and value < 0:
+        raise ValueError(f"hyperparameter {label!r} must be >= 0, got {value!r}")
+    if name in ("momentum", "beta1", "beta2") and not 0.0 <= value < 1.0:
+        raise ValueError(f"hyperparameter {label!r} must be in [0, 1), got {value!r}")
+    return value
+
+
+def _optimizer_spec(optimizer: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate an optimizer config and fill in defaults; returns a plain dict."""
+    if not isinstance(optimizer, Mapping):
+        raise TypeError(f"optimizer must be a mapping, got {optimizer!r}")
+    name = optimizer.get("name", "sgd")
+    if name not in OPTIMIZER_HYPERPARAMETERS:
+        raise ValueError(
+            f"optimizer.name: unknown optimizer {name!r}; choose one of {sorted(OPTIMIZER_HYPERPARAMETERS)}"
+        )
+    allowed = {"name", *OPTIMIZER_HYPERPARAMETERS[name], *_OPTIMIZER_FLAGS[name]}
+    unknown = sorted(set(optimizer) - allowed)
+    if unknown:
+        raise ValueError(
+            f"optimizer: unknown key(s) {unknown} for {name!r}; allowed: {sorted(allowed)}"
+        )
+    spec: dict[str, Any] = {"name": name}
+    for key, default in _DEFAULT_HYPERS[name].items():
+        spec[key] = _check_hyper_value(key, optimizer.get(key, default), f"optimizer.{key}")
+    if name == "sgd":
+        nesterov = optimizer.get("nesterov", False)
+        if not isinstance(nesterov, bool):
+            raise TypeError(f"optimizer.nesterov must be true or false, got {nesterov!r}")
+        if nesterov and spec["momentum"] == 0:
+            raise ValueError("optimizer.nesterov: Nesterov momentum needs momentum > 0, got 0")
+        spec["nesterov"] = nesterov
+    return spec
+
+
+def _make_optimizer(params: list[nn.Parameter], spec: Mapping[str, Any]) -> torch.optim.Optimizer:
+    name = spec["name"]
+    if name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=spec["lr"],
+            momentum=spec["momentum"],
+            weight_decay=spec["weight_decay"],
+            nesterov=spec["nesterov"],
+        )
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls(
+        params,
+        lr=spec["lr"],
+        betas=(spec["beta1"], spec["beta2"]),
+        eps=spec["eps"],
+        weight_decay=spec["weight_decay"],
+    )
+
+
+class TrainingRun:
+    """One model trained on one data set by one optimizer.
+
+    Args:
+        model: model config for :func:`models.build_model` (``{"name": "cnn", ...}``).
+        data: a data set name, a mapping of :func:`gradhpo.data.load_dataset` arguments
+            (``{"name": "digits", "seed": 0}``) or already loaded :class:`DataSplits`.
+        optimizer: ``{"name": "sgd"|"adam"|"adamw", <hyperparameters>, "nesterov": bool}``.
+        batch_size: training minibatch size.
+        seed: seeds weight initialisation, batch order, augmentation and dropout.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        augment: random crop + horizontal flip on training batches (for CIFAR-like images).
+        eval_batch_size: batch size used by :meth:`evaluate`.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Mapping[str, Any],
+        data: str | Mapping[str, Any] | DataSplits,
+        optimizer: Mapping[str, Any] | None = None,
+        batch_size: int = 128,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        augment: bool = False,
+        eval_batch_size: int = 1024,
+    ) -> None:
+        for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if not isinstance(augment, bool):
+            raise TypeError(f"augment must be true or false, got {augment!r}")
+        # Denormal floats make late-training CPU steps up to ~25x slower; flushing them is harmless.
+        torch.set_flush_denormal(True)
+
+        self.device = resolve_device(device)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.optimizer_spec = _optimizer_spec(optimizer or {"name": "sgd"})
+
+        data_spec, splits = self._resolve_data(data)
+        self.data = splits.to(self.device)
+        self.model_config = dict(model)
+        self.config: dict[str, Any] = {
+            "model": dict(model),
+            "data": data_spec,
+            "optimizer": dict(self.optimizer_spec),
+            "batch_size": batch_size,
+            "seed": seed,
+            "augment": augment,
+            "eval_batch_size": eval_batch_size,
+        }
+
+        # Private random stream of this run (weights init, dropout); see _own_rng.
+        self._rng_state = torch.Generator().manual_seed(seed).get_state()
+        self._cuda_rng_state: torch.Tensor | None = None
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                gen = torch.Generator(device=self.device).manual_seed(seed)
+                self._cuda_rng_state = gen.get_state()
+        with self._own_rng():
+            self.model: nn.Module = build_model(
+                model, self.data.input_shape, self.data.num_classes
+            ).to(self.device)
+        self._buffers = list(self.model.buffers())
+        self.optimizer = _make_optimizer(list(self.model.parameters()), self.optimizer_spec)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.batches = BatchIterator(
+            self.data.train.x,
+            self.data.train.y,
+            min(batch_size, len(self.data.train)),
+            shuffle=True,
+            drop_last=True,
+            seed=seed,
+            augment=Augment() if augment else None,
+        )
+        self.global_step = 0
+        self.diverged = False
+
+    # ------------------------------------------------------------------ data and RNG
+    @staticmethod
+    def _resolve_data(
+        data: str | Mapping[str, Any] | DataSplits,
+    ) -> tuple[dict[str, Any] | None, DataSplits]:
+        """Returns the reloadable data spec (None for user-supplied tensors) and the splits."""
+        if isinstance(data, DataSplits):
+            return None, data
+        if isinstance(data, str):
+            data = {"name": data}
+        if not isinstance(data, Mapping):
+            raise TypeError(f"data must be a name, a mapping or DataSplits, got {data!r}")
+        unknown = sorted(set(data) - set(_DATA_KEYS))
+        if unknown:
+            raise ValueError(f"data: unknown key(s) {unknown}; allowed: {list(_DATA_KEYS)}")
+        spec = {k: (str(v) if k == "data_dir" and v is not None else v) for k, v in data.items()}
+        kwargs = {k: v for k, v in spec.items() if k != "name"}
+        if "name" not in spec:
+            raise ValueError("data.name is required (e.g. 'digits')")
+        return spec, load_dataset(spec["name"], **kwargs)
+
+    @contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Swap this run's random state into torch's global RNG for the duration of a block."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self._rng_state)
+            if self._cuda_rng_state is not None:
+                torch.cuda.set_rng_state(self._cuda_rng_state, self.device)
+            try:
+                yield
+            finally:
+                self._rng_state = torch.get_rng_state()
+                if self._cuda_rng_state is not None:
+                    self._cuda_rng_state = torch.cuda.get_rng_state(self.device)
+
+    # ------------------------------------------------------------------ training
+    def step(self, n: int = 1) -> float:
+        """Train ``n`` optimizer steps; returns their mean training loss.
+
+        A non-finite loss is never applied to the weights: the run is marked ``diverged``, the
+        step is skipped and ``nan`` is returned. Later calls on a diverged run do nothing and
+        return ``nan``, so a search or population can drop it without crashing.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"step: n must be an integer >= 1, got {n!r}")
+        if self.diverged:
+            return math.nan
+        self.model.train()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        with self._own_rng():
+            for _ in range(n):
+                xb, yb = next(self.batches)
+                # BatchNorm updates its running statistics during the forward pass; keep a copy
+                # so that a non-finite batch leaves the model exactly as it was.
+                saved = [b.clone() for b in self._buffers]
+                loss = self.loss_fn(self.model(xb), yb)
+                if not torch.isfinite(loss):
+                    for buffer, copy in zip(self._buffers, saved, strict=True):
+                        buffer.copy_(copy)
+                    self.diverged = True
+                    return math.nan
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.global_step += 1
+                total += loss.detach()
+        return float(total) / n
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.batches)
+
+    @property
+    def epoch(self) -> float:
+        """Training progress in epochs (fractional)."""
+        return self.global_step / self.steps_per_epoch
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> dict[str, float]:
+        """Mean loss and accuracy of the current model on ``"train"``, ``"val"`` or ``"test"``."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"evaluate: split must be 'train', 'val' or 'test', got {split!r}")
+        data = getattr(self.data, split)
+        if len(data) == 0:
+            raise ValueError(f"evaluate: split {split!r} is empty")
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        for start in range(0, len(data), self.eval_batch_size):
+            xb = data.x[start : start + self.eval_batch_size]
+            yb = data.y[start : start + self.eval_batch_size]
+            logits = self.model(xb)
+            loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
+            correct += (logits.argmax(dim=1) == yb).sum()
+        self.model.train(was_training)
+        return {"loss": float(loss_sum) / len(data), "accuracy": float(correct) / len(data)}
+
+    # ------------------------------------------------------------------ hyperparameters
+    @property
+    def hyperparameter_names(self) -> tuple[str, ...]:
+        return OPTIMIZER_HYPERPARAMETERS[self.optimizer_spec["name"]]
+
+    @property
+    def hyperparameters(self) -> dict[str, float]:
+        """Current continuous hyperparameters, read from the optimizer's first param group."""
+        group = self.optimizer.param_groups[0]
+        values: dict[str, float] = {}
+        for name in self.hyperparameter_names:
+            if name == "beta1":
+                values[name] = float(group["betas"][0])
+            elif name == "beta2":
+                values[name] = float(group["betas"][1])
+            else:
+                values[name] = float(group[name])
+        return values
+
+    @hyperparameters.setter
+    def hyperparameters(self, values: Mapping[str, float]) -> None:
+        self.set_hyperparameters(**values)
+
+    def set_hyperparameters(self, **values: float) -> None:
+        """Set some hyperparameters (all param groups); unknown names or bad values raise."""
+        unknown = sorted(set(values) - set(self.hyperparameter_names))
+        if unknown:
+            raise ValueError(
+                f"unknown hyperparameter(s) {unknown} for optimizer "
+                f"{self.optimizer_spec['name']!r}; known: {list(self.hyperparameter_names)}"
+            )
+        checked = {name: _check_hyper_value(name, v) for name, v in values.items()}
+        if self.optimizer_spec.get("nesterov") and checked.get("momentum", 1.0) == 0:
+            raise ValueError("hyperparameter 'momentum' must be > 0 with Nesterov, got 0.0")
+        for group in self.optimizer.param_groups:
+            for name, value in checked.items():
+                if name in ("beta1", "beta2"):
+                    betas = list(group["betas"])
+                    betas[0 if name == "beta1" else 1] = value
+                    group["betas"] = tuple(betas)
+                else:
+                    group[name] = value
+        self.optimizer_spec.update(checked)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically: ``{model, optimizer, hypers, step,
+        rng, iterator, config, diverged}``; loadable with ``torch.load(weights_only=True)``."""
+        rng: dict[str, torch.Tensor] = {"torch": self._rng_state.clone()}
+        if self._cuda_rng_state is not None:
+            rng["cuda"] = self._cuda_rng_state.clone()
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "hypers": self.hyperparameters,
+            "step": self.global_step,
+            "rng": rng,
+            "iterator": self.batches.state_dict(),
+            "config": self.config,
+            "diverged": self.diverged,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = {"model", "optimizer", "hypers", "step", "rng", "iterator"} - set(state)
+        if missing:
+            raise ValueError(f"checkpoint is missing key(s) {sorted(missing)}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.set_hyperparameters(**state["hypers"])
+        self.global_step = int(state["step"])
+        self._rng_state = state["rng"]["torch"].clone()
+        if self._cuda_rng_state is not None and "cuda" in state["rng"]:
+            self._cuda_rng_state = state["rng"]["cuda"].clone()
+        self.batches.load_state_dict(state["iterator"])
+        self.diverged = bool(state.get("diverged", False))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the checkpoint atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(self.state_dict(), fh)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        data: DataSplits | None = None,
+        device: str | torch.device = "auto",
+    ) -> TrainingRun:
+        """Rebuild a run from :meth:`save`'s file. ``data`` is needed only when the run was
+        built from user-supplied :class:`DataSplits` (which the checkpoint does not store)."""
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        config = state["config"]
+        if data is None and config["data"] is None:
+            raise ValueError(
+                f"checkpoint {str(path)!r} was made from user-supplied data; pass data=..."
+            )
+        run = cls(
+            model=config["model"],
+            data=data if data is not None else config["data"],
+            optimizer=config["optimizer"],
+            batch_size=config["batch_size"],
+            seed=config["seed"],
+            device=device,
+            augment=config["augment"],
+            eval_batch_size=config["eval_batch_size"],
+        )
+        run.load_state_dict(state)
+        return run
