@@ -1,0 +1,1 @@
+"""Hypergradient engine (pure functional core)."""
