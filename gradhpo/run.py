@@ -16,6 +16,7 @@ Each run owns its random stream: the global torch RNG is swapped in for the dura
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -28,9 +29,10 @@ import torch
 from torch import nn
 
 from gradhpo.data import Augment, BatchIterator, DataSplits, load_dataset
+from gradhpo.hyper.tuner import HyperTuner, TunerReport
 from models import build_model
 
-__all__ = ["TrainingRun", "OPTIMIZER_HYPERPARAMETERS", "resolve_device"]
+__all__ = ["TrainingRun", "OPTIMIZER_HYPERPARAMETERS", "TUNER_KEYS", "resolve_device"]
 
 #: Continuous hyperparameters each optimizer exposes through ``TrainingRun.hyperparameters``.
 OPTIMIZER_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
@@ -43,6 +45,30 @@ _DEFAULT_HYPERS: dict[str, dict[str, float]] = {
     "sgd": {"lr": 0.1, "weight_decay": 0.0, "momentum": 0.0},
     "adam": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
     "adamw": {"lr": 1e-3, "weight_decay": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+}
+#: Keys of ``TrainingRun(tuner=...)``; all but ``hypers`` have defaults (_TUNER_DEFAULTS).
+TUNER_KEYS = (
+    "hypers",
+    "method",
+    "horizon",
+    "truncate",
+    "hyper_optimizer",
+    "hyper_lr",
+    "clip",
+    "objective",
+    "val_batch_size",
+    "max_rejections",
+)
+_TUNER_DEFAULTS: dict[str, Any] = {
+    "method": "reverse",
+    "horizon": 10,
+    "truncate": None,
+    "hyper_optimizer": "adam",
+    "hyper_lr": 0.05,
+    "clip": None,
+    "objective": "val",
+    "val_batch_size": 256,
+    "max_rejections": 5,
 }
 _DATA_KEYS = ("name", "seed", "val_fraction", "test_fraction", "data_dir", "n_folds", "fold")
 
@@ -142,6 +168,11 @@ class TrainingRun:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         augment: random crop + horizontal flip on training batches (for CIFAR-like images).
         eval_batch_size: batch size used by :meth:`evaluate`.
+        tuner: tune continuous hyperparameters by hypergradient while training (see
+            :data:`TUNER_KEYS`): ``{"hypers": [{"name": "lr", "init": 0.05}, ...],
+            "method": "reverse", "horizon": 10, ...}``. The optimizer then runs as the
+            differentiable inner optimizer of :mod:`gradhpo.hyper` (same arithmetic as
+            torch.optim); a spec without ``init`` starts from the optimizer config's value.
     """
 
     def __init__(
@@ -155,6 +186,7 @@ class TrainingRun:
         device: str | torch.device = "auto",
         augment: bool = False,
         eval_batch_size: int = 1024,
+        tuner: Mapping[str, Any] | None = None,
     ) -> None:
         for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -183,6 +215,7 @@ class TrainingRun:
             "seed": seed,
             "augment": augment,
             "eval_batch_size": eval_batch_size,
+            "tuner": None if tuner is None else dict(tuner),
         }
 
         # Private random stream of this run (weights init, dropout); see _own_rng.
@@ -197,7 +230,12 @@ class TrainingRun:
                 model, self.data.input_shape, self.data.num_classes
             ).to(self.device)
         self._buffers = list(self.model.buffers())
-        self.optimizer = _make_optimizer(list(self.model.parameters()), self.optimizer_spec)
+        self.tuner: HyperTuner | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        if tuner is None:
+            self.optimizer = _make_optimizer(list(self.model.parameters()), self.optimizer_spec)
+        else:
+            self.tuner, self._tuner_settings = self._make_tuner(tuner)
         self.loss_fn = nn.CrossEntropyLoss()
         self.batches = BatchIterator(
             self.data.train.x,
@@ -208,8 +246,64 @@ class TrainingRun:
             seed=seed,
             augment=Augment() if augment else None,
         )
+        self.val_batches: BatchIterator | None = None
+        if self.tuner is not None and self.tuner.objective == "val":
+            self.val_batches = BatchIterator(
+                self.data.val.x,
+                self.data.val.y,
+                min(self._tuner_settings["val_batch_size"], len(self.data.val)),
+                shuffle=True,
+                seed=seed + 1,
+            )
         self.global_step = 0
         self.diverged = False
+        self.last_report: TunerReport | None = None
+
+    def _make_tuner(self, tuner: Mapping[str, Any]) -> tuple[HyperTuner, dict[str, Any]]:
+        if not isinstance(tuner, Mapping):
+            raise TypeError(f"tuner must be a mapping, got {tuner!r}")
+        unknown = sorted(set(tuner) - set(TUNER_KEYS))
+        if unknown:
+            raise ValueError(f"tuner: unknown key(s) {unknown}; allowed: {list(TUNER_KEYS)}")
+        settings = {**_TUNER_DEFAULTS, **tuner}
+        if "hypers" not in tuner:
+            raise ValueError("tuner.hypers is required, e.g. [{name: lr}]")
+        hypers = settings["hypers"]
+        if isinstance(hypers, (str, bytes)) or not isinstance(hypers, (list, tuple)):
+            raise ValueError(f"tuner.hypers: expected a list of specs, got {hypers!r}")
+        filled = []
+        for i, spec in enumerate(hypers):
+            if (
+                isinstance(spec, Mapping)
+                and "init" not in spec
+                and spec.get("name") in self.optimizer_spec
+            ):
+                spec = {**spec, "init": self.optimizer_spec[spec["name"]]}
+            if isinstance(spec, Mapping) and spec.get("name") == "example_weight":
+                raise ValueError(
+                    f"tuner.hypers[{i}]: example_weight needs batches with example indices; "
+                    "use gradhpo.hyper.HyperTuner directly"
+                )
+            filled.append(spec)
+        for key in ("max_rejections", "val_batch_size"):
+            value = settings[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"tuner.{key} must be an integer >= 1, got {value!r}")
+        inner_kwargs = {k: v for k, v in self.optimizer_spec.items() if k != "name"}
+        tuner_obj = HyperTuner(
+            self.model,
+            filled,
+            optimizer=self.optimizer_spec["name"],
+            optimizer_kwargs=inner_kwargs,
+            method=settings["method"],
+            horizon=settings["horizon"],
+            truncate=settings["truncate"],
+            hyper_optimizer=settings["hyper_optimizer"],
+            hyper_lr=settings["hyper_lr"],
+            clip=settings["clip"],
+            objective=settings["objective"],
+        )
+        return tuner_obj, settings
 
     # ------------------------------------------------------------------ data and RNG
     @staticmethod
@@ -260,6 +354,8 @@ class TrainingRun:
         if self.diverged:
             return math.nan
         self.model.train()
+        if self.tuner is not None:
+            return self._tuned_steps(n)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         with self._own_rng():
             for _ in range(n):
@@ -279,6 +375,27 @@ class TrainingRun:
                 self.global_step += 1
                 total += loss.detach()
         return float(total) / n
+
+    def _tuned_steps(self, n: int) -> float:
+        """``n`` steps in horizons of K (the last one shorter if K does not divide n)."""
+        assert self.tuner is not None
+        total, done = 0.0, 0
+        with self._own_rng():
+            while done < n:
+                k = min(self.tuner.horizon, n - done)
+                batches = [next(self.batches) for _ in range(k)]
+                val_batch = next(self.val_batches) if self.val_batches is not None else None
+                report = self.tuner.step(batches, val_batch)
+                self.last_report = report
+                if report.weights_updated:
+                    self.global_step += k
+                    done += k
+                    total += report.train_loss * k
+                # A rolled-back horizon is retried on fresh batches, up to max_rejections times.
+                if self.tuner.consecutive_rejections >= self._tuner_settings["max_rejections"]:
+                    self.diverged = True
+                    return math.nan
+        return total / n
 
     @property
     def steps_per_epoch(self) -> int:
@@ -313,11 +430,24 @@ class TrainingRun:
     # ------------------------------------------------------------------ hyperparameters
     @property
     def hyperparameter_names(self) -> tuple[str, ...]:
-        return OPTIMIZER_HYPERPARAMETERS[self.optimizer_spec["name"]]
+        names = OPTIMIZER_HYPERPARAMETERS[self.optimizer_spec["name"]]
+        if self.tuner is not None and "l2" in self.tuner.hypers.names:
+            names = (*names, "l2")
+        return names
 
     @property
     def hyperparameters(self) -> dict[str, float]:
-        """Current continuous hyperparameters, read from the optimizer's first param group."""
+        """Current continuous hyperparameters. With a tuner: the tuned values (keys
+        ``lr`` for scalars, ``lr/<param>`` per tensor; per-element ones by their mean) plus
+        the constant ones; otherwise read from the optimizer's first param group."""
+        if self.tuner is not None:
+            constants = {
+                k: float(self.optimizer_spec[k])
+                for k in OPTIMIZER_HYPERPARAMETERS[self.optimizer_spec["name"]]
+                if k not in self.tuner.hypers.names
+            }
+            return {**constants, **self.tuner.hypers.summary()}
+        assert self.optimizer is not None
         group = self.optimizer.param_groups[0]
         values: dict[str, float] = {}
         for name in self.hyperparameter_names:
@@ -334,7 +464,28 @@ class TrainingRun:
         self.set_hyperparameters(**values)
 
     def set_hyperparameters(self, **values: float) -> None:
-        """Set some hyperparameters (all param groups); unknown names or bad values raise."""
+        """Set some hyperparameters (all param groups); unknown names or bad values raise.
+
+        With a tuner, tuned hyperparameters are set through their raw parametrization
+        (``lr`` sets every per-tensor entry, ``lr/<param>`` one of them)."""
+        if self.tuner is not None:
+            tuned = {
+                k: v for k, v in values.items() if k.split("/", 1)[0] in self.tuner.hypers.names
+            }
+            rest = {k: v for k, v in values.items() if k not in tuned}
+            unknown = sorted(set(rest) - set(self.hyperparameter_names))
+            if unknown:
+                raise ValueError(
+                    f"unknown hyperparameter(s) {unknown}; known: {list(self.hyperparameter_names)}"
+                )
+            checked = {name: _check_hyper_value(name, v) for name, v in rest.items()}
+            try:
+                self.tuner.hypers.set_values(tuned)
+            except KeyError as exc:
+                raise ValueError(str(exc.args[0])) from exc
+            self.tuner.problem.optimizer.defaults.update(checked)
+            self.optimizer_spec.update(checked)
+            return
         unknown = sorted(set(values) - set(self.hyperparameter_names))
         if unknown:
             raise ValueError(
@@ -344,6 +495,7 @@ class TrainingRun:
         checked = {name: _check_hyper_value(name, v) for name, v in values.items()}
         if self.optimizer_spec.get("nesterov") and checked.get("momentum", 1.0) == 0:
             raise ValueError("hyperparameter 'momentum' must be > 0 with Nesterov, got 0.0")
+        assert self.optimizer is not None
         for group in self.optimizer.param_groups:
             for name, value in checked.items():
                 if name in ("beta1", "beta2"):
@@ -357,28 +509,45 @@ class TrainingRun:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically: ``{model, optimizer, hypers, step,
-        rng, iterator, config, diverged}``; loadable with ``torch.load(weights_only=True)``."""
+        rng, iterator, config, diverged}``; loadable with ``torch.load(weights_only=True)``.
+
+        A snapshot: no tensor is shared with the live run (torch's module and optimizer state
+        dicts return live tensors, which a later step would change under the caller)."""
         rng: dict[str, torch.Tensor] = {"torch": self._rng_state.clone()}
         if self._cuda_rng_state is not None:
             rng["cuda"] = self._cuda_rng_state.clone()
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "hypers": self.hyperparameters,
-            "step": self.global_step,
-            "rng": rng,
-            "iterator": self.batches.state_dict(),
-            "config": self.config,
-            "diverged": self.diverged,
-        }
+        return copy.deepcopy(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+                "tuner": self.tuner.state_dict() if self.tuner is not None else None,
+                "val_iterator": self.val_batches.state_dict()
+                if self.val_batches is not None
+                else None,
+                "hypers": self.hyperparameters,
+                "step": self.global_step,
+                "rng": rng,
+                "iterator": self.batches.state_dict(),
+                "config": self.config,
+                "diverged": self.diverged,
+            }
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = {"model", "optimizer", "hypers", "step", "rng", "iterator"} - set(state)
         if missing:
             raise ValueError(f"checkpoint is missing key(s) {sorted(missing)}")
+        if (state.get("tuner") is None) != (self.tuner is None):
+            raise ValueError("checkpoint and run disagree on whether a hypergradient tuner is used")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.set_hyperparameters(**state["hypers"])
+        if self.tuner is not None:
+            self.tuner.load_state_dict(state["tuner"])
+            if self.val_batches is not None:
+                self.val_batches.load_state_dict(state["val_iterator"])
+        else:
+            assert self.optimizer is not None
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.set_hyperparameters(**state["hypers"])
         self.global_step = int(state["step"])
         self._rng_state = state["rng"]["torch"].clone()
         if self._cuda_rng_state is not None and "cuda" in state["rng"]:
@@ -425,6 +594,7 @@ class TrainingRun:
             device=device,
             augment=config["augment"],
             eval_batch_size=config["eval_batch_size"],
+            tuner=config.get("tuner"),
         )
         run.load_state_dict(state)
         return run

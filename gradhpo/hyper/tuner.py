@@ -1,0 +1,270 @@
+"""HyperTuner: online hyperparameter tuning while a model trains.
+
+Each :meth:`HyperTuner.step` takes K training batches (and a validation batch), runs K inner
+steps from the model's current weights while computing the hypergradient of the objective,
+writes the new weights back into the model and takes one step of an outer optimizer on the
+*raw* (unconstrained) hyperparameters. Graphs are dropped after every horizon.
+
+Non-finite values are handled, never fatal: if an inner loss, the objective, the new weights
+or the hypergradient is NaN/inf, the hyper step is rejected, the weights go back to where the
+horizon started and the hyperparameters to their values before the previous hyper update
+(the likeliest cause). Rejections are counted (``rejected_steps``,
+``consecutive_rejections``) and reported in every :class:`TunerReport`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradhpo.hyper.methods import METHODS, Batch, InnerProblem, Objective, hypergradient
+from gradhpo.hyper.optimizers import InnerOptimizer, make_optimizer
+from gradhpo.hyper.spec import HyperParameters, HyperSpec
+
+__all__ = ["HyperTuner", "TunerReport", "OBJECTIVES", "HYPER_OPTIMIZERS"]
+
+OBJECTIVES = ("val", "train_mean")
+HYPER_OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class TunerReport:
+    """Outcome of one horizon."""
+
+    accepted: bool
+    objective: float
+    train_loss: float  # mean inner data loss over the horizon
+    hypergrad_norm: float  # before clipping; nan when rejected for a non-finite gradient
+    values: dict[str, float]  # hyperparameter values after the step (means for per-element)
+    steps: int  # inner steps in this horizon
+    weights_updated: bool  # False when the horizon was rolled back (non-finite weights/losses)
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+class HyperTuner:
+    """Tune continuous hyperparameters of ``model``'s training by hypergradients.
+
+    Args:
+        model: the module being trained; its parameters and buffers are read at the start of
+            each horizon and written back at the end.
+        hypers: :class:`HyperSpec` objects or mappings (``{"name": "lr", "init": 0.1}``).
+        optimizer: inner optimizer name (``sgd``, ``momentum``, ``nesterov``, ``adam``,
+            ``adamw``) or an :class:`InnerOptimizer`; ``optimizer_kwargs`` set its constant
+            (untuned) hyperparameters.
+        method: ``reverse``, ``checkpointed``, ``forward`` or ``greedy`` (forces horizon 1).
+        horizon: K, inner steps per hyper step.
+        truncate: T <= K, differentiate only the last T steps (reverse, checkpointed).
+        hyper_optimizer: ``adam`` or ``sgd`` on the raw hyperparameters, with ``hyper_lr``.
+        clip: clip the global norm of the raw hypergradient to this value (None: off).
+        objective: ``val`` (validation loss after the horizon, model in eval mode) or
+            ``train_mean`` (mean inner training loss).
+        num_examples: size of the training set, needed only for ``example_weight``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hypers: Sequence[HyperSpec | Mapping[str, Any]],
+        *,
+        optimizer: str | InnerOptimizer = "sgd",
+        optimizer_kwargs: Mapping[str, Any] | None = None,
+        method: str = "reverse",
+        horizon: int = 10,
+        truncate: int | None = None,
+        hyper_optimizer: str = "adam",
+        hyper_lr: float = 0.05,
+        clip: float | None = None,
+        objective: str = "val",
+        num_examples: int | None = None,
+        max_directions: int = 64,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method: unknown {method!r}; choose one of {list(METHODS)}")
+        horizon = _check_positive_int("horizon (K)", horizon)
+        if method == "greedy":
+            horizon = 1
+        if truncate is not None:
+            _check_positive_int("truncate (T)", truncate)
+            if truncate > horizon:
+                raise ValueError(f"truncate (T) must be <= horizon (K={horizon}), got T={truncate}")
+            if method == "forward" and truncate != horizon:
+                raise ValueError(
+                    f"truncate: forward mode differentiates every step, got T={truncate}"
+                )
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective: unknown {objective!r}; choose one of {list(OBJECTIVES)}")
+        if hyper_optimizer not in HYPER_OPTIMIZERS:
+            raise ValueError(
+                f"hyper_optimizer: unknown {hyper_optimizer!r}; choose one of {list(HYPER_OPTIMIZERS)}"
+            )
+        if isinstance(hyper_lr, bool) or not isinstance(hyper_lr, (int, float)) or not hyper_lr > 0:
+            raise ValueError(f"hyper_lr must be a number > 0, got {hyper_lr!r}")
+        if clip is not None and (
+            isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
+        ):
+            raise ValueError(f"clip must be a number > 0 or None, got {clip!r}")
+
+        if isinstance(optimizer, str):
+            inner = make_optimizer(optimizer, **dict(optimizer_kwargs or {}))
+        elif isinstance(optimizer, InnerOptimizer):
+            if optimizer_kwargs:
+                raise ValueError("optimizer_kwargs: give them only with an optimizer name")
+            inner = optimizer
+        else:
+            raise TypeError(f"optimizer must be a name or an InnerOptimizer, got {optimizer!r}")
+
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        self.hypers = HyperParameters(hypers, params, num_examples=num_examples)
+        unusable = [
+            s.name
+            for s in self.hypers.specs
+            if s.name not in inner.hyper_names and s.name not in ("l2", "example_weight")
+        ]
+        if unusable:
+            raise ValueError(
+                f"hypers: {unusable} not used by optimizer {inner.name!r}, which reads {list(inner.hyper_names)}"
+            )
+        self.model = model
+        self.problem = InnerProblem(model, inner, self.hypers)
+        self.method = method
+        self.horizon = horizon
+        self.truncate = truncate
+        self.objective = objective
+        self.clip = clip
+        self.max_directions = max_directions
+        self.opt_state = inner.init(params)
+        raw_leaves = list(self.hypers.raw.values())
+        if hyper_optimizer == "adam":
+            self.outer: torch.optim.Optimizer = torch.optim.Adam(raw_leaves, lr=hyper_lr)
+        else:
+            self.outer = torch.optim.SGD(raw_leaves, lr=hyper_lr)
+        self._previous_raw = self.hypers.state_dict()
+        self.hyper_steps = 0
+        self.rejected_steps = 0
+        self.consecutive_rejections = 0
+
+    # ------------------------------------------------------------------ one horizon
+    def _objective(self, val_batch: Batch | None) -> Objective:
+        if self.objective == "train_mean":
+            return Objective.train_mean()
+        if val_batch is None:
+            raise ValueError("objective 'val' needs a validation batch")
+        return Objective.validation(self.model, val_batch[0], val_batch[1])
+
+    def step(self, batches: Sequence[Batch], val_batch: Batch | None = None) -> TunerReport:
+        """K = len(batches) inner steps and one hyper step (see module docstring)."""
+        if not 1 <= len(batches) <= self.horizon:
+            raise ValueError(f"step: expected 1..{self.horizon} batches, got {len(batches)}")
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+        truncate = None if self.truncate is None else min(self.truncate, len(batches))
+        result = hypergradient(
+            self.method,
+            self.problem,
+            params,
+            self.opt_state,
+            buffers,
+            batches,
+            self._objective(val_batch),
+            truncate=truncate,
+            max_directions=self.max_directions,
+        )
+        grads = [result.grads[k] for k in self.hypers.raw]
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads])
+        )
+        finite = (
+            bool(torch.isfinite(result.train_losses).all())
+            and bool(torch.isfinite(result.objective))
+            and all(bool(torch.isfinite(v).all()) for v in result.params.values())
+        )
+        if not finite or not bool(torch.isfinite(grad_norm)):
+            return self._reject(result, finite, float(grad_norm), len(batches))
+
+        self._previous_raw = self.hypers.state_dict()
+        scale = 1.0
+        if self.clip is not None and float(grad_norm) > self.clip:
+            scale = self.clip / float(grad_norm)
+        for leaf, g in zip(self.hypers.raw.values(), grads, strict=True):
+            leaf.grad = g * scale
+        self.outer.step()
+        self.outer.zero_grad(set_to_none=True)
+        self._write_back(result.params, result.buffers)
+        self.opt_state = result.state
+        self.hyper_steps += 1
+        self.consecutive_rejections = 0
+        return TunerReport(
+            accepted=True,
+            objective=float(result.objective),
+            train_loss=float(result.train_losses.mean()),
+            hypergrad_norm=float(grad_norm),
+            values=self.hypers.summary(),
+            steps=len(batches),
+            weights_updated=True,
+        )
+
+    def _reject(
+        self, result: Any, weights_finite: bool, grad_norm: float, steps: int
+    ) -> TunerReport:
+        """Undo: hypers to their values before the last update; weights kept only if finite."""
+        self.rejected_steps += 1
+        self.consecutive_rejections += 1
+        self.hypers.load_state_dict(self._previous_raw)
+        if weights_finite:
+            # The inner steps were fine, only the hypergradient was not: keep the progress.
+            self._write_back(result.params, result.buffers)
+            self.opt_state = result.state
+        return TunerReport(
+            accepted=False,
+            objective=float(result.objective),
+            train_loss=float(result.train_losses.mean()),
+            hypergrad_norm=grad_norm if math.isfinite(grad_norm) else math.nan,
+            values=self.hypers.summary(),
+            steps=steps,
+            weights_updated=weights_finite,
+        )
+
+    @torch.no_grad()
+    def _write_back(
+        self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]
+    ) -> None:
+        for name, p in self.model.named_parameters():
+            p.copy_(params[name])
+        for name, b in self.model.named_buffers():
+            b.copy_(buffers[name])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "hypers": self.hypers.state_dict(),
+            "previous_hypers": {k: v.clone() for k, v in self._previous_raw.items()},
+            # Deep copy: torch.optim's state_dict shares its live tensors, and a state dict is
+            # expected to be a snapshot (PBT copies them between members in memory).
+            "outer": copy.deepcopy(self.outer.state_dict()),
+            "inner": {k: v.detach().clone() for k, v in self.opt_state.items()},
+            "hyper_steps": self.hyper_steps,
+            "rejected_steps": self.rejected_steps,
+            "consecutive_rejections": self.consecutive_rejections,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.hypers.load_state_dict(state["hypers"])
+        self._previous_raw = {k: v.clone() for k, v in state["previous_hypers"].items()}
+        self.outer.load_state_dict(state["outer"])
+        if set(state["inner"]) != set(self.opt_state):
+            raise ValueError("inner optimizer state does not match this tuner's optimizer")
+        self.opt_state = {k: v.clone() for k, v in state["inner"].items()}
+        self.hyper_steps = int(state["hyper_steps"])
+        self.rejected_steps = int(state["rejected_steps"])
+        self.consecutive_rejections = int(state["consecutive_rejections"])
