@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, jvp
 
+from gradhpo.hyper.implicit import implicit_hypergradient
 from gradhpo.hyper.optimizers import InnerOptimizer
-from gradhpo.hyper.spec import HyperParameters
+from gradhpo.hyper.spec import LOSS_HYPERS, HyperParameters
 
 __all__ = [
     "METHODS",
@@ -46,11 +47,15 @@ __all__ = [
     "HypergradResult",
     "hypergradient",
     "inner_step",
+    "implicit_at",
+    "cross_entropy_per_example",
+    "squared_error_per_example",
 ]
 
 Tensor = torch.Tensor
 Params = dict[str, Tensor]
 Batch = Sequence[Tensor]  # (x, y) or (x, y, example_indices)
+LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> per-example losses (B,)
 
 METHODS = ("reverse", "checkpointed", "forward", "greedy")
 
@@ -73,11 +78,16 @@ class Objective:
             raise ValueError("Objective: needs a final loss or a non-zero train_weight")
 
     @staticmethod
-    def validation(model: nn.Module, x: Tensor, y: Tensor) -> Objective:
+    def validation(
+        model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn | None = None
+    ) -> Objective:
+        """Mean ``loss_fn`` (default cross-entropy) on ``(x, y)``, model in eval mode."""
+        per_example = loss_fn or cross_entropy_per_example
+
         def final(params: Params, buffers: Params) -> Tensor:
             with _mode(model, training=False):
-                logits = functional_call(model, (params, buffers), (x,))
-            return F.cross_entropy(logits, y)
+                outputs = functional_call(model, (params, buffers), (x,))
+            return per_example(outputs, y).mean()
 
         return Objective(final=final)
 
@@ -86,13 +96,25 @@ class Objective:
         return Objective(final=None, final_weight=0.0, train_weight=1.0)
 
 
+def cross_entropy_per_example(outputs: Tensor, targets: Tensor) -> Tensor:
+    """The default loss: cross-entropy of logits, one value per example."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def squared_error_per_example(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``0.5 * ||outputs - targets||^2`` per example (regression)."""
+    return 0.5 * (outputs - targets).pow(2).flatten(1).sum(1)
+
+
 @dataclass
 class InnerProblem:
-    """The inner training problem: model (used functionally), optimizer and tuned hypers."""
+    """The inner training problem: model (used functionally), optimizer, tuned hypers and the
+    per-example training loss ``loss_fn(outputs, targets) -> (B,)``."""
 
     model: nn.Module
     optimizer: InnerOptimizer
     hypers: HyperParameters
+    loss_fn: LossFn = cross_entropy_per_example
 
 
 @dataclass
@@ -105,6 +127,7 @@ class HypergradResult:
     params: Params
     state: Params
     buffers: Params
+    residual: float | None = None  # implicit only: relative residual of the linear solve
 
 
 @contextmanager
@@ -122,7 +145,7 @@ def _training_loss(
 ) -> tuple[Tensor, tuple[Tensor, Params]]:
     """(total loss that is minimised, (data loss, updated buffers)).
 
-    The data loss is the plain mean cross-entropy; the total adds example weights and the L2
+    The data loss is the plain mean of ``problem.loss_fn``; the total adds example weights and the L2
     penalty when those are tuned. Buffers are cloned here so that BatchNorm's in-place running
     statistics update never touches the caller's tensors (required under torch.func).
     """
@@ -130,7 +153,7 @@ def _training_loss(
     buffers = {k: v.clone() for k, v in buffers.items()}
     with _mode(problem.model, training=True):
         logits = functional_call(problem.model, (params, buffers), (x,))
-    per_example = F.cross_entropy(logits, y, reduction="none")
+    per_example = problem.loss_fn(logits, y)
     data_loss = per_example.mean()
     total = data_loss
     if "example_weight" in values:
@@ -451,6 +474,73 @@ def _forward(
         params=params,
         state=state,
         buffers=buffers,
+    )
+
+
+def implicit_at(
+    problem: InnerProblem,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    batches: Sequence[Batch],
+    objective: Objective,
+    *,
+    solver: str = "cg",
+    iterations: int = 20,
+    damping: float = 0.0,
+    alpha: float = 0.01,
+) -> HypergradResult:
+    """Implicit-function-theorem hypergradient at ``params`` taken as the training minimum.
+
+    The training loss is the mean over ``batches`` of the inner loss (with its L2 and
+    example-weight terms); only loss-side hyperparameters move the minimum, so optimizer
+    hyperparameters are refused. ``objective`` must be a final loss (no train-mean term).
+    No training step is taken: ``params`` come back unchanged.
+    """
+    not_loss_side = [n for n in problem.hypers.names if n not in LOSS_HYPERS]
+    if not_loss_side:
+        raise ValueError(
+            f"implicit differentiation needs loss-side hyperparameters (l2, example_weight); "
+            f"{not_loss_side} do not move the training minimum"
+        )
+    if objective.final is None or objective.train_weight:
+        raise ValueError(
+            "implicit differentiation needs a final objective without a train-mean term"
+        )
+    _check_horizon(batches, None)
+    params, buffers = _detach(params), _detach(buffers)
+    losses: list[Tensor] = []
+
+    def train_loss(p: Params, raw: dict[str, Tensor]) -> Tensor:
+        values = problem.hypers.values(raw)
+        total = 0.0
+        losses.clear()
+        for batch in batches:
+            batch_loss, (data_loss, _) = _training_loss(problem, p, buffers, batch, values)
+            total = total + batch_loss
+            losses.append(data_loss.detach())
+        return total / len(batches)
+
+    def outer_loss(p: Params, raw: dict[str, Tensor]) -> Tensor:
+        return objective.final_weight * objective.final(p, buffers)
+
+    result = implicit_hypergradient(
+        train_loss,
+        outer_loss,
+        params,
+        dict(problem.hypers.raw),
+        solver=solver,
+        iterations=iterations,
+        damping=damping,
+        alpha=alpha,
+    )
+    return HypergradResult(
+        grads=result.grads,
+        objective=result.outer_loss,
+        train_losses=torch.stack(losses) if losses else torch.zeros(0),
+        params=params,
+        state={},
+        buffers=buffers,
+        residual=result.residual,
     )
 
 
