@@ -72,6 +72,7 @@ def _prepare_train(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
             seed=training["seed"],
             device=training["device"],
             augment=training["augment"],
+            tuner=config["tuner"],
         )
     except (ModelConfigError, DatasetNotFoundError) as exc:
         raise UserError(str(exc)) from exc
@@ -116,6 +117,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
             history.append(record)
             tb.scalars({k: v for k, v in record.items() if k != "epoch"}, run.global_step)
             tb.scalars(run.hyperparameters, run.global_step, prefix="hyper/")
+            if run.tuner is not None:
+                tb.scalars(
+                    {
+                        "rejected_steps": run.tuner.rejected_steps,
+                        "hypergrad_norm": run.last_report.hypergrad_norm
+                        if run.last_report
+                        else 0.0,
+                    },
+                    run.global_step,
+                    prefix="tuner/",
+                )
         test = run.evaluate("test") if not run.diverged else {"loss": float("nan"), "accuracy": 0.0}
         tb.hparams({**run.hyperparameters, **config["model"]}, {"test_accuracy": test["accuracy"]})
     elapsed = time.perf_counter() - start
@@ -123,6 +135,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     checkpoint = run.save(run_dir / "checkpoint.pt")
     summary = {
         "name": config["name"],
+        "hyperparameters": run.hyperparameters,
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
         "steps": run.global_step,
@@ -131,6 +144,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "history": history,
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if run.tuner is not None:
+        tuned = ", ".join(f"{k}={v:.3g}" for k, v in run.hyperparameters.items())
+        print(
+            f"{config['name']}: tuned hyperparameters {tuned} ({run.tuner.rejected_steps} rejected hyper steps)"
+        )
     print(
         f"{config['name']}: test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f} "
         f"after {run.global_step} steps in {elapsed:.1f} s on {run.device}; "

@@ -4,7 +4,7 @@ Every problem is reported as a :class:`ConfigError` whose message names the fiel
 path and the bad value, e.g. ``training.epochs: expected an integer >= 1, got -3``. The CLI
 prints that one line and exits with code 2.
 
-The schema here is the one of ``gradhpo train``; model, data and optimizer sections are
+The schema here is the one of ``gradhpo train``; model, data, optimizer and tuner sections are
 validated by the code that owns them (:func:`models.build_model`,
 :func:`gradhpo.data.load_dataset`, :class:`gradhpo.run.TrainingRun`) so the rules live in
 one place.
@@ -38,7 +38,7 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "output": {"dir": "runs", "tensorboard_dir": "tensorboard_logs"},
 }
-_TRAIN_SECTIONS = ("name", "data", "model", "optimizer", "training", "output")
+_TRAIN_SECTIONS = ("name", "data", "model", "optimizer", "tuner", "training", "output")
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -110,6 +110,8 @@ def validate_train_config(config: Mapping[str, Any]) -> dict[str, Any]:
         if "name" not in resolved[section]:
             raise ConfigError(f"{section}.name is required")
     resolved["optimizer"] = _section(config, "optimizer", required=False) or {"name": "sgd"}
+    # Optional hypergradient tuning; its keys are checked by TrainingRun (gradhpo.run.TUNER_KEYS).
+    resolved["tuner"] = _section(config, "tuner", required=False) or None
 
     for section, defaults in TRAIN_DEFAULTS.items():
         given = _section(config, section, required=False)

@@ -130,3 +130,31 @@ def test_console_entry_point_exit_code_and_help(tmp_path: Path) -> None:
         timeout=120,
     )
     assert helped.returncode == 0 and "--epochs" in helped.stdout
+
+
+def test_train_with_hypergradient_tuner(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = {**TINY, "tuner": {"hypers": [{"name": "lr"}], "method": "greedy"}}
+    assert run_cli(tmp_path, config, "--epochs", "1") == 0
+    out = capsys.readouterr().out
+    assert "tuned hyperparameters" in out and "lr=" in out
+    metrics = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
+    assert metrics["hyperparameters"]["lr"] != 0.1  # moved by the hypergradient
+
+
+@pytest.mark.parametrize(
+    ("tuner", "message"),
+    [
+        ({"hypers": [{"name": "lr"}], "horizon": 0}, "horizon (K) must be an integer >= 1, got 0"),
+        ({"hypers": [{"name": "learning_rate", "init": 0.1}]}, "unknown 'learning_rate'"),
+        ({"hypers": [{"name": "lr", "init": -0.1}]}, "lr.init: must be > 0 and finite, got -0.1"),
+        ({"hypers": [{"name": "lr"}], "horizon": 4, "truncate": 5}, "got T=5"),
+        ({"hypers": [{"name": "lr"}], "method": "magic"}, "unknown 'magic'"),
+    ],
+)
+def test_bad_tuner_section_one_line_exit_2(tmp_path: Path, capsys, monkeypatch, tuner, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(tmp_path, {**TINY, "tuner": tuner}) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "runs").exists()
