@@ -1,0 +1,832 @@
+"""Optimizers that adapt their own learning rate by hypergradient descent.
+
+Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent" (ICLR 2018). Every
+optimizer here moves its parameters as ``theta_t = theta_{t-1} - lr * u_t`` with an update
+direction ``u_t`` that does not depend on ``lr``. Treating the previous step's lr as the variable,
+
+    h_t = d f(theta_{t-1}) / d lr = g_t . d theta_{t-1} / d lr = -g_t . u_{t-1},
+
+where ``g_t`` is the gradient of the objective being minimized at ``theta_{t-1}`` (the current
+step's gradient) and ``u_{t-1}`` the direction of the previous step. Before any parameter moves,
+each adaptation unit (see ``adapt``) updates its learning rate once, then every parameter of the
+unit takes its step with that same new lr:
+
+* ``rule="additive"`` (the paper's main rule): ``lr_t = lr_{t-1} - beta * h_t``
+  ``= lr_{t-1} + beta * g_t . u_{t-1}``;
+* ``rule="multiplicative"`` (the paper's normalized variant):
+  ``lr_t = lr_{t-1} * (1 - beta * h_t / (||g_t|| ||u_{t-1}||)) = lr_{t-1} * (1 + beta * cos)``,
+  with ``cos`` the cosine between ``g_t`` and ``u_{t-1}``; when either norm is 0 the cosine is
+  taken as 0 (lr unchanged).
+
+The dot products and norms run over the unit's parameters. A parameter that has no stored
+direction from the most recent applied step (the first step, a parameter that got no gradient
+then) contributes nothing to the dot product (it did not move with that lr), and a unit none of
+whose parameters has one keeps its lr: at the first step no lr changes. For the multiplicative
+rule ``||g_t||`` is over every parameter of the unit that has a gradient (the norm of the full
+vector), ``||u_{t-1}||`` over the stored directions.
+
+``beta`` is ``hypergrad_lr``; ``hypergrad_lr=0`` reproduces :mod:`torch.optim` exactly: the
+parameter update uses the same elementwise operations in the same order as torch's default
+single-tensor path (the one torch takes on CPU), checked bit for bit against torch 2.14 in the
+tests. On CUDA torch defaults to its multi-tensor path, whose arithmetic differs in rounding.
+The dot products are taken in the parameters' dtype and summed per unit in Python floats.
+
+Adaptation units (``adapt``)
+    ``"optimizer"``: one lr shared by all param groups (the paper's setting); the dot product is
+    summed over every parameter of every group, and the shared value is kept in *every* group's
+    ``"lr"`` (the groups must agree at all times: different values raise ``ValueError`` in the
+    constructor, in ``add_param_group`` and at ``step``). ``hypergrad_lr``, ``rule`` and
+    ``lr_min`` must then be equal in all groups too; a group added later takes them (and the
+    current shared lr) from the first group unless it gives them.
+    ``"group"`` (default): one lr per param group, in ``group["lr"]``.
+    ``"tensor"``: one lr per parameter tensor, in ``optimizer.state[p]["lr"]`` (created from
+    ``group["lr"]`` when the tensor first gets a gradient); after each step ``group["lr"]`` holds
+    the arithmetic mean of its tensors' lrs, for logging.
+
+Learning-rate schedulers
+    The adapted lr is written to ``group["lr"]`` after every step and read back from it before
+    the next, so a scheduler that writes ``group["lr"]`` between steps changes the value the
+    adaptation continues from. Schedulers that compute the new value from the current
+    ``group["lr"]`` (``StepLR``, ``MultiStepLR``, ``ExponentialLR``) therefore rescale the adapted
+    lr (``StepLR(gamma=0.1)`` turns an adapted 0.37 into 0.037); schedulers that compute it from
+    their base values (``LambdaLR``, ``OneCycleLR``, ``CyclicLR``) overwrite it, so adaptation
+    only acts between their updates. With ``adapt="tensor"`` a new ``group["lr"]`` rescales
+    every tensor lr of the group by ``new / old mean`` (all set to the new value if the old
+    mean was 0).
+
+Safety
+    * The lr never becomes negative or NaN: a non-finite hypergradient (or multiplicative factor)
+      leaves the unit's lr unchanged for that step and adds one to ``skipped_lr_updates``; an
+      adapted value below ``lr_min`` (default ``1e-10``) is raised to ``lr_min``, under both
+      rules, and one above ``MAX_LR = 1e30`` is lowered to it (a larger lr is meaningless, and
+      ``lr / (1 - beta1^t)`` must still be a float32 number for the kernels). With
+      ``hypergrad_lr=0`` the lr is never touched (not even clamped).
+    * A step whose gradient (after the L2 term, for SGD/Adam) holds a NaN or an infinity changes
+      nothing - no parameter, buffer, counter or lr - sets ``diverged = True`` (sticky) and adds
+      one to ``diverged_steps``. Later finite steps are applied as usual; stopping is the caller's
+      decision. (This check is free in steady state: a non-finite gradient makes its dot product
+      non-finite; tensors without a previous direction are checked explicitly.)
+    * ``hypergradients`` holds the last ``h_t`` per unit (``nan`` where none was computed),
+      ``learning_rates`` the current lr per unit (same layout).
+
+Which step is "previous": the most recent *applied* step. A diverged step, or a step in which
+no parameter had a gradient, moves nothing and does not count, so the next step still uses the
+directions of the last step that did move the parameters.
+
+State
+    Per parameter, next to torch's own entries (``momentum_buffer``; ``step``, ``exp_avg``,
+    ``exp_avg_sq``): ``hd_direction`` (``u`` of the last step the tensor took part in; for
+    heavy-ball it is the momentum buffer itself, not a copy), ``hd_direction_scale`` (Adam: the
+    stored tensor times this float is ``u``), ``hd_step`` (index of the applied step that stored
+    it) and, with ``adapt="tensor"``, ``lr``. ``state_dict()`` adds one entry ``"hd"`` with
+    ``adapt``, ``applied_steps``, ``skipped_lr_updates``, ``diverged`` and ``diverged_steps``;
+    ``load_state_dict`` restores them, so a reloaded optimizer continues the same trajectory bit
+    for bit. (A state dict without ``"hd"``, e.g. from ``torch.optim.SGD``, loads with the counters
+    reset; the first step then adapts nothing.)
+
+Cost per step over the base optimizer: one dot product per parameter tensor, one stored direction
+per tensor (none extra for heavy-ball; one division for Adam, two passes for AdamW with weight
+decay), and for the multiplicative rule two norms. The elementwise work runs through
+``torch._foreach_*`` ops (per tensor in C++ on CPU), the dot products are read back with one
+host sync per step. Not supported: sparse gradients, complex parameters, ``maximize``,
+``amsgrad``, ``foreach``/``fused``/``capturable``/``differentiable`` switches, tensor lrs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "ADAPT_MODES",
+    "DEFAULT_LR_MIN",
+    "MAX_LR",
+    "RULES",
+    "SGDHD",
+    "SGDNHD",
+    "AdamHD",
+    "AdamWHD",
+    "HypergradientOptimizer",
+]
+
+RULES = ("additive", "multiplicative")
+ADAPT_MODES = ("optimizer", "group", "tensor")
+DEFAULT_LR_MIN = 1e-10
+MAX_LR = 1e30
+_SHARED_KEYS = ("lr", "hypergrad_lr", "rule", "lr_min")
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _real(name: str, value: Any, requirement: str, ok: Callable[[float], bool]) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a {requirement})")
+    number = float(value)
+    if not (math.isfinite(number) and ok(number)):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a {requirement})")
+    return number
+
+
+def _non_negative(name: str, value: Any) -> float:
+    return _real(name, value, "finite number >= 0", lambda v: v >= 0)
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(choices)})")
+    return value
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1))
+    return (a * b).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# base class
+
+
+@dataclass
+class _Work:
+    """What one param group contributes to a step: the tensors with a gradient."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    grads: list[Tensor]  # g_t as the hypergradient sees it (with the L2 term for SGD/Adam)
+    states: list[dict[str, Any]]
+    directions: list[Tensor | None]  # u_{t-1} up to a scale, None where there is none
+    scales: list[float]
+    dots: list[float]  # g_t . u_{t-1} per tensor (nan where no direction)
+    grad_sq: list[float] | None = None  # ||g_t||^2 per tensor (multiplicative rule only)
+    dir_sq: list[float] | None = None  # ||u_{t-1}||^2 per tensor (nan where no direction)
+
+
+class HypergradientOptimizer(Optimizer):
+    """Common machinery of the hypergradient-descent optimizers (see the module docstring).
+
+    Subclasses define the base optimizer through ``_validate_settings`` (argument checks),
+    ``_effective_grads`` (``g_t`` used by both the update and the hypergradient) and ``_update``
+    (the torch.optim step, which also stores the new direction ``u_t``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        adapt: str,
+    ) -> None:
+        self.adapt = _choice("adapt", adapt, ADAPT_MODES)
+        self.skipped_lr_updates = 0
+        self.diverged = False
+        self.diverged_steps = 0
+        self._applied_steps = 0
+        self._last_h: dict[Any, float] = {}
+        self._validate_settings(defaults)
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- to define in subclasses
+
+    def _validate_settings(self, settings: dict[str, Any]) -> None:
+        """Check (and normalize to floats) every setting of a group or of the defaults."""
+        settings["lr"] = _non_negative("lr", settings["lr"])
+        settings["weight_decay"] = _non_negative("weight_decay", settings["weight_decay"])
+        settings["hypergrad_lr"] = _non_negative("hypergrad_lr", settings["hypergrad_lr"])
+        settings["rule"] = _choice("rule", settings["rule"], RULES)
+        settings["lr_min"] = _real(
+            "lr_min", settings["lr_min"], "finite number > 0", lambda v: v > 0
+        )
+
+    def _effective_grads(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _update(self, work: _Work, lrs: list[float]) -> None:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- torch.optim contract
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.adapt == "optimizer" and self.param_groups and isinstance(param_group, dict):
+            for key in _SHARED_KEYS:
+                param_group.setdefault(key, self.param_groups[0][key])
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_settings(group)
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(
+                        f"{type(self).__name__} does not support complex parameters "
+                        f"(got one of dtype {p.dtype})"
+                    )
+            if self.adapt == "optimizer":
+                first = self.param_groups[0]
+                for key in _SHARED_KEYS:
+                    if group[key] != first[key]:
+                        raise ValueError(
+                            f"adapt='optimizer' shares one {key} across all param groups, but "
+                            f"group {len(self.param_groups) - 1} has {key}={group[key]!r} and "
+                            f"group 0 has {key}={first[key]!r}"
+                        )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["hd"] = {
+            "adapt": self.adapt,
+            "applied_steps": self._applied_steps,
+            "skipped_lr_updates": self.skipped_lr_updates,
+            "diverged": self.diverged,
+            "diverged_steps": self.diverged_steps,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        hd = state_dict.pop("hd", None)
+        if hd is not None and hd.get("adapt") != self.adapt:
+            raise ValueError(
+                f"state dict was saved with adapt={hd.get('adapt')!r}, "
+                f"this optimizer has adapt={self.adapt!r}"
+            )
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # e.g. a torch.optim state dict: no hypergrad_lr, ...
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            self._validate_settings(group)
+        hd = hd or {}
+        self._applied_steps = int(hd.get("applied_steps", 0))
+        self.skipped_lr_updates = int(hd.get("skipped_lr_updates", 0))
+        self.diverged = bool(hd.get("diverged", False))
+        self.diverged_steps = int(hd.get("diverged_steps", 0))
+        self._last_h = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for key in ("adapt", "skipped_lr_updates", "diverged", "diverged_steps"):
+            state[key] = getattr(self, key)
+        state["_applied_steps"] = self._applied_steps
+        state["_last_h"] = self._last_h
+        return state
+
+    # ---------------------------------------------------------------- diagnostics
+
+    def _unit_keys(self) -> list[Any]:
+        if self.adapt == "optimizer":
+            return [0]
+        if self.adapt == "group":
+            return list(range(len(self.param_groups)))
+        return [
+            (gi, pi) for gi, g in enumerate(self.param_groups) for pi in range(len(g["params"]))
+        ]
+
+    @property
+    def hypergradients(self) -> list[float]:
+        """``h_t`` of the last step per adaptation unit: one value (``adapt="optimizer"``), one
+        per group, or one per parameter tensor in param-group order; ``nan`` where none was
+        computed (first step, no gradient, a diverged step)."""
+        return [self._last_h.get(key, math.nan) for key in self._unit_keys()]
+
+    @property
+    def learning_rates(self) -> list[float]:
+        """The current lr per adaptation unit, laid out like :attr:`hypergradients`."""
+        if self.adapt == "optimizer":
+            return [self.param_groups[0]["lr"]]
+        if self.adapt == "group":
+            return [g["lr"] for g in self.param_groups]
+        return [
+            self.state[p]["lr"] if "lr" in self.state.get(p, {}) else g["lr"]
+            for g in self.param_groups
+            for p in g["params"]
+        ]
+
+    # ---------------------------------------------------------------- the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Adapt the learning rate(s), then take one step of the base optimizer.
+
+        Returns the closure's loss (``None`` without a closure).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._absorb_external_lr_changes()
+        works = [self._collect(group) for group in self.param_groups]
+        self._compute_dots(works)
+        if not self._gradients_finite(works):
+            self.diverged = True
+            self.diverged_steps += 1
+            self._last_h = {}
+            return loss
+        lrs = self._adapt(works)
+        if not any(work.params for work in works):
+            return loss  # nothing moved: the last applied step stays the reference
+        step_index = self._applied_steps + 1
+        for work, work_lrs in zip(works, lrs, strict=True):
+            if work.params:
+                self._update(work, work_lrs)
+                for state in work.states:
+                    state["hd_step"] = step_index
+        self._applied_steps = step_index
+        if self.adapt == "tensor":
+            for group in self.param_groups:
+                mean = self._tensor_lr_mean(group)
+                if mean is not None:
+                    group["lr"] = mean
+        return loss
+
+    def _collect(self, group: dict[str, Any]) -> _Work:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        states: list[dict[str, Any]] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            params.append(p)
+            grads.append(p.grad)
+            states.append(self.state[p])
+        effective = self._effective_grads(group, params, grads) if params else []
+        directions: list[Tensor | None] = []
+        scales: list[float] = []
+        for state in states:
+            if state.get("hd_step") == self._applied_steps and "hd_direction" in state:
+                directions.append(state["hd_direction"])
+                scales.append(float(state.get("hd_direction_scale", 1.0)))
+            else:
+                directions.append(None)
+                scales.append(1.0)
+        return _Work(group, params, effective, states, directions, scales, [])
+
+    def _compute_dots(self, works: list[_Work]) -> None:
+        """All dot products (and norms, for the multiplicative rule) with one host sync."""
+        dots: list[Tensor] = []
+        norms: list[Tensor] = []
+        for work in works:
+            dots.extend(
+                _dot(g, d)
+                for g, d in zip(work.grads, work.directions, strict=True)
+                if d is not None
+            )
+            if work.group["rule"] == "multiplicative" and work.params:
+                norms.extend(torch._foreach_norm(work.grads))
+                with_dir = [d for d in work.directions if d is not None]
+                if with_dir:
+                    norms.extend(torch._foreach_norm(with_dir))
+        values = torch.stack(dots + norms).tolist() if dots or norms else []
+        position = 0
+        for work in works:
+            work.dots = []
+            for d, scale in zip(work.directions, work.scales, strict=True):
+                if d is None:
+                    work.dots.append(math.nan)
+                else:
+                    work.dots.append(values[position] * scale)
+                    position += 1
+        for work in works:
+            if work.group["rule"] != "multiplicative" or not work.params:
+                continue
+            n = len(work.params)
+            work.grad_sq = [v * v for v in values[position : position + n]]
+            position += n
+            work.dir_sq = []
+            for d, scale in zip(work.directions, work.scales, strict=True):
+                if d is None:
+                    work.dir_sq.append(math.nan)
+                else:
+                    work.dir_sq.append((values[position] * scale) ** 2)
+                    position += 1
+
+    def _gradients_finite(self, works: list[_Work]) -> bool:
+        # A NaN or infinity in g_t makes g_t . u non-finite, so only tensors without a direction
+        # or with a non-finite dot product need an explicit look.
+        suspects = [
+            g
+            for work in works
+            for g, dot in zip(work.grads, work.dots, strict=True)
+            if not math.isfinite(dot)
+        ]
+        if not suspects:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in suspects]).all())
+
+    def _new_lr(
+        self,
+        lr: float,
+        settings: dict[str, Any],
+        dots: list[float],
+        grad_sq: float,
+        dir_sq: float,
+    ) -> tuple[float, float]:
+        """One unit's lr update from its per-tensor dot products; returns ``(lr_t, h_t)``."""
+        if not dots:
+            return lr, math.nan
+        h = -sum(dots)
+        if not math.isfinite(h):
+            self.skipped_lr_updates += 1
+            return lr, h
+        beta = settings["hypergrad_lr"]
+        if beta == 0:
+            return lr, h
+        if settings["rule"] == "additive":
+            new = lr - beta * h
+        else:
+            denominator = math.sqrt(grad_sq) * math.sqrt(dir_sq)
+            if not math.isfinite(denominator):  # a norm overflowed: the cosine is unknown
+                self.skipped_lr_updates += 1
+                return lr, h
+            if denominator == 0:
+                return lr, h
+            new = lr * (1.0 - beta * h / denominator)
+        if not math.isfinite(new):
+            self.skipped_lr_updates += 1
+            return lr, h
+        return min(max(new, settings["lr_min"]), MAX_LR), h
+
+    def _adapt(self, works: list[_Work]) -> list[list[float]]:
+        """Update every unit's lr (before any parameter moves); the lr of each tensor."""
+        self._last_h = {}
+        if self.adapt == "tensor":
+            lrs = []
+            for gi, work in enumerate(works):
+                group = work.group
+                index = {id(p): pi for pi, p in enumerate(group["params"])}
+                work_lrs = []
+                for i, (p, state) in enumerate(zip(work.params, work.states, strict=True)):
+                    has_dir = work.directions[i] is not None
+                    lr, h = self._new_lr(
+                        state.get("lr", group["lr"]),
+                        group,
+                        [work.dots[i]] if has_dir else [],
+                        work.grad_sq[i] if work.grad_sq else math.nan,
+                        work.dir_sq[i] if work.dir_sq else math.nan,
+                    )
+                    state["lr"] = lr
+                    self._last_h[(gi, index[id(p)])] = h
+                    work_lrs.append(lr)
+                lrs.append(work_lrs)
+            return lrs
+        units = [works] if self.adapt == "optimizer" else [[w] for w in works]
+        lrs = []
+        for key, unit in enumerate(units):
+            settings = unit[0].group
+            dots = [
+                d for w in unit for d, u in zip(w.dots, w.directions, strict=True) if u is not None
+            ]
+            grad_sq = sum(v for w in unit for v in (w.grad_sq or []))
+            dir_sq = sum(v for w in unit for v in (w.dir_sq or []) if not math.isnan(v))
+            lr, h = self._new_lr(settings["lr"], settings, dots, grad_sq, dir_sq)
+            self._last_h[key] = h
+            for w in unit:  # one work per group: with "optimizer", every group gets it
+                w.group["lr"] = lr
+                lrs.append([lr] * len(w.params))
+        return lrs
+
+    def _tensor_lr_mean(self, group: dict[str, Any]) -> float | None:
+        values = [self.state[p]["lr"] for p in group["params"] if "lr" in self.state.get(p, {})]
+        return sum(values) / len(values) if values else None
+
+    def _absorb_external_lr_changes(self) -> None:
+        """Pick up values a scheduler (or the user) wrote into ``group["lr"]``."""
+        if self.adapt == "optimizer":
+            values = [g["lr"] for g in self.param_groups]
+            if any(v != values[0] for v in values):
+                raise ValueError(
+                    "adapt='optimizer' keeps one lr shared by all param groups, but the groups "
+                    f"now hold different values {values}; set the same lr in every group"
+                )
+        elif self.adapt == "tensor":
+            for group in self.param_groups:
+                mean = self._tensor_lr_mean(group)
+                if mean is None or group["lr"] == mean:
+                    continue
+                target = group["lr"]
+                for p in group["params"]:
+                    state = self.state.get(p, {})
+                    if "lr" in state:
+                        state["lr"] = state["lr"] * (target / mean) if mean > 0 else target
+                group["lr"] = self._tensor_lr_mean(group)
+
+
+# --------------------------------------------------------------------------------------------
+# SGD family
+
+
+class SGDHD(HypergradientOptimizer):
+    r"""SGD (optionally with heavy-ball momentum) whose lr adapts by hypergradient descent.
+
+    Same arguments and defaults as :class:`torch.optim.SGD` (``lr=1e-3, momentum=0,
+    dampening=0, weight_decay=0``; Nesterov momentum is :class:`SGDNHD`), plus the keyword-only
+    ``hypergrad_lr`` (beta, default ``1e-3``; its scale is lr^2 / loss, retune it with lr), ``rule``
+    (``"additive"``/``"multiplicative"``), ``adapt`` (``"optimizer"``/``"group"``/``"tensor"``)
+    and ``lr_min`` (default ``1e-10``); see :mod:`gradhpo.optim.hd`.
+
+    The objective includes the L2 term, so ``g_t = grad f(theta_{t-1}) + wd * theta_{t-1}``
+    exactly as torch adds it, and torch's step is ``theta_t = theta_{t-1} - lr * u_t`` with
+
+    * no momentum: ``u_t = g_t``;
+    * heavy ball: ``u_t = b_t = momentum * b_{t-1} + (1 - dampening) * g_t`` (``b_1 = g_1``),
+      the momentum buffer itself.
+
+    Hence ``h_t = -g_t . u_{t-1}`` and the additive rule reads
+    ``lr_t = lr_{t-1} + beta * g_t . u_{t-1}`` (``g_t . g_{t-1}`` without momentum, the paper's
+    SGD-HD). As in the paper, the dependence of the buffer on earlier lrs is neglected.
+    """
+
+    _nesterov = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        *,
+        hypergrad_lr: float = 1e-3,
+        rule: str = "additive",
+        adapt: str = "group",
+        lr_min: float = DEFAULT_LR_MIN,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": self._nesterov,
+            "hypergrad_lr": hypergrad_lr,
+            "rule": rule,
+            "lr_min": lr_min,
+        }
+        super().__init__(params, defaults, adapt)
+
+    def _validate_settings(self, settings: dict[str, Any]) -> None:
+        super()._validate_settings(settings)
+        settings["momentum"] = _non_negative("momentum", settings["momentum"])
+        settings["dampening"] = _real(
+            "dampening", settings["dampening"], "finite number", lambda v: True
+        )
+        name = type(self).__name__
+        if settings["nesterov"] is not self._nesterov:
+            raise ValueError(
+                f"Invalid nesterov: {settings['nesterov']!r} ({name} has nesterov="
+                f"{self._nesterov}; use {'SGDHD' if self._nesterov else 'SGDNHD'} for the other)"
+            )
+        if self._nesterov and settings["momentum"] <= 0:
+            raise ValueError(
+                f"Invalid momentum: {settings['momentum']!r} ({name} uses Nesterov momentum, "
+                "which needs momentum > 0)"
+            )
+        if self._nesterov and settings["dampening"] != 0:
+            raise ValueError(
+                f"Invalid dampening: {settings['dampening']!r} ({name} uses Nesterov momentum, "
+                "which needs dampening = 0)"
+            )
+
+    def _effective_grads(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> list[Tensor]:
+        if group["weight_decay"] != 0:
+            return list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+        return list(grads)
+
+    def _update(self, work: _Work, lrs: list[float]) -> None:
+        group, params, grads, states = work.group, work.params, work.grads, work.states
+        momentum, dampening = group["momentum"], group["dampening"]
+        directions: list[Tensor] = grads
+        if momentum != 0:
+            buffers: list[Tensor] = []
+            old_buffers: list[Tensor] = []
+            old_grads: list[Tensor] = []
+            for state, g in zip(states, grads, strict=True):
+                buf = state.get("momentum_buffer")
+                if buf is None:  # as torch: the first buffer is the gradient itself
+                    buf = state["momentum_buffer"] = g.detach().clone()
+                else:
+                    old_buffers.append(buf)
+                    old_grads.append(g)
+                buffers.append(buf)
+            if old_buffers:
+                torch._foreach_mul_(old_buffers, momentum)
+                torch._foreach_add_(old_buffers, old_grads, alpha=1 - dampening)
+            if self._nesterov:
+                directions = list(torch._foreach_add(grads, buffers, alpha=momentum))
+            else:
+                directions = buffers
+        if all(lr == lrs[0] for lr in lrs):
+            torch._foreach_add_(params, directions, alpha=-lrs[0])
+        else:
+            for p, d, lr in zip(params, directions, lrs, strict=True):
+                p.add_(d, alpha=-lr)
+        if momentum == 0 and group["weight_decay"] == 0:
+            # u_t is the user's .grad tensor: keep a copy (zero_grad may zero it in place),
+            # into the stored tensor of the last step where there is a usable one.
+            targets: list[Tensor] = []
+            sources: list[Tensor] = []
+            for state, g in zip(states, grads, strict=True):
+                old = state.get("hd_direction")
+                if (
+                    old is not None
+                    and old is not state.get("momentum_buffer")
+                    and old.shape == g.shape
+                    and old.dtype == g.dtype
+                ):
+                    targets.append(old)
+                    sources.append(g)
+                else:
+                    state["hd_direction"] = g.detach().clone()
+            if targets:
+                torch._foreach_copy_(targets, sources)
+        else:
+            for state, d in zip(states, directions, strict=True):
+                state["hd_direction"] = d  # a fresh tensor (or the momentum buffer): no copy
+
+
+class SGDNHD(SGDHD):
+    r"""SGD with Nesterov momentum whose lr adapts by hypergradient descent (SGDN-HD).
+
+    Arguments as :class:`SGDHD`; ``momentum`` must be given (> 0) and ``dampening`` must be 0,
+    as for ``torch.optim.SGD(nesterov=True)``.
+
+    torch's Nesterov step is ``b_t = momentum * b_{t-1} + g_t`` (``b_1 = g_1``) and
+    ``theta_t = theta_{t-1} - lr * u_t`` with ``u_t = g_t + momentum * b_t``, where ``g_t``
+    includes the L2 term. So ``h_t = -g_t . u_{t-1}`` with that ``u``, which is stored.
+    """
+
+    _nesterov = True
+
+
+# --------------------------------------------------------------------------------------------
+# Adam family
+
+
+class AdamHD(HypergradientOptimizer):
+    r"""Adam whose lr adapts by hypergradient descent (Adam-HD).
+
+    Same arguments and defaults as :class:`torch.optim.Adam` (``lr=1e-3, betas=(0.9, 0.999),
+    eps=1e-8, weight_decay=0``; no ``amsgrad``), plus the keyword-only ``hypergrad_lr``
+    (default ``1e-7``: Adam's directions are O(1) per element, so beta is far smaller than for
+    SGD), ``rule``, ``adapt`` and ``lr_min``.
+
+    With ``g_t`` the gradient including the (coupled) L2 term ``wd * theta_{t-1}``,
+    ``m_t = beta1 m_{t-1} + (1 - beta1) g_t``, ``v_t = beta2 v_{t-1} + (1 - beta2) g_t^2`` and
+    torch's bias corrections ``c1 = 1 - beta1^t``, ``c2 = 1 - beta2^t``, torch's step is
+    ``theta_t = theta_{t-1} - lr * u_t`` with
+
+        ``u_t = m_hat_t / (sqrt(v_hat_t) + eps) = (m_t / c1) / (sqrt(v_t) / sqrt(c2) + eps)``,
+
+    so ``h_t = -g_t . u_{t-1}``. One lr update per unit and step, from the dot product summed
+    over all the unit's tensors before any of them moves; every tensor then steps with the same
+    new lr. (The authors' code updates the lr inside the per-tensor loop, so each tensor sees a
+    different lr; not here.) The stored direction is ``m_t / (sqrt(v_t)/sqrt(c2) + eps)`` with
+    the scale ``1 / c1`` kept beside it, which costs one division per element.
+    """
+
+    _decoupled = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        *,
+        hypergrad_lr: float = 1e-7,
+        rule: str = "additive",
+        adapt: str = "group",
+        lr_min: float = DEFAULT_LR_MIN,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "hypergrad_lr": hypergrad_lr,
+            "rule": rule,
+            "lr_min": lr_min,
+        }
+        super().__init__(params, defaults, adapt)
+
+    def _validate_settings(self, settings: dict[str, Any]) -> None:
+        super()._validate_settings(settings)
+        betas = settings["betas"]
+        message = f"Invalid betas: {betas!r} (must be two finite numbers in [0, 1))"
+        if isinstance(betas, Tensor) or not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise ValueError(message)
+        checked = []
+        for beta in betas:
+            if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+                raise ValueError(message)
+            if not (math.isfinite(float(beta)) and 0 <= float(beta) < 1):
+                raise ValueError(message)
+            checked.append(float(beta))
+        settings["betas"] = (checked[0], checked[1])
+        settings["eps"] = _non_negative("eps", settings["eps"])
+
+    def _effective_grads(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> list[Tensor]:
+        if group["weight_decay"] != 0 and not self._decoupled:
+            return list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+        return list(grads)
+
+    def _update(self, work: _Work, lrs: list[float]) -> None:
+        group, params, grads, states = work.group, work.params, work.grads, work.states
+        beta1, beta2 = group["betas"]
+        eps, weight_decay = group["eps"], group["weight_decay"]
+        for p, state in zip(params, states, strict=True):
+            if "step" not in state:
+                # as torch: a float32 step counter on the CPU, moments like the parameter
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        steps = [state["step"] for state in states]
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        torch._foreach_add_(steps, 1)
+        counts = [s.item() for s in steps]
+        correction1 = [1 - beta1**t for t in counts]
+        correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in counts]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, correction2_sqrt)
+        torch._foreach_add_(denominators, eps)
+        if self._decoupled and weight_decay != 0:
+            # u_t = wd * theta_{t-1} + m_hat / (sqrt(v_hat) + eps), taken before theta moves
+            directions = torch._foreach_mul(params, weight_decay)
+            torch._foreach_addcdiv_(
+                directions, exp_avgs, denominators, [1 / c for c in correction1]
+            )
+            scales = [1.0] * len(params)
+            torch._foreach_mul_(params, [1 - lr * weight_decay for lr in lrs])
+        else:
+            directions = torch._foreach_div(exp_avgs, denominators)
+            scales = [1 / c for c in correction1]
+        torch._foreach_addcdiv_(
+            params,
+            exp_avgs,
+            denominators,
+            [-(lr / c) for lr, c in zip(lrs, correction1, strict=True)],
+        )
+        for state, d, scale in zip(states, directions, scales, strict=True):
+            state["hd_direction"] = d
+            state["hd_direction_scale"] = scale
+
+
+class AdamWHD(AdamHD):
+    r"""AdamW (decoupled weight decay) whose lr adapts by hypergradient descent.
+
+    Same arguments and defaults as :class:`torch.optim.AdamW` (``weight_decay=1e-2``), plus the
+    hypergradient arguments of :class:`AdamHD`.
+
+    torch's AdamW step is ``theta_t = theta_{t-1} (1 - lr wd) - lr m_hat_t / (sqrt(v_hat_t) + eps)
+    = theta_{t-1} - lr * u_t`` with ``u_t = m_hat_t / (sqrt(v_hat_t) + eps) + wd * theta_{t-1}``:
+    the decay term is part of ``d theta_t / d lr``. The objective has no L2 term, so ``g_t`` is
+    the raw gradient, and ``h_t = -g_t . u_{t-1}``. ``u_t`` is stored whole (two passes).
+    """
+
+    _decoupled = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        hypergrad_lr: float = 1e-7,
+        rule: str = "additive",
+        adapt: str = "group",
+        lr_min: float = DEFAULT_LR_MIN,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            hypergrad_lr=hypergrad_lr,
+            rule=rule,
+            adapt=adapt,
+            lr_min=lr_min,
+        )

@@ -1,0 +1,645 @@
+"""Tests for ``gradhpo.optim.hd``: the hypergradient-descent optimizers SGDHD, SGDNHD, AdamHD,
+AdamWHD.
+
+* differential: ``hypergrad_lr=0`` reproduces torch.optim bit for bit (``torch.equal``);
+* the hypergradient: hand computations (SGD, both rules) and a plain reference implementation
+  of every optimizer (float64), one lr per unit and step, the number of distinct lrs per
+  ``adapt`` mode, the sign on a quadratic;
+* the torch.optim contract: state_dict round trip, ``group["lr"]``, schedulers,
+  ``add_param_group``, closures;
+* safety: NaN gradients, non-finite hypergradients, the lr floor (hypothesis), bad arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from gradhpo.optim import MAX_LR, SGDHD, SGDNHD, AdamHD, AdamWHD, HypergradientOptimizer
+
+Tensor = torch.Tensor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models; other jobs share the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# models and data
+
+
+def make_mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def make_cnn(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).to(
+        dtype
+    )
+
+
+def batches(model_name: str, n: int, dtype: torch.dtype = torch.float32) -> list:
+    gen = torch.Generator().manual_seed(1)
+    shape = (5, 6) if model_name == "mlp" else (5, 1, 6, 6)
+    return [
+        (torch.randn(shape, generator=gen, dtype=dtype), torch.randint(0, 3, (5,), generator=gen))
+        for _ in range(n)
+    ]
+
+
+class WithUnused(nn.Module):
+    """A model plus a parameter that never gets a gradient."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.unused = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def param_groups(model: nn.Module, layout: str, shared_lr: bool) -> list[dict[str, Any]]:
+    params = list(model.parameters())
+    if layout == "one":
+        return [{"params": params}]
+    if layout == "two":  # different lr and weight decay
+        return [
+            {"params": params[:2], "lr": 0.05, "weight_decay": 0.03},
+            {"params": params[2:], "lr": 0.05 if shared_lr else 0.02, "weight_decay": 0.0},
+        ]
+    assert layout == "unused"
+    return [{"params": params}]
+
+
+# each case: (HD class, torch class, shared kwargs, torch-only kwargs)
+CASES = {
+    "sgd": (SGDHD, torch.optim.SGD, {"lr": 0.1, "weight_decay": 0.01}, {}),
+    "momentum": (
+        SGDHD,
+        torch.optim.SGD,
+        {"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01},
+        {},
+    ),
+    "nesterov": (
+        SGDNHD,
+        torch.optim.SGD,
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01},
+        {"nesterov": True},
+    ),
+    "adam": (
+        AdamHD,
+        torch.optim.Adam,
+        {"lr": 0.01, "betas": (0.8, 0.99), "weight_decay": 0.01},
+        {},
+    ),
+    "adamw": (AdamWHD, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}, {}),
+}
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, data: list, after_step=None) -> None:
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+
+
+# --------------------------------------------------------------------------------------------
+# differential: hypergrad_lr = 0 is torch.optim
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", ["one", "two", "unused"])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+@pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
+def test_zero_hypergrad_lr_reproduces_torch_exactly(case, layout, model_name, adapt):
+    hd_cls, torch_cls, kwargs, torch_only = CASES[case]
+    body = make_mlp() if model_name == "mlp" else make_cnn()
+    ours = WithUnused(body) if layout == "unused" else body
+    theirs = copy.deepcopy(ours)
+    shared = adapt == "optimizer"
+    opt = hd_cls(param_groups(ours, layout, shared), hypergrad_lr=0.0, adapt=adapt, **kwargs)
+    ref = torch_cls(param_groups(theirs, layout, shared), **kwargs, **torch_only)
+    data = batches(model_name, 15)
+    for x, y in data:
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+            assert torch.equal(a, b)
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref.param_groups]
+    # the hypergradients were still computed (diagnostics), the lrs never moved
+    assert any(math.isfinite(h) for h in opt.hypergradients)
+    assert not opt.diverged and opt.skipped_lr_updates == 0
+    if layout == "unused":
+        assert ours.unused not in opt.state and torch.equal(ours.unused, torch.ones(4))
+
+
+# --------------------------------------------------------------------------------------------
+# the hypergradient
+
+
+def flat_dot(a: list[Tensor], b: list[Tensor]) -> float:
+    return sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b, strict=True))
+
+
+def flat_norm(a: list[Tensor]) -> float:
+    return math.sqrt(flat_dot(a, a))
+
+
+@pytest.mark.parametrize("rule", ["additive", "multiplicative"])
+@pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
+def test_sgd_hd_lr_matches_hand_computation(rule, adapt):
+    """SGD-HD: lr_t = lr_{t-1} + beta g_t.g_{t-1} (additive) or lr_{t-1} (1 + beta cos(g_t,
+    g_{t-1})) (multiplicative), g including the L2 term, dot products over each unit: all
+    parameters, one group, one tensor."""
+    model = make_mlp(torch.float64)
+    groups = param_groups(model, "two", shared_lr=adapt == "optimizer")
+    beta = 0.01 if rule == "additive" else 0.2
+    opt = SGDHD(groups, hypergrad_lr=beta, rule=rule, adapt=adapt)
+    members = [(grp["weight_decay"], p) for grp in opt.param_groups for p in grp["params"]]
+    if adapt == "optimizer":
+        units = [members]
+    elif adapt == "group":
+        units = [members[:2], members[2:]]
+    else:
+        units = [[m] for m in members]
+    initial = opt.learning_rates
+    previous: list[list[Tensor] | None] = [None] * len(units)
+    for step, (x, y) in enumerate(batches("mlp", 12, torch.float64)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        expected = []
+        for k, (unit, lr) in enumerate(zip(units, opt.learning_rates, strict=True)):
+            g = [(p.grad + wd * p).detach() for wd, p in unit]
+            if previous[k] is not None:
+                dot = flat_dot(g, previous[k])
+                if rule == "additive":
+                    lr = lr + beta * dot
+                else:
+                    lr = lr * (1 + beta * dot / (flat_norm(g) * flat_norm(previous[k])))
+            previous[k] = [t.clone() for t in g]
+            expected.append(lr)
+        opt.step()
+        assert opt.learning_rates == pytest.approx(expected, rel=1e-12, abs=0)
+        if step == 0:  # no previous direction: nothing changes at the first step
+            assert opt.learning_rates == initial
+    assert all(lr not in initial for lr in opt.learning_rates)  # they did move
+
+
+def reference_run(kind: str, init: list[Tensor], data: list, *, lr: float, beta: float, rule: str,
+                  momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                  lr_min: float = 1e-10) -> list[dict[str, Any]]:  # fmt: skip
+    """Plain hypergradient descent written from the paper: one lr for all tensors, updated once
+    per step from the dot product over all tensors, then the base optimizer's step."""
+    params = [p.clone() for p in init]
+    buffers: list[Tensor | None] = [None] * len(params)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    prev_u: list[Tensor] | None = None
+    history = []
+    for t, (x, y) in enumerate(data, start=1):
+        ps = [p.clone().requires_grad_(True) for p in params]
+        loss = nn.functional.cross_entropy(mlp_forward(ps, x), y)
+        raw = list(torch.autograd.grad(loss, ps))
+        coupled = kind != "adamw"
+        g = [r + weight_decay * p for r, p in zip(raw, params)] if coupled else raw  # noqa: B905
+        if prev_u is not None:
+            dot = flat_dot(g, prev_u)
+            if rule == "additive":
+                lr = lr + beta * dot
+            else:
+                lr = lr * (1 + beta * dot / (flat_norm(g) * flat_norm(prev_u)))
+            lr = max(lr, lr_min)
+        if kind in ("sgd", "momentum", "nesterov"):
+            if momentum:
+                for i, gi in enumerate(g):
+                    buf = buffers[i]
+                    buffers[i] = (
+                        gi.clone() if buf is None else momentum * buf + (1 - dampening) * gi
+                    )
+            if kind == "sgd":
+                u = g
+            elif kind == "momentum":
+                u = buffers
+            else:
+                u = [gi + momentum * b for gi, b in zip(g, buffers)]  # noqa: B905
+        else:
+            b1, b2 = betas
+            u = []
+            for i, gi in enumerate(g):
+                m[i] = b1 * m[i] + (1 - b1) * gi
+                v[i] = b2 * v[i] + (1 - b2) * gi * gi
+                m_hat, v_hat = m[i] / (1 - b1**t), v[i] / (1 - b2**t)
+                ui = m_hat / (v_hat.sqrt() + eps)
+                u.append(ui + weight_decay * params[i] if kind == "adamw" else ui)
+        new = [p - lr * ui for p, ui in zip(params, u)]  # noqa: B905
+        history.append({"lr": lr, "u": [ui.clone() for ui in u], "params": new, "old": params})
+        params, prev_u = new, [ui.clone() for ui in u]
+    return history
+
+
+def mlp_forward(ps: list[Tensor], x: Tensor) -> Tensor:
+    w1, b1, w2, b2 = ps
+    return torch.tanh(x @ w1.T + b1) @ w2.T + b2
+
+
+REFERENCE_CASES = {
+    "sgd": (SGDHD, {"weight_decay": 0.02}),
+    "momentum": (SGDHD, {"momentum": 0.9, "dampening": 0.2, "weight_decay": 0.02}),
+    "nesterov": (SGDNHD, {"momentum": 0.8, "weight_decay": 0.02}),
+    "adam": (AdamHD, {"betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.02}),
+    "adamw": (AdamWHD, {"betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1}),
+}
+
+
+@pytest.mark.parametrize("rule", ["additive", "multiplicative"])
+@pytest.mark.parametrize("kind", list(REFERENCE_CASES))
+def test_matches_plain_reference_and_uses_one_lr_per_step(kind, rule):
+    cls, kwargs = REFERENCE_CASES[kind]
+    adam = kind.startswith("adam")
+    lr = 0.01 if adam else 0.1
+    beta = (1e-4 if adam else 1e-2) if rule == "additive" else 0.1
+    model = make_mlp(torch.float64)
+    init = [p.detach().clone() for p in model.parameters()]
+    data = batches("mlp", 12, torch.float64)
+    history = reference_run(kind, init, data, lr=lr, beta=beta, rule=rule, **kwargs)
+
+    params = [nn.Parameter(p.clone()) for p in init]
+    opt = cls(params, lr=lr, hypergrad_lr=beta, rule=rule, adapt="optimizer", **kwargs)
+    for (x, y), ref in zip(data, history, strict=True):
+        before = [p.detach().clone() for p in params]
+        opt.zero_grad()
+        nn.functional.cross_entropy(mlp_forward(params, x), y).backward()
+        opt.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(ref["lr"], rel=1e-9)
+        for p, q in zip(params, ref["params"], strict=True):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-9, atol=1e-12)
+        # every tensor moved with the same lr: lr_i = -(delta_i . u_i) / |u_i|^2
+        implied = [
+            -flat_dot([p.detach() - b], [u]) / flat_dot([u], [u])
+            for p, b, u in zip(params, before, ref["u"], strict=True)
+        ]
+        assert implied == pytest.approx([opt.param_groups[0]["lr"]] * len(params), rel=1e-7)
+    assert opt.param_groups[0]["lr"] != lr  # the lr did adapt (else the test shows nothing)
+
+
+@pytest.mark.parametrize("cls", [SGDHD, AdamHD])
+def test_adapt_modes_give_documented_number_of_lrs(cls):
+    results = {}
+    for adapt in ("optimizer", "group", "tensor"):
+        model = make_mlp(torch.float64)
+        groups = param_groups(model, "two", shared_lr=adapt == "optimizer")
+        beta = 1e-2 if cls is SGDHD else 1e-4
+        opt = cls(groups, hypergrad_lr=beta, adapt=adapt)
+        train(model, opt, batches("mlp", 6, torch.float64))
+        lrs = opt.learning_rates
+        results[adapt] = lrs
+        assert len(opt.hypergradients) == len(lrs)
+        assert all(math.isfinite(h) for h in opt.hypergradients)
+        if adapt == "optimizer":
+            assert len(lrs) == 1
+            assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == lrs[0] != 0.05
+        elif adapt == "group":
+            assert lrs == [g["lr"] for g in opt.param_groups]
+            assert len(set(lrs)) == 2 and 0.05 not in lrs and 0.02 not in lrs
+        else:
+            assert lrs == [opt.state[p]["lr"] for p in model.parameters()]
+            assert len(set(lrs)) == 4
+            for group in opt.param_groups:  # group["lr"] is the mean of its tensors' lrs
+                mean = sum(opt.state[p]["lr"] for p in group["params"]) / len(group["params"])
+                assert group["lr"] == mean
+    assert len(results) == 3
+
+
+@pytest.mark.parametrize("rule", ["additive", "multiplicative"])
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "too_small", "too_large", "beta"),
+    [
+        (SGDHD, {}, 1e-3, 0.95, 1e-3),
+        (SGDHD, {"momentum": 0.9}, 1e-4, 1.5, 1e-4),
+        (SGDNHD, {"momentum": 0.9}, 1e-4, 0.6, 1e-4),
+        (AdamHD, {}, 1e-4, 1.0, 1e-3),
+        (AdamWHD, {}, 1e-4, 1.0, 1e-3),
+    ],
+)
+def test_lr_grows_when_far_too_small_and_shrinks_when_far_too_large(
+    cls, kwargs, too_small, too_large, beta, rule
+):
+    """f = 0.5 sum a_i theta_i^2 with curvatures in [1, 2]: with a tiny lr successive
+    gradients agree (lr grows); with an lr near the stability limit they alternate (it
+    shrinks)."""
+    curvature = torch.linspace(1.0, 2.0, 10, dtype=torch.float64)
+    if rule == "multiplicative":
+        beta = 0.05
+
+    def final_lr(lr: float) -> float:
+        theta = nn.Parameter(torch.linspace(-1, 1, 10, dtype=torch.float64) + 0.3)
+        opt = cls([theta], lr=lr, hypergrad_lr=beta, rule=rule, **kwargs)
+        for _ in range(10):
+            opt.zero_grad()
+            (0.5 * (curvature * theta**2).sum()).backward()
+            opt.step()
+            assert math.isfinite(theta.sum().item())
+        return opt.param_groups[0]["lr"]
+
+    assert final_lr(too_small) > 1.2 * too_small
+    assert final_lr(too_large) < too_large
+
+
+# --------------------------------------------------------------------------------------------
+# torch.optim contract
+
+
+def save_load(obj: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_state_dict_round_trip_continues_bit_identically(case, adapt):
+    hd_cls, _, kwargs, _ = CASES[case]
+    beta = 1e-2 if hd_cls in (SGDHD, SGDNHD) else 1e-4
+    model = make_cnn()
+    groups = param_groups(model, "two", shared_lr=adapt == "optimizer")
+    opt = hd_cls(groups, hypergrad_lr=beta, adapt=adapt, **kwargs)
+    data = batches("cnn", 10)
+    train(model, opt, data[:5])
+    checkpoint = save_load({"model": model.state_dict(), "opt": opt.state_dict()})
+    assert checkpoint["opt"]["hd"]["applied_steps"] == 5
+
+    resumed = make_cnn()
+    resumed.load_state_dict(checkpoint["model"])
+    opt2 = hd_cls(
+        param_groups(resumed, "two", shared_lr=adapt == "optimizer"),
+        hypergrad_lr=beta,
+        adapt=adapt,
+        **kwargs,
+    )
+    opt2.load_state_dict(checkpoint["opt"])
+    assert opt2.learning_rates == opt.learning_rates
+    train(model, opt, data[5:])
+    train(resumed, opt2, data[5:])
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt2.learning_rates == opt.learning_rates
+    assert opt2.hypergradients == opt.hypergradients
+    clone = copy.deepcopy(opt)  # pickling keeps the HD attributes too
+    assert (clone.adapt, clone.learning_rates) == (adapt, opt.learning_rates)
+    assert clone.state_dict()["hd"] == opt.state_dict()["hd"]
+    assert opt.param_groups[0]["lr"] != 0.05  # adapted, and written back to the group
+
+
+def test_load_state_dict_checks_adapt_and_accepts_torch_state():
+    model = make_mlp()
+    opt = SGDHD(model.parameters(), lr=0.1, momentum=0.9, adapt="tensor")
+    train(model, opt, batches("mlp", 2))
+    other = SGDHD(model.parameters(), lr=0.1, momentum=0.9, adapt="group")
+    with pytest.raises(ValueError, match="adapt='tensor'"):
+        other.load_state_dict(opt.state_dict())
+    # a torch.optim.SGD state dict loads; the first step then adapts nothing
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, plain, batches("mlp", 2))
+    other.load_state_dict(plain.state_dict())
+    train(model, other, batches("mlp", 1))
+    assert other.param_groups[0]["lr"] == 0.1
+    train(model, other, batches("mlp", 1))
+    assert other.param_groups[0]["lr"] != 0.1
+
+
+def test_step_lr_scheduler_rescales_the_adapted_lr():
+    model = make_mlp(torch.float64)
+    beta = 1e-2
+    opt = SGDHD(model.parameters(), lr=0.1, hypergrad_lr=beta)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    for i, (x, y) in enumerate(batches("mlp", 9, torch.float64), start=1):
+        lr_before = opt.param_groups[0]["lr"]  # what this step adapts from
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        adapted = opt.param_groups[0]["lr"]
+        if i > 1:  # the step continued from the (possibly rescheduled) value
+            assert adapted == pytest.approx(lr_before - beta * opt.hypergradients[0], rel=1e-12)
+        scheduler.step()
+        expected = adapted * 0.5 if i % 3 == 0 else adapted
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+        assert scheduler.get_last_lr() == [opt.param_groups[0]["lr"]]
+
+
+def test_scheduler_with_per_tensor_lrs_rescales_all_of_them():
+    model = make_mlp(torch.float64)
+    opt = SGDHD(model.parameters(), lr=0.1, hypergrad_lr=1e-2, adapt="tensor")
+    data = batches("mlp", 5, torch.float64)
+    train(model, opt, data[:4])
+    before = opt.learning_rates
+    assert len(set(before)) == 4
+    opt.param_groups[0]["lr"] *= 0.1  # what StepLR does
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(data[4][0]), data[4][1]).backward()
+    opt.param_groups[0]["hypergrad_lr"] = 0.0  # so only the rescaling shows
+    opt.step()
+    assert opt.learning_rates == pytest.approx([lr * 0.1 for lr in before], rel=1e-12)
+
+
+def test_optimizer_mode_rejects_groups_that_disagree():
+    model = make_mlp()
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match="0.02"):
+        SGDHD([{"params": params[:2], "lr": 0.05}, {"params": params[2:], "lr": 0.02}],
+              adapt="optimizer")  # fmt: skip
+    opt = SGDHD([{"params": params[:2], "lr": 0.05}], adapt="optimizer", hypergrad_lr=1e-2)
+    train(model, opt, batches("mlp", 3))
+    opt.add_param_group({"params": params[2:]})  # takes the current shared lr
+    assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"] != 0.05
+    opt.param_groups[1]["lr"] = 0.3
+    with pytest.raises(ValueError, match="different values"):
+        train(model, opt, batches("mlp", 1))
+
+
+def test_add_param_group_validates_and_works():
+    model = make_mlp()
+    params = list(model.parameters())
+    opt = AdamHD(params[:2], lr=0.01, hypergrad_lr=1e-4)
+    with pytest.raises(ValueError, match="-0.5"):
+        opt.add_param_group({"params": params[2:], "lr": -0.5})
+    assert len(opt.param_groups) == 1  # the bad group was not kept
+    opt.add_param_group({"params": params[2:], "lr": 0.02, "betas": (0.5, 0.9)})
+    train(model, opt, batches("mlp", 4))
+    assert all(len(opt.state[p]) > 0 for p in params)
+    assert opt.param_groups[1]["lr"] != 0.02
+
+
+def test_closure_loss_is_returned_and_zero_grad_sets_none():
+    model = make_mlp()
+    opt = SGDNHD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = batches("mlp", 1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, Tensor) and loss.item() > 0
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, HypergradientOptimizer)
+    assert opt.step() is None  # nothing to do, no closure
+
+
+# --------------------------------------------------------------------------------------------
+# safety
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("at_step", [0, 3])
+def test_nan_gradient_changes_nothing_and_flags_divergence(case, at_step):
+    hd_cls, _, kwargs, _ = CASES[case]
+    model = make_mlp()
+    opt = hd_cls(model.parameters(), hypergrad_lr=1e-3, **kwargs)
+    data = batches("mlp", at_step + 2)
+    train(model, opt, data[:at_step])
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(data[at_step][0]), data[at_step][1]).backward()
+    first = next(model.parameters())
+    first.grad[0, 0] = float("nan")
+    opt.step()
+    assert opt.diverged and opt.diverged_steps == 1
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, q)
+    after = opt.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    for key, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, Tensor):
+                assert torch.equal(after["state"][key][name], value), name
+            else:
+                assert after["state"][key][name] == value, name
+    assert after["hd"]["diverged"] and after["hd"]["diverged_steps"] == 1
+    assert all(math.isnan(h) for h in opt.hypergradients)
+    train(model, opt, data[at_step + 1 :])  # a finite step afterwards is applied
+    assert not torch.equal(next(model.parameters()), params[0])
+    assert opt.diverged  # the flag stays
+
+
+def test_non_finite_hypergradient_keeps_lr_and_is_counted():
+    theta = nn.Parameter(torch.zeros(8))
+    opt = SGDHD([theta], lr=1e-3, hypergrad_lr=1e-3)
+    for _ in range(2):  # g . g_prev = 8e60 overflows float32
+        theta.grad = torch.full((8,), 1e30)
+        opt.step()
+    assert opt.param_groups[0]["lr"] == 1e-3
+    assert opt.skipped_lr_updates == 1 and not opt.diverged
+    assert math.isinf(opt.hypergradients[0])
+    assert torch.isfinite(theta).all()
+    assert opt.state_dict()["hd"]["skipped_lr_updates"] == 1
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None)
+@example(seed=8, cls=SGDHD, rule="additive", adapt="tensor")  # the lr ran past float32 once
+@given(
+    seed=st.integers(0, 2**16),
+    cls=st.sampled_from([SGDHD, SGDNHD, AdamHD, AdamWHD]),
+    rule=st.sampled_from(["additive", "multiplicative"]),
+    adapt=st.sampled_from(["optimizer", "group", "tensor"]),
+)
+def test_lr_stays_positive_and_finite_with_huge_beta(seed, cls, rule, adapt):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    beta = 1e6 if rule == "additive" else 50.0
+    kwargs = {"momentum": 0.9} if cls is SGDNHD else {}
+    opt = cls(model.parameters(), lr=0.1, hypergrad_lr=beta, rule=rule, adapt=adapt,
+              lr_min=1e-8, **kwargs)  # fmt: skip
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+    for _ in range(8):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        lrs = opt.learning_rates + [g["lr"] for g in opt.param_groups]
+        assert all(1e-8 <= lr <= MAX_LR for lr in lrs), lrs
+
+
+def test_additive_update_is_floored_at_lr_min():
+    theta = nn.Parameter(torch.zeros(3))
+    opt = SGDHD([theta], lr=0.1, hypergrad_lr=10.0, lr_min=1e-6)
+    for g in (1.0, -1.0):  # g_2 . g_1 = -3: 0.1 - 30 -> floored
+        theta.grad = torch.full((3,), g)
+        opt.step()
+    assert opt.param_groups[0]["lr"] == 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# bad arguments
+
+
+BAD_ARGUMENTS = [
+    (SGDHD, {"lr": -0.1}, "lr", "-0.1"),
+    (SGDHD, {"lr": float("nan")}, "lr", "nan"),
+    (SGDHD, {"hypergrad_lr": -1e-3}, "hypergrad_lr", "-0.001"),
+    (SGDHD, {"rule": "cubic"}, "rule", "cubic"),
+    (SGDHD, {"adapt": "layer"}, "adapt", "layer"),
+    (SGDHD, {"momentum": -0.5}, "momentum", "-0.5"),
+    (SGDHD, {"weight_decay": -1.0}, "weight_decay", "-1.0"),
+    (SGDHD, {"lr_min": 0.0}, "lr_min", "0.0"),
+    (SGDHD, {"lr_min": -1e-9}, "lr_min", "-1e-09"),
+    (SGDHD, {"dampening": float("inf")}, "dampening", "inf"),
+    (SGDNHD, {"momentum": 0.0}, "momentum", "0.0"),
+    (SGDNHD, {"momentum": 0.9, "dampening": 0.1}, "dampening", "0.1"),
+    (AdamHD, {"betas": (1.0, 0.999)}, "betas", "1.0"),
+    (AdamHD, {"betas": (0.9, -0.1)}, "betas", "-0.1"),
+    (AdamHD, {"betas": (0.9,)}, "betas", "(0.9,)"),
+    (AdamHD, {"eps": -1e-8}, "eps", "-1e-08"),
+    (AdamHD, {"weight_decay": -0.01}, "weight_decay", "-0.01"),
+    (AdamWHD, {"lr": "fast"}, "lr", "fast"),
+    (AdamWHD, {"hypergrad_lr": float("inf")}, "hypergrad_lr", "inf"),
+    (AdamWHD, {"rule": None}, "rule", "None"),
+]
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "name", "shown"), BAD_ARGUMENTS)
+def test_bad_argument_is_rejected_with_name_and_value(cls, kwargs, name, shown):
+    params = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError) as info:
+        cls(params, **kwargs)
+    assert name in str(info.value) and shown in str(info.value)
+    # the same check applies to a value given per param group
+    if name != "adapt":
+        valid = {"momentum": 0.9} if cls is SGDNHD else {}
+        with pytest.raises(ValueError) as info:
+            cls([{"params": params, **kwargs}], **valid)
+        assert name in str(info.value) and shown in str(info.value)
+
+
+def test_complex_and_sparse_are_refused():
+    with pytest.raises(ValueError, match="complex"):
+        SGDHD([nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
+    emb = nn.Embedding(4, 2, sparse=True)
+    opt = SGDHD(emb.parameters())
+    emb(torch.tensor([1])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
