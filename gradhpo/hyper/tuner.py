@@ -40,6 +40,7 @@ class TunerReport:
     accepted: bool
     objective: float
     train_loss: float  # mean inner data loss over the horizon
+    last_loss: float  # inner data loss of the horizon's last step
     hypergrad_norm: float  # before clipping; nan when rejected for a non-finite gradient
     values: dict[str, float]  # hyperparameter values after the step (means for per-element)
     steps: int  # inner steps in this horizon
@@ -208,6 +209,7 @@ class HyperTuner:
             accepted=True,
             objective=float(result.objective),
             train_loss=float(result.train_losses.mean()),
+            last_loss=float(result.train_losses[-1]),
             hypergrad_norm=float(grad_norm),
             values=self.hypers.summary(),
             steps=len(batches),
@@ -229,6 +231,7 @@ class HyperTuner:
             accepted=False,
             objective=float(result.objective),
             train_loss=float(result.train_losses.mean()),
+            last_loss=float(result.train_losses[-1]),
             hypergrad_norm=grad_norm if math.isfinite(grad_norm) else math.nan,
             values=self.hypers.summary(),
             steps=steps,

@@ -1,5 +1,10 @@
-"""Drop-in :class:`torch.optim.Optimizer` subclasses that adapt their own learning rate online
-by hypergradient descent (Baydin et al., ICLR 2018). See :mod:`gradhpo.optim.hd`."""
+"""Online learning-rate adaptation.
+
+* :mod:`gradhpo.optim.hd` - drop-in :class:`torch.optim.Optimizer` subclasses that adapt their
+  own learning rate by hypergradient descent (Baydin et al., ICLR 2018).
+* :mod:`gradhpo.optim.online` - :class:`OnlineHyperTuner`, multi-step hypergradient tuning of
+  lr / weight decay / momentum against validation batches for a plain training loop.
+"""
 
 from gradhpo.optim.hd import (
     ADAPT_MODES,
@@ -12,6 +17,7 @@ from gradhpo.optim.hd import (
     AdamWHD,
     HypergradientOptimizer,
 )
+from gradhpo.optim.online import TUNABLE, OnlineHyperTuner
 
 __all__ = [
     "ADAPT_MODES",
@@ -23,4 +29,6 @@ __all__ = [
     "AdamHD",
     "AdamWHD",
     "HypergradientOptimizer",
+    "OnlineHyperTuner",
+    "TUNABLE",
 ]
