@@ -1,7 +1,8 @@
 """Benchmark: the shipped digits CNN config, time to train and test accuracy.
 
 Goal (foundation issue): >= 95 % test accuracy in under a minute on 2 CPU cores.
-Runs the config of ``make run`` several times with different seeds and reports medians.
+Runs the config of ``make run`` (with its hypergradient tuner, or without it with
+``--no-tuner``) several times with different seeds and reports medians.
 
     python experiments/bench_digits_cnn.py [--repeats 3] [--config experiments/configs/digits_cnn.yaml]
 """
@@ -22,7 +23,7 @@ from gradhpo.run import TrainingRun
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_once(config: dict, seed: int, device: str) -> tuple[float, float]:
+def train_once(config: dict, seed: int, device: str, plain: bool) -> tuple[float, float]:
     """Returns (seconds, test accuracy) of one full training run."""
     training = config["training"]
     start = time.perf_counter()
@@ -34,6 +35,7 @@ def train_once(config: dict, seed: int, device: str) -> tuple[float, float]:
         seed=seed,
         device=device,
         augment=training["augment"],
+        tuner=None if plain else config["tuner"],
     )
     run.step(training["epochs"] * run.steps_per_epoch)
     accuracy = run.evaluate("test")["accuracy"]
@@ -47,10 +49,13 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "experiments/configs/digits_cnn.yaml")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--no-tuner", action="store_true", help="train without the config's hypergradient tuner"
+    )
     args = parser.parse_args()
 
     config = validate_train_config(load_yaml(args.config))
-    results = [train_once(config, seed, args.device) for seed in range(args.repeats)]
+    results = [train_once(config, seed, args.device, args.no_tuner) for seed in range(args.repeats)]
     for seed, (seconds, accuracy) in enumerate(results):
         print(f"seed {seed}: {seconds:6.2f} s  test accuracy {accuracy:.4f}")
     seconds = statistics.median(r[0] for r in results)
