@@ -31,6 +31,43 @@ single-tensor path (the one torch takes on CPU), checked bit for bit against tor
 tests. On CUDA torch defaults to its multi-tensor path, whose arithmetic differs in rounding.
 The dot products are taken in the parameters' dtype and summed per unit in Python floats.
 
+Stacked levels (``hypergrad_lrs``, additive rule only)
+    Chandra et al., "Gradient Descent: The Ultimate Optimizer" (NeurIPS 2022): beta itself can
+    be adapted by hypergradient descent, and its rate by the next level, and so on.
+    ``hypergrad_lrs=(kappa,)`` adapts ``beta`` with the fixed rate ``kappa``;
+    ``(kappa, nu)`` adapts ``beta`` and ``kappa``, with ``nu`` fixed; and so on: the last
+    entry is fixed, the others are initial values. Levels are ``beta_0 = lr``,
+    ``beta_1 = hypergrad_lr``, ``beta_2, ... = hypergrad_lrs``. Since
+    ``lr_t = lr_{t-1} - beta_{t-1} h_t``, the loss after the next step depends on the ``beta``
+    of this step through ``lr_t`` alone (one step back, as ``h`` itself), so
+
+        ``H_1 = d f(theta_t) / d beta_{t-1} = h_{t+1} * d lr_t / d beta_{t-1} = -h_{t+1} h_t``
+
+    and in general ``H_k = -H_{k-1} * (H_{k-1} of the unit's previous update)``, ``H_0 = h``.
+    At each step, per unit, the levels are updated top down, each with the new rate above it,
+    then the lr with the new beta: for two levels ``beta_t = beta_{t-1} + kappa h_{t+1} h_t``,
+    then ``lr_{t+1} = lr_t - beta_t h_{t+1}``. (This is the derivative autograd gives through
+    one step of every level, as in Chandra et al.; note ``H_k`` scales like ``h^(2^k)``, so
+    each level's rate has its own units.) Details:
+
+    * every ``beta_k >= 0``: a negative result is raised to 0; since its update is additive,
+      a beta at 0 comes back up when ``H_k`` turns negative. The lr keeps its clamps.
+    * a level whose value did not move by exactly ``-beta_{k+1} H_k`` in the unit's previous
+      update (first step, no hypergradient, skipped, clamped to 0 / ``lr_min`` / ``MAX_LR``)
+      has no derivative by its rate: the level above it is not updated at this step;
+    * a non-finite ``H_k`` or result skips that level's update and adds one to
+      ``skipped_lr_updates``; a level whose rate is 0 is not touched (not even counted), so
+      all higher rates 0 give exactly the one-level trajectory;
+    * the rates and previous hypergradients live where the lr lives: in ``group["hypergrad_lr"]``,
+      ``group["hypergrad_lrs"]`` (updated in place, the last entry unchanged) and
+      ``group["hd_prev_hypergrads"]`` (every group, for ``adapt="optimizer"``); with
+      ``adapt="tensor"`` in the tensor's state under the same keys, created from the group's
+      values when the tensor first gets a gradient, and the group holds the per-level means,
+      rescaling the tensors' values when written from outside, as for the lr. All of it is in
+      ``state_dict()``. :attr:`hypergrad_rates` lists ``(beta_1, ..., beta_n)`` per unit.
+    * the multiplicative rule normalizes ``h`` by the norms, which has no such chain: combining
+      it with ``hypergrad_lrs`` raises ``ValueError``.
+
 Adaptation units (``adapt``)
     ``"optimizer"``: one lr shared by all param groups (the paper's setting); the dot product is
     summed over every parameter of every group, and the shared value is kept in *every* group's
@@ -78,10 +115,11 @@ State
     ``exp_avg_sq``): ``hd_direction`` (``u`` of the last step the tensor took part in; for
     heavy-ball it is the momentum buffer itself, not a copy), ``hd_direction_scale`` (Adam: the
     stored tensor times this float is ``u``), ``hd_step`` (index of the applied step that stored
-    it) and, with ``adapt="tensor"``, ``lr``. ``state_dict()`` adds one entry ``"hd"`` with
-    ``adapt``, ``applied_steps``, ``skipped_lr_updates``, ``diverged`` and ``diverged_steps``;
-    ``load_state_dict`` restores them, so a reloaded optimizer continues the same trajectory bit
-    for bit. (A state dict without ``"hd"``, e.g. from ``torch.optim.SGD``, loads with the counters
+    it) and, with ``adapt="tensor"``, ``lr`` (with stacked levels also ``hypergrad_lr``,
+    ``hypergrad_lrs`` and ``hd_prev_hypergrads``, kept in the param groups in the other modes).
+    ``state_dict()`` adds one entry ``"hd"`` with ``adapt``, ``applied_steps``,
+    ``skipped_lr_updates``, ``diverged`` and ``diverged_steps``; ``load_state_dict`` restores
+    them, so a reloaded optimizer continues the same trajectory bit for bit. (A state dict without ``"hd"``, e.g. from ``torch.optim.SGD``, loads with the counters
     reset; the first step then adapts nothing.)
 
 Cost per step over the base optimizer: one dot product per parameter tensor, one stored direction
@@ -96,7 +134,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,7 +158,7 @@ RULES = ("additive", "multiplicative")
 ADAPT_MODES = ("optimizer", "group", "tensor")
 DEFAULT_LR_MIN = 1e-10
 MAX_LR = 1e30
-_SHARED_KEYS = ("lr", "hypergrad_lr", "rule", "lr_min")
+_SHARED_KEYS = ("lr", "hypergrad_lr", "hypergrad_lrs", "rule", "lr_min", "hd_prev_hypergrads")
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +184,36 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _rates(name: str, value: Any) -> tuple[float, ...]:
+    message = f"Invalid {name}: {value!r} (must be a sequence of finite numbers >= 0)"
+    if isinstance(value, str | bytes | Tensor) or not isinstance(value, Sequence):
+        raise ValueError(message)
+    checked = []
+    for rate in value:
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+            raise ValueError(message)
+        if not (math.isfinite(float(rate)) and float(rate) >= 0):
+            raise ValueError(message)
+        checked.append(float(rate))
+    return tuple(checked)
+
+
+def _mean(values: list[float]) -> float:
+    """The arithmetic mean; exactly the common value when all are equal."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    return sum(values) / len(values)
+
+
+def _rescaled(values: list[float], target: float) -> list[float]:
+    """``values`` scaled so that their mean becomes ``target`` (all set to it if the mean is 0 or
+    all are equal)."""
+    mean = _mean(values)
+    if mean == 0 or all(v == values[0] for v in values):
+        return [target] * len(values)
+    return [v * (target / mean) for v in values]
+
+
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     if a.is_contiguous() and b.is_contiguous():
         return torch.dot(a.view(-1), b.view(-1))
@@ -169,6 +237,33 @@ class _Work:
     dots: list[float]  # g_t . u_{t-1} per tensor (nan where no direction)
     grad_sq: list[float] | None = None  # ||g_t||^2 per tensor (multiplicative rule only)
     dir_sq: list[float] | None = None  # ||u_{t-1}||^2 per tensor (nan where no direction)
+
+
+@dataclass
+class _Chain:
+    """The hyper-learning rates of one unit (stacked levels) and its previous hypergradients.
+
+    ``rates = [beta_1, ..., beta_n]`` (``hypergrad_lr``, then ``hypergrad_lrs``);
+    ``previous[k]`` is ``H_k`` of the unit's last lr update (``H_0 = h``) where the value of
+    level ``k`` (the lr for ``k = 0``, else ``beta_k``) then moved by exactly
+    ``-beta_{k+1} H_k``, ``None`` where it did not (no chain to differentiate through).
+    """
+
+    rates: list[float]
+    previous: list[float | None]
+
+    @classmethod
+    def read(cls, source: dict[str, Any]) -> _Chain:
+        rates = [source["hypergrad_lr"], *source["hypergrad_lrs"]]
+        previous = list(source["hd_prev_hypergrads"])
+        if len(previous) != len(rates) - 1:  # the levels were changed by hand: start over
+            previous = [None] * (len(rates) - 1)
+        return cls(rates, previous)
+
+    def write(self, target: dict[str, Any]) -> None:
+        target["hypergrad_lr"] = self.rates[0]
+        target["hypergrad_lrs"] = tuple(self.rates[1:])
+        target["hd_prev_hypergrads"] = tuple(self.previous)
 
 
 class HypergradientOptimizer(Optimizer):
@@ -202,6 +297,22 @@ class HypergradientOptimizer(Optimizer):
         settings["weight_decay"] = _non_negative("weight_decay", settings["weight_decay"])
         settings["hypergrad_lr"] = _non_negative("hypergrad_lr", settings["hypergrad_lr"])
         settings["rule"] = _choice("rule", settings["rule"], RULES)
+        rates = settings["hypergrad_lrs"] = _rates("hypergrad_lrs", settings["hypergrad_lrs"])
+        if rates and settings["rule"] != "additive":
+            raise ValueError(
+                f"Invalid hypergrad_lrs: {rates!r} (stacked levels need rule='additive'; "
+                f"rule={settings['rule']!r} normalizes the hypergradient, so its lr is no "
+                "gradient-descent step in hypergrad_lr that a higher level could differentiate)"
+            )
+        if self.adapt != "tensor":  # the unit's previous hypergradients live in the group
+            previous = settings.get("hd_prev_hypergrads")
+            if not (
+                isinstance(previous, tuple | list)
+                and len(previous) == len(rates)
+                and all(v is None or (type(v) is float and math.isfinite(v)) for v in previous)
+            ):
+                previous = (None,) * len(rates)  # a new group, a torch state dict: no chain yet
+            settings["hd_prev_hypergrads"] = tuple(previous)
         settings["lr_min"] = _real(
             "lr_min", settings["lr_min"], "finite number > 0", lambda v: v > 0
         )
@@ -313,6 +424,22 @@ class HypergradientOptimizer(Optimizer):
             for p in g["params"]
         ]
 
+    @property
+    def hypergrad_rates(self) -> list[tuple[float, ...]]:
+        """The current ``(beta_1, ..., beta_n)`` (``hypergrad_lr``, then ``hypergrad_lrs``) per
+        adaptation unit, laid out like :attr:`learning_rates`."""
+        if self.adapt != "tensor":
+            groups = self.param_groups[:1] if self.adapt == "optimizer" else self.param_groups
+            return [(g["hypergrad_lr"], *g["hypergrad_lrs"]) for g in groups]
+        rates = []
+        for g in self.param_groups:
+            levels = len(g["hypergrad_lrs"])
+            for p in g["params"]:
+                state = self.state.get(p, {})
+                source = state if levels and len(state.get("hypergrad_lrs", ())) == levels else g
+                rates.append((source["hypergrad_lr"], *source["hypergrad_lrs"]))
+        return rates
+
     # ---------------------------------------------------------------- the step
 
     @torch.no_grad()
@@ -348,6 +475,10 @@ class HypergradientOptimizer(Optimizer):
                 mean = self._tensor_lr_mean(group)
                 if mean is not None:
                     group["lr"] = mean
+                columns = self._tensor_rate_columns(group)
+                if columns:
+                    means = [_mean(column) for column in columns]
+                    group["hypergrad_lr"], group["hypergrad_lrs"] = means[0], tuple(means[1:])
         return loss
 
     def _collect(self, group: dict[str, Any]) -> _Work:
@@ -433,15 +564,28 @@ class HypergradientOptimizer(Optimizer):
         dots: list[float],
         grad_sq: float,
         dir_sq: float,
+        chain: _Chain | None = None,
     ) -> tuple[float, float]:
-        """One unit's lr update from its per-tensor dot products; returns ``(lr_t, h_t)``."""
+        """One unit's lr update from its per-tensor dot products; returns ``(lr_t, h_t)``.
+
+        With a ``chain`` (stacked levels) its rates are updated first, in place, and the lr
+        then moves with the new ``beta_1``; ``chain.previous`` is set for the next step.
+        """
         if not dots:
+            if chain is not None:  # the unit moves without a hypergradient: the chain breaks
+                chain.previous = [None] * len(chain.previous)
             return lr, math.nan
         h = -sum(dots)
         if not math.isfinite(h):
             self.skipped_lr_updates += 1
+            if chain is not None:
+                chain.previous = [None] * len(chain.previous)
             return lr, h
-        beta = settings["hypergrad_lr"]
+        if chain is None:
+            beta = settings["hypergrad_lr"]
+        else:
+            self._climb(chain, h)
+            beta = chain.rates[0]
         if beta == 0:
             return lr, h
         if settings["rule"] == "additive":
@@ -456,8 +600,50 @@ class HypergradientOptimizer(Optimizer):
             new = lr * (1.0 - beta * h / denominator)
         if not math.isfinite(new):
             self.skipped_lr_updates += 1
+            if chain is not None:
+                chain.previous[0] = None
             return lr, h
-        return min(max(new, settings["lr_min"]), MAX_LR), h
+        clamped = min(max(new, settings["lr_min"]), MAX_LR)
+        if chain is not None and clamped != new:  # d lr / d beta_1 = 0 at the clamp
+            chain.previous[0] = None
+        return clamped, h
+
+    def _climb(self, chain: _Chain, h: float) -> None:
+        """Update the stacked rates ``beta_1 .. beta_{n-1}`` of one unit from ``h_t`` (finite).
+
+        ``H_0 = h_t``; ``H_k = -H_{k-1} * previous[k-1]`` is the derivative of the loss at
+        the current point by the value ``beta_k`` had in the unit's previous update (one step
+        back, as for ``h``), since then the value below moved by ``-beta_k H_{k-1}`` (previous).
+        Top down, each level takes a gradient step with the (already updated) rate above it:
+        ``beta_k <- max(beta_k - beta_{k+1} H_k, 0)``; ``beta_n`` is fixed. A level whose rate
+        is 0 is left alone; a non-finite product or result skips that level's update (counted
+        in ``skipped_lr_updates``); ``previous[0] = h`` is kept or cleared by the lr update.
+        """
+        levels = len(chain.previous)
+        grads: list[float | None] = [h]
+        for k in range(levels):
+            below, before = grads[k], chain.previous[k]
+            grads.append(None if below is None or before is None else -below * before)
+        previous: list[float | None] = [h] + [None] * (levels - 1)
+        for k in range(levels, 0, -1):
+            grad, rate = grads[k], chain.rates[k]
+            if grad is None:
+                continue
+            if rate == 0:  # beta_k stays: it still moved by exactly -0 * H_k
+                if k < levels and math.isfinite(grad):
+                    previous[k] = grad
+                continue
+            new = chain.rates[k - 1] - rate * grad
+            if not math.isfinite(new):
+                self.skipped_lr_updates += 1
+                continue
+            if new < 0:  # floored: the derivative through the floor is 0
+                chain.rates[k - 1] = 0.0
+                continue
+            chain.rates[k - 1] = new
+            if k < levels:
+                previous[k] = grad
+        chain.previous = previous
 
     def _adapt(self, works: list[_Work]) -> list[list[float]]:
         """Update every unit's lr (before any parameter moves); the lr of each tensor."""
@@ -468,16 +654,27 @@ class HypergradientOptimizer(Optimizer):
                 group = work.group
                 index = {id(p): pi for pi, p in enumerate(group["params"])}
                 work_lrs = []
+                levels = len(group["hypergrad_lrs"])
                 for i, (p, state) in enumerate(zip(work.params, work.states, strict=True)):
                     has_dir = work.directions[i] is not None
+                    chain = None
+                    if levels:
+                        if len(state.get("hypergrad_lrs", ())) != levels:  # first gradient
+                            state["hypergrad_lr"] = group["hypergrad_lr"]
+                            state["hypergrad_lrs"] = group["hypergrad_lrs"]
+                            state["hd_prev_hypergrads"] = (None,) * levels
+                        chain = _Chain.read(state)
                     lr, h = self._new_lr(
                         state.get("lr", group["lr"]),
                         group,
                         [work.dots[i]] if has_dir else [],
                         work.grad_sq[i] if work.grad_sq else math.nan,
                         work.dir_sq[i] if work.dir_sq else math.nan,
+                        chain,
                     )
                     state["lr"] = lr
+                    if chain is not None:
+                        chain.write(state)
                     self._last_h[(gi, index[id(p)])] = h
                     work_lrs.append(lr)
                 lrs.append(work_lrs)
@@ -491,10 +688,15 @@ class HypergradientOptimizer(Optimizer):
             ]
             grad_sq = sum(v for w in unit for v in (w.grad_sq or []))
             dir_sq = sum(v for w in unit for v in (w.dir_sq or []) if not math.isnan(v))
-            lr, h = self._new_lr(settings["lr"], settings, dots, grad_sq, dir_sq)
+            # a unit none of whose tensors has a gradient does not move: its chain stays
+            moves = any(w.params for w in unit)
+            chain = _Chain.read(settings) if settings["hypergrad_lrs"] and moves else None
+            lr, h = self._new_lr(settings["lr"], settings, dots, grad_sq, dir_sq, chain)
             self._last_h[key] = h
             for w in unit:  # one work per group: with "optimizer", every group gets it
                 w.group["lr"] = lr
+                if chain is not None:
+                    chain.write(w.group)
                 lrs.append([lr] * len(w.params))
         return lrs
 
@@ -502,17 +704,40 @@ class HypergradientOptimizer(Optimizer):
         values = [self.state[p]["lr"] for p in group["params"] if "lr" in self.state.get(p, {})]
         return sum(values) / len(values) if values else None
 
+    def _chain_states(self, group: dict[str, Any]) -> list[dict[str, Any]]:
+        """States of the group's tensors that hold their own stacked rates (tensor mode)."""
+        levels = len(group["hypergrad_lrs"])
+        if not levels:
+            return []
+        return [
+            state
+            for p in group["params"]
+            if len((state := self.state.get(p, {})).get("hypergrad_lrs", ())) == levels
+        ]
+
+    def _tensor_rate_columns(self, group: dict[str, Any]) -> list[list[float]]:
+        """Per level ``beta_1 .. beta_n``, the values of the group's tensors (tensor mode)."""
+        rows = [[s["hypergrad_lr"], *s["hypergrad_lrs"]] for s in self._chain_states(group)]
+        return [list(column) for column in zip(*rows, strict=True)]
+
     def _absorb_external_lr_changes(self) -> None:
-        """Pick up values a scheduler (or the user) wrote into ``group["lr"]``."""
+        """Pick up values a scheduler (or the user) wrote into ``group["lr"]`` (and, with
+        stacked levels in tensor mode, into ``group["hypergrad_lr"]`` / ``["hypergrad_lrs"]``)."""
         if self.adapt == "optimizer":
-            values = [g["lr"] for g in self.param_groups]
-            if any(v != values[0] for v in values):
-                raise ValueError(
-                    "adapt='optimizer' keeps one lr shared by all param groups, but the groups "
-                    f"now hold different values {values}; set the same lr in every group"
-                )
+            keys = ["lr"]
+            if self.param_groups[0]["hypergrad_lrs"]:  # adapted, so written to every group
+                keys += ["hypergrad_lr", "hypergrad_lrs"]
+            for key in keys:
+                values = [g[key] for g in self.param_groups]
+                if any(v != values[0] for v in values):
+                    raise ValueError(
+                        f"adapt='optimizer' keeps one {key} shared by all param groups, but the "
+                        f"groups now hold different values {values}; set the same {key} in "
+                        "every group"
+                    )
         elif self.adapt == "tensor":
             for group in self.param_groups:
+                self._absorb_external_rate_changes(group)
                 mean = self._tensor_lr_mean(group)
                 if mean is None or group["lr"] == mean:
                     continue
@@ -522,6 +747,24 @@ class HypergradientOptimizer(Optimizer):
                     if "lr" in state:
                         state["lr"] = state["lr"] * (target / mean) if mean > 0 else target
                 group["lr"] = self._tensor_lr_mean(group)
+
+    def _absorb_external_rate_changes(self, group: dict[str, Any]) -> None:
+        """Tensor mode with stacked levels: a level whose group value is no longer the mean of
+        its tensors' values was written from outside; rescale them as for the lr."""
+        states = self._chain_states(group)
+        if not states:
+            return
+        columns = self._tensor_rate_columns(group)
+        targets = [group["hypergrad_lr"], *group["hypergrad_lrs"]]
+        changed = False
+        for j, (column, target) in enumerate(zip(columns, targets, strict=True)):
+            if target != _mean(column):
+                columns[j] = _rescaled(column, target)
+                changed = True
+        if changed:
+            for i, state in enumerate(states):
+                state["hypergrad_lr"] = columns[0][i]
+                state["hypergrad_lrs"] = tuple(column[i] for column in columns[1:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,7 +776,8 @@ class SGDHD(HypergradientOptimizer):
 
     Same arguments and defaults as :class:`torch.optim.SGD` (``lr=1e-3, momentum=0,
     dampening=0, weight_decay=0``; Nesterov momentum is :class:`SGDNHD`), plus the keyword-only
-    ``hypergrad_lr`` (beta, default ``1e-3``; its scale is lr^2 / loss, retune it with lr), ``rule``
+    ``hypergrad_lr`` (beta, default ``1e-3``; its scale is lr^2 / loss, retune it with lr),
+    ``hypergrad_lrs`` (rates of stacked higher levels, default none), ``rule``
     (``"additive"``/``"multiplicative"``), ``adapt`` (``"optimizer"``/``"group"``/``"tensor"``)
     and ``lr_min`` (default ``1e-10``); see :mod:`gradhpo.optim.hd`.
 
@@ -560,6 +804,7 @@ class SGDHD(HypergradientOptimizer):
         weight_decay: float = 0,
         *,
         hypergrad_lr: float = 1e-3,
+        hypergrad_lrs: Sequence[float] = (),
         rule: str = "additive",
         adapt: str = "group",
         lr_min: float = DEFAULT_LR_MIN,
@@ -571,6 +816,7 @@ class SGDHD(HypergradientOptimizer):
             "weight_decay": weight_decay,
             "nesterov": self._nesterov,
             "hypergrad_lr": hypergrad_lr,
+            "hypergrad_lrs": hypergrad_lrs,
             "rule": rule,
             "lr_min": lr_min,
         }
@@ -682,7 +928,7 @@ class AdamHD(HypergradientOptimizer):
     Same arguments and defaults as :class:`torch.optim.Adam` (``lr=1e-3, betas=(0.9, 0.999),
     eps=1e-8, weight_decay=0``; no ``amsgrad``), plus the keyword-only ``hypergrad_lr``
     (default ``1e-7``: Adam's directions are O(1) per element, so beta is far smaller than for
-    SGD), ``rule``, ``adapt`` and ``lr_min``.
+    SGD), ``hypergrad_lrs``, ``rule``, ``adapt`` and ``lr_min``.
 
     With ``g_t`` the gradient including the (coupled) L2 term ``wd * theta_{t-1}``,
     ``m_t = beta1 m_{t-1} + (1 - beta1) g_t``, ``v_t = beta2 v_{t-1} + (1 - beta2) g_t^2`` and
@@ -709,6 +955,7 @@ class AdamHD(HypergradientOptimizer):
         weight_decay: float = 0,
         *,
         hypergrad_lr: float = 1e-7,
+        hypergrad_lrs: Sequence[float] = (),
         rule: str = "additive",
         adapt: str = "group",
         lr_min: float = DEFAULT_LR_MIN,
@@ -719,6 +966,7 @@ class AdamHD(HypergradientOptimizer):
             "eps": eps,
             "weight_decay": weight_decay,
             "hypergrad_lr": hypergrad_lr,
+            "hypergrad_lrs": hypergrad_lrs,
             "rule": rule,
             "lr_min": lr_min,
         }
@@ -815,6 +1063,7 @@ class AdamWHD(AdamHD):
         weight_decay: float = 1e-2,
         *,
         hypergrad_lr: float = 1e-7,
+        hypergrad_lrs: Sequence[float] = (),
         rule: str = "additive",
         adapt: str = "group",
         lr_min: float = DEFAULT_LR_MIN,
@@ -826,6 +1075,7 @@ class AdamWHD(AdamHD):
             eps=eps,
             weight_decay=weight_decay,
             hypergrad_lr=hypergrad_lr,
+            hypergrad_lrs=hypergrad_lrs,
             rule=rule,
             adapt=adapt,
             lr_min=lr_min,

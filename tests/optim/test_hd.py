@@ -618,6 +618,12 @@ BAD_ARGUMENTS = [
     (AdamWHD, {"lr": "fast"}, "lr", "fast"),
     (AdamWHD, {"hypergrad_lr": float("inf")}, "hypergrad_lr", "inf"),
     (AdamWHD, {"rule": None}, "rule", "None"),
+    (SGDHD, {"hypergrad_lrs": (-0.1,)}, "hypergrad_lrs", "-0.1"),
+    (SGDHD, {"hypergrad_lrs": (1e-3, -2.0)}, "hypergrad_lrs", "-2.0"),
+    (SGDHD, {"hypergrad_lrs": (1e-3,), "rule": "multiplicative"}, "hypergrad_lrs", "0.001"),
+    (SGDNHD, {"momentum": 0.9, "hypergrad_lrs": 0.5}, "hypergrad_lrs", "0.5"),
+    (AdamHD, {"hypergrad_lrs": (float("nan"),)}, "hypergrad_lrs", "nan"),
+    (AdamWHD, {"hypergrad_lrs": "0.1"}, "hypergrad_lrs", "'0.1'"),
 ]
 
 
@@ -643,3 +649,418 @@ def test_complex_and_sparse_are_refused():
     emb(torch.tensor([1])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+# --------------------------------------------------------------------------------------------
+# stacked levels (hypergrad_lrs): the hyper-learning rate adapted by a higher level
+
+
+def hand_directions(kind: str, grads: list[Tensor], moments: list[list[Tensor]], t: int,
+                    betas: tuple[float, float], eps: float) -> list[Tensor]:  # fmt: skip
+    """u_t per tensor written from the definitions (float64); ``moments`` is updated."""
+    if kind == "sgd":
+        return [g.clone() for g in grads]
+    b1, b2 = betas
+    u = []
+    for g, mv in zip(grads, moments, strict=True):
+        mv[0] = b1 * mv[0] + (1 - b1) * g
+        mv[1] = b2 * mv[1] + (1 - b2) * g * g
+        u.append((mv[0] / (1 - b1**t)) / ((mv[1] / (1 - b2**t)).sqrt() + eps))
+    return u
+
+
+STACK_CASES = {  # kind: (class, lr, beta, kappa, extra kwargs)
+    "sgd": (SGDHD, 0.1, 1e-2, 0.1, {}),
+    "adam": (AdamHD, 0.01, 1e-4, 1e-2, {"betas": (0.8, 0.95), "eps": 1e-6}),
+}
+
+
+@pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
+@pytest.mark.parametrize("kind", list(STACK_CASES))
+def test_two_levels_match_hand_computation(kind, adapt):
+    """Per unit: h = -g_t . u_{t-1}; beta <- max(beta + kappa h h_prev, 0) once h_prev exists;
+    lr <- lr - beta h with the new beta; dot products over the unit's tensors."""
+    cls, lr0, beta0, kappa, kwargs = STACK_CASES[kind]
+    model = make_mlp(torch.float64)
+    shared = adapt == "optimizer"
+    groups = param_groups(model, "two", shared_lr=shared)
+    for group in groups:
+        group["lr"] = lr0 if shared or group["weight_decay"] else lr0 / 2
+    opt = cls(groups, hypergrad_lr=beta0, hypergrad_lrs=(kappa,), adapt=adapt, **kwargs)
+    members = [(grp["weight_decay"], p) for grp in opt.param_groups for p in grp["params"]]
+    if adapt == "optimizer":
+        units = [members]
+    elif adapt == "group":
+        units = [members[:2], members[2:]]
+    else:
+        units = [[m] for m in members]
+    lrs = list(opt.learning_rates)
+    betas = [beta0] * len(units)
+    prev_u: list[list[Tensor] | None] = [None] * len(units)
+    prev_h: list[float | None] = [None] * len(units)
+    moments_of = [[[torch.zeros_like(p), torch.zeros_like(p)] for _, p in unit] for unit in units]
+    for t, (x, y) in enumerate(batches("mlp", 15, torch.float64), start=1):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for k, unit in enumerate(units):
+            g = [(p.grad + wd * p).detach() for wd, p in unit]
+            if prev_u[k] is not None:
+                h = -flat_dot(g, prev_u[k])
+                if prev_h[k] is not None:
+                    betas[k] = max(betas[k] + kappa * h * prev_h[k], 0.0)
+                lrs[k] = lrs[k] - betas[k] * h
+                prev_h[k] = h
+            prev_u[k] = hand_directions(
+                kind, g, moments_of[k], t, kwargs.get("betas", (0, 0)), kwargs.get("eps", 0)
+            )
+        opt.step()
+        assert [r[0] for r in opt.hypergrad_rates] == pytest.approx(betas, rel=1e-10, abs=0)
+        assert opt.learning_rates == pytest.approx(lrs, rel=1e-10, abs=0)
+        assert all(r[1] == kappa for r in opt.hypergrad_rates)  # the top level is fixed
+        assert all(lr > 1e-10 for lr in lrs)  # no clamp (the hand computation has none)
+        if t <= 2:  # no h_prev yet: beta has not moved
+            assert betas == [beta0] * len(units)
+    # beta did adapt, materially, in every unit
+    assert all(abs(b / beta0 - 1) > 0.02 for b in betas), betas
+    # where the values live, for loggers
+    if adapt == "tensor":
+        assert opt.hypergrad_rates == [
+            (opt.state[p]["hypergrad_lr"], *opt.state[p]["hypergrad_lrs"]) for _, p in members
+        ]
+        for group in opt.param_groups:
+            values = [opt.state[p]["hypergrad_lr"] for p in group["params"]]
+            assert group["hypergrad_lr"] == sum(values) / len(values)
+            assert group["hypergrad_lrs"] == (kappa,)
+            assert "hd_prev_hypergrads" not in group
+    else:
+        unit_of_group = [0, 0] if shared else [0, 1]
+        for group, k in zip(opt.param_groups, unit_of_group, strict=True):
+            assert group["hypergrad_lr"] == opt.hypergrad_rates[k][0]  # every group, if shared
+            assert group["hd_prev_hypergrads"] == (pytest.approx(prev_h[k], rel=1e-10),)
+
+
+def tower_reference(init: list[Tensor], data: list, values: list[float], wd: float) -> list:
+    """Chandra et al.'s stacked SGD (no momentum) by autograd: each step rebuilds the previous
+    step of every level as a differentiable function of the values used then (the values one
+    step older and the hypergradients detached), differentiates the current loss by them, and
+    updates the levels top down, each with the new rate above it. ``values = [lr, beta_1, ...,
+    beta_n]``, ``beta_n`` fixed. The floors (lr in [1e-10, MAX_LR], betas >= 0) are clamps in
+    the graph too, so autograd gives 0 through a clamped value."""
+    top = len(values) - 1
+    bounds = [(1e-10, MAX_LR)] + [(0.0, math.inf)] * top
+
+    def clamp(value, k):
+        low, high = bounds[k]
+        if isinstance(value, Tensor):
+            return value.clamp(low, high)
+        return min(max(value, low), high)
+
+    params = [p.clone() for p in init]
+    previous = None  # (values before the last update, its hypergradients, params, direction)
+    history = []
+    for x, y in data:
+        leaves = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values]
+        if previous is None:
+            theta = [p.clone().requires_grad_(True) for p in params]
+            nodes: list[Tensor] = []
+        else:
+            old, grads, old_params, direction = previous
+            nodes = [leaves[top]]
+            for k in range(top - 1, -1, -1):  # the value used last step, as a function above
+                if grads[k] is None:
+                    nodes.insert(0, leaves[k])
+                else:
+                    nodes.insert(0, clamp(old[k] - nodes[0] * grads[k], k))
+            theta = [p - nodes[0] * u for p, u in zip(old_params, direction, strict=True)]
+        loss = nn.functional.cross_entropy(mlp_forward(theta, x), y)
+        loss = loss + 0.5 * wd * sum((p * p).sum() for p in theta)
+        wanted = [n for n in nodes[:top] if n.requires_grad]
+        found = torch.autograd.grad(loss, theta + wanted, allow_unused=True)
+        g = [t.detach() for t in found[: len(theta)]]
+        level_grads: list[float | None] = [None] * top
+        for n, d in zip(wanted, found[len(theta) :], strict=True):
+            if d is not None:
+                level_grads[next(i for i, m in enumerate(nodes) if m is n)] = float(d)
+        new = list(values)
+        for k in range(top - 1, -1, -1):
+            if level_grads[k] is not None:
+                new[k] = clamp(values[k] - new[k + 1] * level_grads[k], k)
+        current = [p.detach() for p in theta]
+        previous = (values, level_grads, current, g)
+        values = new
+        params = [p - values[0] * u for p, u in zip(current, g, strict=True)]
+        history.append((list(values), params))
+    return history
+
+
+def test_three_levels_match_one_step_autograd_of_chandra_et_al():
+    """The recursion H_k = -H_{k-1} * H_{k-1}(previous update) is the derivative autograd gives
+    through one step of every level; beta and kappa adapt, nu is fixed. beta hits its floor
+    (chain broken) and comes back."""
+    model = make_mlp(torch.float64)
+    init = [p.detach().clone() for p in model.parameters()]
+    data = batches("mlp", 15, torch.float64)
+    wd, values = 0.02, [0.1, 1e-2, 0.2, 1.0]
+    history = tower_reference(init, data, values, wd)
+    params = [nn.Parameter(p.clone()) for p in init]
+    opt = SGDHD(params, lr=values[0], weight_decay=wd, hypergrad_lr=values[1],
+                hypergrad_lrs=values[2:], adapt="optimizer")  # fmt: skip
+    trajectory = []
+    for t, ((x, y), (expected, ref_params)) in enumerate(zip(data, history, strict=True), 1):
+        opt.zero_grad()
+        nn.functional.cross_entropy(mlp_forward(params, x), y).backward()
+        opt.step()
+        got = [opt.param_groups[0]["lr"], *opt.hypergrad_rates[0]]
+        assert got == pytest.approx(expected, rel=1e-9, abs=0), t
+        for p, q in zip(params, ref_params, strict=True):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-9, atol=1e-12)
+        if t <= 3:  # each level needs one more step of history than the one below it
+            assert got[t - 1 :] == values[t - 1 :]
+        trajectory.append(got)
+    assert got[3] == values[3]
+    assert all(abs(got[k] / values[k] - 1) > 0.05 for k in range(3)), got  # all adapted
+    assert min(g[1] for g in trajectory) == 0.0 < got[1]  # floored, then back up
+    assert min(g[0] for g in trajectory) > 1e-10  # the lr was not clamped
+    assert opt.skipped_lr_updates == 0
+
+
+@pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_zero_higher_rates_reproduce_one_level_exactly(case, adapt):
+    hd_cls, _, kwargs, _ = CASES[case]
+    beta = 1e-2 if hd_cls in (SGDHD, SGDNHD) else 1e-4
+    data = batches("mlp", 12)
+    runs = []
+    for rates in ((), (0.0,), (0.0, 0.0)):
+        model = make_mlp()
+        groups = param_groups(model, "two", shared_lr=adapt == "optimizer")
+        opt = hd_cls(groups, hypergrad_lr=beta, hypergrad_lrs=rates, adapt=adapt, **kwargs)
+        trace = []
+
+        def record(model=model, opt=opt, trace=trace):
+            trace.append(
+                (
+                    [p.detach().clone() for p in model.parameters()],
+                    opt.learning_rates,
+                    [g["lr"] for g in opt.param_groups],
+                    [g["hypergrad_lr"] for g in opt.param_groups],
+                    [h if math.isfinite(h) else str(h) for h in opt.hypergradients],
+                )
+            )
+
+        train(model, opt, data, after_step=record)
+        runs.append((trace, opt.skipped_lr_updates, [r[0] for r in opt.hypergrad_rates]))
+    one_level = runs[0]
+    for trace, skipped, betas in runs[1:]:
+        assert skipped == one_level[1] and betas == one_level[2] == [beta] * len(betas)
+        for (ps, *rest), (qs, *expected) in zip(trace, one_level[0], strict=True):
+            assert all(torch.equal(p, q) for p, q in zip(ps, qs, strict=True))
+            assert rest == expected
+    assert one_level[0][-1][1] != one_level[0][0][1]  # the lrs did adapt
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, database=None)
+@given(
+    seed=st.integers(0, 2**16),
+    cls=st.sampled_from([SGDHD, SGDNHD, AdamHD, AdamWHD]),
+    adapt=st.sampled_from(["optimizer", "group", "tensor"]),
+    levels=st.sampled_from([1, 2]),
+)
+def test_hypergrad_lrs_stay_non_negative_and_finite(seed, cls, adapt, levels):
+    """Huge higher rates drive every beta into its floor and out again."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    sgd = cls in (SGDHD, SGDNHD)
+    kwargs = {"momentum": 0.9} if cls is SGDNHD else {}
+    rates = (1e3, 1e6)[:levels] if sgd else (1e2, 1e4)[:levels]
+    opt = cls(model.parameters(), lr=0.1, hypergrad_lr=1e-2 if sgd else 1e-3,
+              hypergrad_lrs=rates, adapt=adapt, lr_min=1e-8, **kwargs)  # fmt: skip
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        values = [v for r in opt.hypergrad_rates for v in r[:-1]]
+        values += [g["hypergrad_lr"] for g in opt.param_groups]
+        assert all(math.isfinite(v) and v >= 0 for v in values), values
+        assert all(r[-1] == rates[-1] for r in opt.hypergrad_rates)
+        lrs = opt.learning_rates + [g["lr"] for g in opt.param_groups]
+        assert all(1e-8 <= lr <= MAX_LR for lr in lrs), lrs
+
+
+def test_beta_is_floored_at_zero_and_comes_back_up():
+    theta = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = SGDHD([theta], lr=0.1, hypergrad_lr=0.5, hypergrad_lrs=(1.0,))
+    betas, lrs = [], []
+    for g in (1.0, 1.0, -1.0, -1.0, -1.0):
+        theta.grad = torch.tensor([g], dtype=torch.float64)
+        opt.step()
+        betas.append(opt.param_groups[0]["hypergrad_lr"])
+        lrs.append(opt.param_groups[0]["lr"])
+    # h: -, -1, +1, -1, -1; beta += h h_prev from step 3: 0.5 - 1 -> 0, 0 - 1 -> 0, 0 + 1
+    assert betas == [0.5, 0.5, 0.0, 0.0, 1.0]
+    # lr: 0.1, 0.1 + 0.5, unchanged (beta 0), unchanged, + 1
+    assert lrs == pytest.approx([0.1, 0.6, 0.6, 0.6, 1.6], abs=1e-15)
+    assert opt.skipped_lr_updates == 0
+
+
+def test_clamped_lr_or_missing_h_breaks_the_chain():
+    """d lr / d beta = 0 where the lr was clamped: the next step leaves beta alone."""
+    theta = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = SGDHD([theta], lr=0.1, hypergrad_lr=1.0, hypergrad_lrs=(1.0,), lr_min=1e-6)
+    for g in (1.0, -1.0):  # h_2 = +1: 0.1 - 1 -> floored at lr_min
+        theta.grad = torch.tensor([g], dtype=torch.float64)
+        opt.step()
+    assert opt.param_groups[0]["lr"] == 1e-6
+    assert opt.param_groups[0]["hd_prev_hypergrads"] == (None,)
+    theta.grad = torch.tensor([1.0], dtype=torch.float64)  # h_3 = +1
+    opt.step()
+    assert opt.param_groups[0]["hypergrad_lr"] == 1.0  # not updated: no chain through the floor
+    assert opt.param_groups[0]["hd_prev_hypergrads"] == (None,)  # clamped again
+    theta.grad = torch.tensor([-1.0], dtype=torch.float64)  # h_4 = +1
+    opt.step()  # 1e-6 - 1 * 1 clamps again; beta still untouched
+    assert opt.param_groups[0]["hypergrad_lr"] == 1.0
+    theta.grad = torch.tensor([-1.0], dtype=torch.float64)  # h_5 = -1: lr 1e-6 + 1, unclamped
+    opt.step()
+    assert opt.param_groups[0]["hd_prev_hypergrads"] == (-1.0,)
+    theta.grad = torch.tensor([-1.0], dtype=torch.float64)  # h_6 = -1: beta += 1 * (-1)(-1)
+    opt.step()
+    assert opt.param_groups[0]["hypergrad_lr"] == 2.0
+
+
+@pytest.mark.parametrize("kappa", [1.0, 0.0])
+def test_non_finite_level_product_is_skipped_and_counted(kappa):
+    theta = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    # beta_1 = 0 keeps the lr (and its chain) intact; h = -1e200 is finite, h h_prev is not
+    opt = SGDHD([theta], lr=1e-3, hypergrad_lr=0.0, hypergrad_lrs=(kappa,))
+    for _ in range(3):
+        theta.grad = torch.tensor([1e100], dtype=torch.float64)
+        opt.step()
+    assert opt.hypergradients[0] == -1e200
+    assert opt.param_groups[0]["hypergrad_lr"] == 0.0
+    assert opt.param_groups[0]["lr"] == 1e-3
+    assert opt.skipped_lr_updates == (1 if kappa else 0)  # a zero rate is not even counted
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "lr", "beta", "kappa"),
+    [
+        (SGDHD, {}, 1e-3, 1e-5, 1e-7),
+        (SGDHD, {"momentum": 0.9}, 1e-4, 1e-6, 3e-8),
+        (AdamHD, {}, 1e-4, 1e-5, 1e-6),
+    ],
+)
+def test_too_small_beta_grows_while_the_lr_is_too_small(cls, kwargs, lr, beta, kappa):
+    """f = 0.5 sum a_i theta_i^2, a_i in [1, 2], lr and beta far too small: successive
+    hypergradients agree in sign (h_t h_{t-1} > 0), so beta grows, and the lr with it faster
+    than with beta fixed."""
+    curvature = torch.linspace(1.0, 2.0, 10, dtype=torch.float64)
+
+    def run(rates):
+        theta = nn.Parameter(torch.linspace(-1, 1, 10, dtype=torch.float64) + 0.3)
+        opt = cls([theta], lr=lr, hypergrad_lr=beta, hypergrad_lrs=rates, **kwargs)
+        betas, hs = [], []
+        for _ in range(12):
+            opt.zero_grad()
+            (0.5 * (curvature * theta**2).sum()).backward()
+            opt.step()
+            betas.append(opt.param_groups[0]["hypergrad_lr"])
+            hs.append(opt.hypergradients[0])
+        return opt.param_groups[0]["lr"], betas, hs
+
+    lr_fixed, betas_fixed, _ = run(())
+    lr_two, betas, hs = run((kappa,))
+    assert betas_fixed == [beta] * 12
+    grew = 0
+    for t in range(2, 12):  # the first two steps have no h_t h_{t-1}
+        product = hs[t] * hs[t - 1]
+        assert (betas[t] - betas[t - 1]) == pytest.approx(kappa * product, rel=1e-9)
+        grew += product > 0
+    assert grew >= 6 and all(h < 0 for h in hs[1:6])  # lr too small: h < 0, steadily
+    assert betas[-1] > 10 * beta
+    assert lr_two > 3 * lr_fixed
+
+
+@pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_stacked_state_dict_round_trip_continues_bit_identically(case, adapt):
+    hd_cls, _, kwargs, _ = CASES[case]
+    sgd = hd_cls in (SGDHD, SGDNHD)
+    options = {
+        "hypergrad_lr": 1e-2 if sgd else 1e-4,
+        "hypergrad_lrs": (1.0, 10.0) if sgd else (1e-2, 1.0),
+        "adapt": adapt,
+        **kwargs,
+    }
+    model = make_cnn()
+    opt = hd_cls(param_groups(model, "two", shared_lr=adapt == "optimizer"), **options)
+    data = batches("cnn", 12)
+    train(model, opt, data[:6])
+    checkpoint = save_load({"model": model.state_dict(), "opt": opt.state_dict()})
+    resumed = make_cnn()
+    resumed.load_state_dict(checkpoint["model"])
+    opt2 = hd_cls(param_groups(resumed, "two", shared_lr=adapt == "optimizer"), **options)
+    opt2.load_state_dict(checkpoint["opt"])
+    assert opt2.hypergrad_rates == opt.hypergrad_rates
+    assert opt2.hypergrad_rates != [(options["hypergrad_lr"], *options["hypergrad_lrs"])] * len(
+        opt2.hypergrad_rates
+    )  # adapted before the checkpoint
+    for x, y in data[6:]:
+        for m, o in ((model, opt), (resumed, opt2)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+        for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+            assert torch.equal(a, b)
+        assert opt2.learning_rates == opt.learning_rates
+        assert opt2.hypergrad_rates == opt.hypergrad_rates
+        assert opt2.param_groups[0]["hypergrad_lrs"] == opt.param_groups[0]["hypergrad_lrs"]
+    assert opt2.skipped_lr_updates == opt.skipped_lr_updates
+    clone = copy.deepcopy(opt)
+    assert clone.hypergrad_rates == opt.hypergrad_rates
+
+
+def test_stacked_rates_are_shared_in_optimizer_mode_and_means_in_tensor_mode():
+    model = make_mlp(torch.float64)
+    params = list(model.parameters())
+    opt = SGDHD([{"params": params[:2], "lr": 0.05}], adapt="optimizer", hypergrad_lr=1e-2,
+                hypergrad_lrs=(1.0,))  # fmt: skip
+    train(model, opt, batches("mlp", 4, torch.float64))
+    opt.add_param_group({"params": params[2:]})  # takes the current shared rates and chain
+    for key in ("lr", "hypergrad_lr", "hypergrad_lrs", "hd_prev_hypergrads"):
+        assert opt.param_groups[1][key] == opt.param_groups[0][key], key
+    assert opt.param_groups[0]["hypergrad_lr"] != 1e-2
+    train(model, opt, batches("mlp", 2, torch.float64))
+    assert opt.param_groups[1]["hypergrad_lr"] == opt.param_groups[0]["hypergrad_lr"]
+    opt.param_groups[1]["hypergrad_lr"] = 0.5
+    with pytest.raises(ValueError, match="hypergrad_lr"):
+        train(model, opt, batches("mlp", 1, torch.float64))
+
+    # tensor mode: the group shows the means; a value written there rescales the tensors'
+    model = make_mlp(torch.float64)
+    opt = SGDHD(model.parameters(), lr=0.1, hypergrad_lr=1e-2, hypergrad_lrs=(1.0, 5.0),
+                adapt="tensor")  # fmt: skip
+    data = batches("mlp", 6, torch.float64)
+    train(model, opt, data[:5])
+    rates = opt.hypergrad_rates
+    assert len(set(rates)) == 4
+    group = opt.param_groups[0]
+    assert group["hypergrad_lr"] == sum(r[0] for r in rates) / 4
+    assert group["hypergrad_lrs"] == (sum(r[1] for r in rates) / 4, 5.0)
+    group["hypergrad_lr"] *= 0.5
+    group["hypergrad_lrs"] = (0.0, 0.0)  # stops the adaptation of beta (and of kappa)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(data[5][0]), data[5][1]).backward()
+    opt.step()
+    assert [r[0] for r in opt.hypergrad_rates] == pytest.approx(
+        [r[0] * 0.5 for r in rates], rel=1e-12
+    )
+    assert all(r[1:] == (0.0, 0.0) for r in opt.hypergrad_rates)
+
+
+def test_multiplicative_rule_refuses_stacked_levels():
+    params = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="multiplicative") as info:
+        SGDHD(params, rule="multiplicative", hypergrad_lrs=(1e-3,))
+    assert "(0.001,)" in str(info.value)
+    SGDHD(params, rule="multiplicative", hypergrad_lrs=())  # no higher level: fine
