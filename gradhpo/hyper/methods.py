@@ -298,7 +298,10 @@ def _reverse(
     if objective.train_weight:
         obj = obj + objective.train_weight * (torch.stack(losses + tracked_losses).sum() / k_total)
     keys = list(raw)
-    grads = torch.autograd.grad(obj, [raw[k] for k in keys], allow_unused=True)
+    if obj.requires_grad:
+        grads = torch.autograd.grad(obj, [raw[k] for k in keys], allow_unused=True)
+    else:  # nothing in the objective depends on the hypers (e.g. train_mean over one step)
+        grads = (None,) * len(keys)
     with torch.no_grad():
         all_losses = torch.stack([*losses, *(loss.detach() for loss in tracked_losses)])
     return HypergradResult(

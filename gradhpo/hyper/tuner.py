@@ -105,6 +105,12 @@ class HyperTuner:
                 )
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: unknown {objective!r}; choose one of {list(OBJECTIVES)}")
+        if objective == "train_mean" and horizon == 1:
+            raise ValueError(
+                f"objective 'train_mean' with method {method!r} and horizon 1: the loss of a "
+                "horizon's only step is taken before the hypers act, so its hypergradient is "
+                "always 0; use objective 'val' or horizon >= 2"
+            )
         if hyper_optimizer not in HYPER_OPTIMIZERS:
             raise ValueError(
                 f"hyper_optimizer: unknown {hyper_optimizer!r}; choose one of {list(HYPER_OPTIMIZERS)}"

@@ -368,3 +368,14 @@ def test_example_weights_need_indices() -> None:
     batches = [(x, y) for x, y, _ in make_batches()]
     with pytest.raises(ValueError, match="example_indices"):
         hypergradient("reverse", problem, params, state, buffers, batches, Objective.train_mean())
+
+
+def test_objective_without_dependence_gives_zero_hypergradient() -> None:
+    """train_mean over one step: the step's loss is taken before the hypers act."""
+    model = tiny_mlp()
+    problem, params, state, buffers = setup(model, "sgd", [{"name": "lr", "init": 0.1}])
+    for method in ("greedy", "checkpointed", "forward"):
+        result = hypergradient(
+            method, problem, params, state, buffers, make_batches(1), Objective.train_mean()
+        )
+        assert torch.equal(result.grads["lr"], torch.zeros(()).to(DT)), method

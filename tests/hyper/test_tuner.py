@@ -129,6 +129,8 @@ def test_greedy_forces_horizon_one_and_state_round_trip() -> None:
         ({"hyper_optimizer": "lbfgs"}, "unknown 'lbfgs'"),
         ({"hypers": [{"name": "beta1", "init": 0.9}]}, r"\['beta1'\] not used by optimizer 'sgd'"),
         ({"optimizer": "rmsprop"}, "unknown inner optimizer 'rmsprop'"),
+        ({"method": "greedy", "objective": "train_mean"}, "its hypergradient is always 0"),
+        ({"horizon": 1, "objective": "train_mean"}, "horizon 1"),
     ],
 )
 def test_bad_tuner_arguments(kwargs, match) -> None:
