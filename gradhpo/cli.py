@@ -48,12 +48,37 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prepare_train(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    """Validate the config and build the run; every failure here is the user's input."""
+def run_config_from_train_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The :meth:`TrainingRun.from_config` mapping of a validated train/tune config."""
+    training = config["training"]
+    return {
+        "model": config["model"],
+        "data": config["data"],
+        "optimizer": config["optimizer"],
+        "tuner": config["tuner"],
+        "batch_size": training["batch_size"],
+        "seed": training["seed"],
+        "device": training["device"],
+        "augment": training["augment"],
+    }
+
+
+def build_run(run_config: dict[str, Any], data: Any = None) -> Any:
+    """Build a TrainingRun; the user's mistakes become :class:`UserError`."""
     from gradhpo.data import DatasetNotFoundError
     from gradhpo.run import TrainingRun
     from models import ModelConfigError
 
+    try:
+        return TrainingRun.from_config(run_config, data=data)
+    except (ModelConfigError, DatasetNotFoundError) as exc:
+        raise UserError(str(exc)) from exc
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"invalid config: {exc}") from exc
+
+
+def _prepare_train(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """Validate the config and build the run; every failure here is the user's input."""
     raw = load_yaml(args.config)
     if args.epochs is not None:
         raw.setdefault("training", {})["epochs"] = args.epochs
@@ -62,29 +87,14 @@ def _prepare_train(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     if args.out is not None:
         raw.setdefault("output", {})["dir"] = str(args.out)
     config = validate_train_config(raw)
-    training = config["training"]
-    try:
-        run = TrainingRun(
-            model=config["model"],
-            data=config["data"],
-            optimizer=config["optimizer"],
-            batch_size=training["batch_size"],
-            seed=training["seed"],
-            device=training["device"],
-            augment=training["augment"],
-            tuner=config["tuner"],
-        )
-    except (ModelConfigError, DatasetNotFoundError) as exc:
-        raise UserError(str(exc)) from exc
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"invalid config: {exc}") from exc
-    return config, run
+    return config, build_run(run_config_from_train_config(config))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from gradhpo.logging import TensorBoardLogger
+    from gradhpo.training import train_epochs
 
     config, run = _prepare_train(args)
     training, output = config["training"], config["output"]
@@ -93,41 +103,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
     start = time.perf_counter()
-    history: list[dict[str, float]] = []
     with TensorBoardLogger(Path(output["tensorboard_dir"]) / config["name"]) as tb:
-        bar = tqdm(
-            range(1, training["epochs"] + 1),
+        with tqdm(
+            total=training["epochs"],
             desc=config["name"],
             unit="epoch",
             disable=args.no_progress or None,
-        )
-        for epoch in bar:
-            train_loss = run.step(run.steps_per_epoch)
-            if run.diverged:
-                print(
-                    f"{config['name']}: training diverged (non-finite loss) in epoch {epoch}; stopping",
-                    file=sys.stderr,
-                )
-                break
-            record: dict[str, float] = {"epoch": epoch, "train_loss": train_loss}
-            if epoch % training["eval_every"] == 0 or epoch == training["epochs"]:
-                val = run.evaluate("val")
-                record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-                bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val['accuracy']:.3f}")
-            history.append(record)
-            tb.scalars({k: v for k, v in record.items() if k != "epoch"}, run.global_step)
-            tb.scalars(run.hyperparameters, run.global_step, prefix="hyper/")
-            if run.tuner is not None:
-                tb.scalars(
-                    {
-                        "rejected_steps": run.tuner.rejected_steps,
-                        "hypergrad_norm": run.last_report.hypergrad_norm
-                        if run.last_report
-                        else 0.0,
-                    },
-                    run.global_step,
-                    prefix="tuner/",
-                )
+        ) as bar:
+            history = train_epochs(run, training["epochs"], logger=tb, progress=bar)
+        if run.diverged:
+            print(
+                f"{config['name']}: training diverged (non-finite loss) in epoch "
+                f"{history[-1]['epoch']}; stopping",
+                file=sys.stderr,
+            )
         test = run.evaluate("test") if not run.diverged else {"loss": float("nan"), "accuracy": 0.0}
         tb.hparams({**run.hyperparameters, **config["model"]}, {"test_accuracy": test["accuracy"]})
     elapsed = time.perf_counter() - start

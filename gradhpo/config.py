@@ -34,7 +34,6 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
         "seed": 0,
         "device": "auto",
         "augment": False,
-        "eval_every": 1,
     },
     "output": {"dir": "runs", "tensorboard_dir": "tensorboard_logs"},
 }
@@ -122,7 +121,6 @@ def validate_train_config(config: Mapping[str, Any]) -> dict[str, Any]:
     check_int("training.epochs", training["epochs"], 1)
     check_int("training.batch_size", training["batch_size"], 1)
     check_int("training.seed", training["seed"], 0)
-    check_int("training.eval_every", training["eval_every"], 1)
     check_str("training.device", training["device"])
     check_bool("training.augment", training["augment"])
     check_str("output.dir", resolved["output"]["dir"])

@@ -32,7 +32,13 @@ from gradhpo.data import Augment, BatchIterator, DataSplits, load_dataset
 from gradhpo.hyper.tuner import HyperTuner, TunerReport
 from models import build_model
 
-__all__ = ["TrainingRun", "OPTIMIZER_HYPERPARAMETERS", "TUNER_KEYS", "resolve_device"]
+__all__ = [
+    "TrainingRun",
+    "OPTIMIZER_HYPERPARAMETERS",
+    "RUN_CONFIG_KEYS",
+    "TUNER_KEYS",
+    "resolve_device",
+]
 
 #: Continuous hyperparameters each optimizer exposes through ``TrainingRun.hyperparameters``.
 OPTIMIZER_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
@@ -70,6 +76,18 @@ _TUNER_DEFAULTS: dict[str, Any] = {
     "val_batch_size": 256,
     "max_rejections": 5,
 }
+#: Keys of :meth:`TrainingRun.from_config` (the constructor's arguments).
+RUN_CONFIG_KEYS = (
+    "model",
+    "data",
+    "optimizer",
+    "batch_size",
+    "seed",
+    "device",
+    "augment",
+    "eval_batch_size",
+    "tuner",
+)
 _DATA_KEYS = ("name", "seed", "val_fraction", "test_fraction", "data_dir", "n_folds", "fold")
 
 
@@ -585,16 +603,35 @@ class TrainingRun:
             raise ValueError(
                 f"checkpoint {str(path)!r} was made from user-supplied data; pass data=..."
             )
-        run = cls(
-            model=config["model"],
-            data=data if data is not None else config["data"],
-            optimizer=config["optimizer"],
-            batch_size=config["batch_size"],
-            seed=config["seed"],
-            device=device,
-            augment=config["augment"],
-            eval_batch_size=config["eval_batch_size"],
-            tuner=config.get("tuner"),
-        )
+        run = cls.from_config(config, data=data, device=device)
         run.load_state_dict(state)
         return run
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        data: DataSplits | None = None,
+        device: str | torch.device | None = None,
+    ) -> TrainingRun:
+        """Build a run from a mapping of the constructor's arguments (the form of
+        :attr:`config`: ``model``, ``data``, ``optimizer``, ``batch_size``, ``seed``,
+        ``augment``, ``eval_batch_size``, ``tuner``, optionally ``device``).
+
+        ``data`` (already loaded splits) takes the place of ``config["data"]`` so that many
+        runs of a study share one copy of the data set; ``device`` overrides the config's."""
+        unknown = sorted(set(config) - set(RUN_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(
+                f"run config: unknown key(s) {unknown}; allowed: {list(RUN_CONFIG_KEYS)}"
+            )
+        if "model" not in config:
+            raise ValueError("run config: 'model' is required")
+        kwargs = {k: v for k, v in config.items() if k not in ("data", "device")}
+        if data is None:
+            if config.get("data") is None:
+                raise ValueError("run config: 'data' is required (a data set name or mapping)")
+            data = config["data"]
+        chosen = device if device is not None else config.get("device", "auto")
+        return cls(data=data, device=chosen, **kwargs)
