@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from gradhpo.config import ConfigError, load_yaml, validate_train_config
+from gradhpo.config import ConfigError, load_yaml, run_config_of, validate_train_config
 
 __all__ = ["main"]
 
@@ -45,22 +45,48 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=None, help="override output.dir")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(func=_cmd_train)
+
+    tune = sub.add_parser(
+        "tune",
+        help="run a study: a sampler picks discrete choices, hypergradients tune the rest",
+        description=(
+            "Run a hyperparameter study from a YAML config (train sections plus 'search'). "
+            "The study lives in <output.dir>/<name>/ (SQLite storage, checkpoints, config); "
+            "TensorBoard logs go to <output.tensorboard_dir>/<name>/<trial>."
+        ),
+    )
+    tune.add_argument("config", type=Path, help="path to a YAML study config")
+    tune.add_argument("--trials", type=int, default=None, help="override search.trials")
+    tune.add_argument("--timeout", type=float, default=None, help="override search.timeout (s)")
+    tune.add_argument("--epochs", type=int, default=None, help="override training.epochs")
+    tune.add_argument("--device", default=None, help="override training.device (auto, cpu, cuda)")
+    tune.add_argument("--out", type=Path, default=None, help="override output.dir")
+    tune.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    tune.set_defaults(func=_cmd_tune)
+
+    resume = sub.add_parser(
+        "resume",
+        help="continue an interrupted study",
+        description=(
+            "Continue the study in DIR: finished trials are kept, trials of a dead process are "
+            "continued from their last checkpoint, the sampler continues its sequence."
+        ),
+    )
+    resume.add_argument("dir", type=Path, help="study directory (holds study.db, config.yaml)")
+    resume.add_argument("--trials", type=int, default=None, help="new total number of trials")
+    resume.add_argument("--timeout", type=float, default=None, help="seconds for this run")
+    resume.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    resume.set_defaults(func=_cmd_resume)
+
+    report = sub.add_parser(
+        "report",
+        help="tables and plots of a study",
+        description="Write results.csv/.md and PNG plots of the study in DIR to DIR/report/.",
+    )
+    report.add_argument("dir", type=Path, help="study directory")
+    report.add_argument("--out", type=Path, default=None, help="output folder (default DIR/report)")
+    report.set_defaults(func=_cmd_report)
     return parser
-
-
-def run_config_from_train_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The :meth:`TrainingRun.from_config` mapping of a validated train/tune config."""
-    training = config["training"]
-    return {
-        "model": config["model"],
-        "data": config["data"],
-        "optimizer": config["optimizer"],
-        "tuner": config["tuner"],
-        "batch_size": training["batch_size"],
-        "seed": training["seed"],
-        "device": training["device"],
-        "augment": training["augment"],
-    }
 
 
 def build_run(run_config: dict[str, Any], data: Any = None) -> Any:
@@ -87,7 +113,7 @@ def _prepare_train(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     if args.out is not None:
         raw.setdefault("output", {})["dir"] = str(args.out)
     config = validate_train_config(raw)
-    return config, build_run(run_config_from_train_config(config))
+    return config, build_run(run_config_of(config))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -144,6 +170,108 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"checkpoint {checkpoint}"
     )
     return 1 if run.diverged else 0
+
+
+def _check_count(field: str, value: Any, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise UserError(f"{field}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _print_best(name: str, summary: dict[str, Any] | None) -> None:
+    if summary is None:
+        print(f"{name}: no trial finished with a finite value")
+        return
+    params = ", ".join(f"{k}={v}" for k, v in summary["params"].items())
+    tuned = ", ".join(f"{k}={v:.3g}" for k, v in summary["hyperparameters"].items())
+    print(f"{name}: best trial {summary['trial']}: {params}")
+    if tuned:
+        print(f"{name}: tuned hyperparameters at the end of the best trial: {tuned}")
+    print(
+        f"{name}: best validation value {summary['value']:.4f}, "
+        f"test accuracy {summary['test_accuracy']:.4f} (test loss {summary['test_loss']:.4f})"
+    )
+
+
+def _tune_errors() -> tuple[type[BaseException], ...]:
+    from gradhpo.data import DatasetNotFoundError
+    from models import ModelConfigError
+
+    return (ModelConfigError, DatasetNotFoundError)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from gradhpo.search.tune import prepare_study, run_study
+
+    _check_count("--trials", args.trials)
+    _check_count("--epochs", args.epochs)
+    if args.timeout is not None and not args.timeout > 0:
+        raise UserError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
+    raw = load_yaml(args.config)
+    if args.epochs is not None:
+        raw.setdefault("training", {})["epochs"] = args.epochs
+    if args.device is not None:
+        raw.setdefault("training", {})["device"] = args.device
+    if args.out is not None:
+        raw.setdefault("output", {})["dir"] = str(args.out)
+    if args.trials is not None and isinstance(raw.get("search"), dict):
+        raw["search"]["trials"] = args.trials
+    try:
+        study, config, space, folds = prepare_study(raw=raw)
+    except _tune_errors() as exc:
+        raise UserError(str(exc)) from exc
+    print(
+        f"{study.name}: study in {study.directory} (optuna-dashboard sqlite:///{study.directory / 'study.db'})"
+    )
+    summary = run_study(
+        study, config, space, folds, timeout=args.timeout, progress=not args.no_progress
+    )
+    _print_best(study.name, summary)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from gradhpo.search.tune import prepare_study, run_study
+
+    _check_count("--trials", args.trials)
+    if args.timeout is not None and not args.timeout > 0:
+        raise UserError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
+    if not args.dir.is_dir():
+        raise UserError(f"study directory not found: {str(args.dir)!r}")
+    try:
+        study, config, space, folds = prepare_study(resume_dir=args.dir)
+    except _tune_errors() as exc:
+        raise UserError(str(exc)) from exc
+    finished = len(study.finished_trials())
+    recovered = study.recover_stale_trials()
+    note = f"; continuing interrupted trial(s) {recovered}" if recovered else ""
+    print(f"{study.name}: resuming with {finished} finished trial(s){note}")
+    summary = run_study(
+        study,
+        config,
+        space,
+        folds,
+        trials=args.trials,
+        timeout=args.timeout,
+        progress=not args.no_progress,
+    )
+    _print_best(study.name, summary)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gradhpo.report import write_report
+
+    if not args.dir.is_dir():
+        raise UserError(f"study directory not found: {str(args.dir)!r}")
+    result = write_report(args.dir, args.out)
+    best = result["best"]
+    if best is not None:
+        _print_best(args.dir.name, best)
+    print(
+        f"{args.dir.name}: {len(result['rows'])} trial(s); wrote "
+        + ", ".join(str(f) for f in result["files"])
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "load_yaml", "validate_train_config", "TRAIN_DEFAULTS"]
+__all__ = ["ConfigError", "load_yaml", "validate_train_config", "run_config_of", "TRAIN_DEFAULTS"]
 
 
 class ConfigError(ValueError):
@@ -126,3 +126,18 @@ def validate_train_config(config: Mapping[str, Any]) -> dict[str, Any]:
     check_str("output.dir", resolved["output"]["dir"])
     check_str("output.tensorboard_dir", resolved["output"]["tensorboard_dir"])
     return resolved
+
+
+def run_config_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The :meth:`gradhpo.run.TrainingRun.from_config` mapping of a validated train config."""
+    training = config["training"]
+    return {
+        "model": config["model"],
+        "data": config["data"],
+        "optimizer": config["optimizer"],
+        "tuner": config["tuner"],
+        "batch_size": training["batch_size"],
+        "seed": training["seed"],
+        "device": training["device"],
+        "augment": training["augment"],
+    }

@@ -1,0 +1,215 @@
+"""Optuna samplers and pruners chosen by name, and the sampler state that survives a restart.
+
+``make_sampler({"name": "tpe", "n_startup_trials": 5}, space, seed=0)`` builds Optuna's
+sampler; extra keys are passed to its constructor and checked against its signature, so a
+typo is a :class:`~gradhpo.config.ConfigError` naming ``search.sampler.<key>``. Any
+``optuna.samplers.BaseSampler`` object is accepted as is (Python API).
+
+Why the sampler state is saved: a study in SQLite keeps every trial, but not the sampler's
+random generator. A restarted Optuna process builds a new sampler from the same seed and
+draws the same "random" start-up points again (optuna issue #3255). We save the state of
+every ``numpy.random.RandomState`` the sampler holds (found by walking its attributes, through
+Optuna's ``LazyRandomState``) as JSON after each new trial is asked, and restore it on resume:
+the resumed study proposes exactly what the uninterrupted one would have. JSON, not pickle, so
+loading a run directory never executes code from it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.samplers._lazy_random_state import LazyRandomState
+
+from gradhpo.config import ConfigError
+from gradhpo.search.evolution import RegularizedEvolutionSampler
+from gradhpo.search.space import SearchSpace
+
+__all__ = [
+    "SAMPLERS",
+    "PRUNERS",
+    "make_sampler",
+    "make_pruner",
+    "sampler_rng_states",
+    "restore_sampler_rng_states",
+    "save_sampler_state",
+    "load_sampler_state",
+]
+
+#: Sampler names accepted in ``search.sampler``.
+SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
+    "random": optuna.samplers.RandomSampler,
+    "grid": optuna.samplers.GridSampler,
+    "tpe": optuna.samplers.TPESampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "gp": optuna.samplers.GPSampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+    "qmc": optuna.samplers.QMCSampler,
+    "bruteforce": optuna.samplers.BruteForceSampler,
+    "evolution": RegularizedEvolutionSampler,
+}
+#: Pruner names accepted in ``search.pruner`` ("asha" is Optuna's asynchronous successive
+#: halving; "hyperband" with the TPE sampler gives BOHB-style search).
+PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
+    "none": optuna.pruners.NopPruner,
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "sha": optuna.pruners.SuccessiveHalvingPruner,
+    "asha": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "threshold": optuna.pruners.ThresholdPruner,
+    "patient": optuna.pruners.PatientPruner,
+}
+
+
+def _name_and_kwargs(field: str, spec: Any, known: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ConfigError(f"{field}: expected a name or a mapping with 'name', got {spec!r}")
+    name = spec["name"]
+    if name not in known:
+        raise ConfigError(
+            f"{field}.name: unknown {field.split('.')[-1]} {name!r}; choose one of {sorted(known)}"
+        )
+    return name, {k: v for k, v in spec.items() if k != "name"}
+
+
+def _construct(field: str, cls: type, kwargs: dict[str, Any]) -> Any:
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            allowed = sorted(k for k, p in params.items() if p.kind is not p.VAR_POSITIONAL)
+            raise ConfigError(
+                f"{field}: unknown key(s) {unknown} for {cls.__name__}; allowed: {allowed}"
+            )
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{field}: {cls.__name__}({kwargs}) rejected its arguments: {exc}"
+        ) from exc
+
+
+def make_sampler(
+    spec: str | Mapping[str, Any] | optuna.samplers.BaseSampler,
+    space: SearchSpace | None = None,
+    *,
+    seed: int | None = None,
+) -> optuna.samplers.BaseSampler:
+    """Build a sampler from its name (and constructor arguments), seeded with ``seed``
+    unless the spec gives its own ``seed``. The grid sampler takes its grid from ``space``."""
+    if isinstance(spec, optuna.samplers.BaseSampler):
+        return spec
+    name, kwargs = _name_and_kwargs("search.sampler", spec, SAMPLERS)
+    cls = SAMPLERS[name]
+    if "seed" in inspect.signature(cls).parameters:
+        kwargs.setdefault("seed", seed)
+    if name == "grid":
+        if "search_space" in kwargs:
+            raise ConfigError("search.sampler.search_space: the grid comes from search.space")
+        kwargs["search_space"] = (space or SearchSpace([])).grid()
+        if not kwargs["search_space"]:
+            raise ConfigError("search.sampler: the grid sampler needs a non-empty search.space")
+    return _construct("search.sampler", cls, kwargs)
+
+
+def make_pruner(
+    spec: str | Mapping[str, Any] | optuna.pruners.BasePruner | None,
+    *,
+    max_resource: int | None = None,
+) -> optuna.pruners.BasePruner:
+    """Build a pruner from its name; ``hyperband`` gets ``max_resource`` (epochs) unless given;
+    ``patient`` wraps the pruner given as ``wrapped`` (default median)."""
+    if spec is None:
+        return optuna.pruners.NopPruner()
+    if isinstance(spec, optuna.pruners.BasePruner):
+        return spec
+    name, kwargs = _name_and_kwargs("search.pruner", spec, PRUNERS)
+    if name == "hyperband" and max_resource is not None:
+        kwargs.setdefault("max_resource", max_resource)
+    if name == "patient":
+        kwargs["wrapped_pruner"] = make_pruner(
+            kwargs.pop("wrapped", "median"), max_resource=max_resource
+        )
+        kwargs.setdefault("patience", 1)
+    return _construct("search.pruner", PRUNERS[name], kwargs)
+
+
+# ---------------------------------------------------------------------- sampler RNG state
+def _random_states(obj: Any, path: str, seen: set[int]) -> Iterator[tuple[str, Any, str]]:
+    """Yield ``(path, owner, attribute)`` of every RandomState reachable from a sampler."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    for attr, value in sorted(vars(obj).items()):
+        where = f"{path}.{attr}"
+        if isinstance(value, np.random.RandomState):
+            yield where, obj, attr
+        elif isinstance(value, LazyRandomState):
+            value.rng  # noqa: B018 - creates the generator so its state can be saved/restored
+            yield from _random_states(value, where, seen)
+        elif isinstance(value, (optuna.samplers.BaseSampler,)) or (
+            hasattr(value, "__dict__") and type(value).__module__.startswith("optuna.samplers")
+        ):
+            yield from _random_states(value, where, seen)
+
+
+def sampler_rng_states(sampler: optuna.samplers.BaseSampler) -> dict[str, list[Any]]:
+    """The state of every ``numpy.random.RandomState`` in ``sampler``, JSON-serializable."""
+    states = {}
+    for path, owner, attr in _random_states(sampler, "sampler", set()):
+        kind, keys, pos, has_gauss, cached = getattr(owner, attr).get_state()
+        states[path] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    return states
+
+
+def restore_sampler_rng_states(
+    sampler: optuna.samplers.BaseSampler, states: Mapping[str, Any]
+) -> None:
+    """Inverse of :func:`sampler_rng_states`; the sampler's structure must match."""
+    found = {path: (owner, attr) for path, owner, attr in _random_states(sampler, "sampler", set())}
+    if set(found) != set(states):
+        raise ValueError(
+            f"sampler state does not fit this sampler: saved {sorted(states)}, sampler has {sorted(found)}"
+        )
+    for path, (owner, attr) in found.items():
+        kind, keys, pos, has_gauss, cached = states[path]
+        getattr(owner, attr).set_state(
+            (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+        )
+
+
+def save_sampler_state(sampler: optuna.samplers.BaseSampler, path: str | os.PathLike[str]) -> None:
+    """Write the sampler's RNG states to ``path`` atomically (JSON)."""
+    path = Path(path)
+    payload = {"sampler": type(sampler).__name__, "rng": sampler_rng_states(sampler)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_sampler_state(sampler: optuna.samplers.BaseSampler, path: str | os.PathLike[str]) -> bool:
+    """Restore what :func:`save_sampler_state` wrote; ``False`` when there is no saved state
+    or it belongs to another kind of sampler (then the sampler keeps its fresh seed)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    if payload.get("sampler") != type(sampler).__name__:
+        return False
+    restore_sampler_rng_states(sampler, payload["rng"])
+    return True

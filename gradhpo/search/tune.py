@@ -1,0 +1,488 @@
+"""Config-driven studies: what ``gradhpo tune`` and ``gradhpo resume`` run.
+
+A tune config is a train config (see :mod:`gradhpo.config`) plus a ``search`` section::
+
+    search:
+      space: {...}                 # see gradhpo.search.space
+      sampler: tpe                 # or {name: tpe, n_startup_trials: 5}; see SAMPLERS
+      pruner: median               # or {name: hyperband, reduction_factor: 3}; null for none
+      metric: val_accuracy         # or val_loss (direction follows)
+      trials: 20                   # finished trials in the study
+      timeout: null                # seconds per invocation
+      cv_folds: null               # k >= 2: k-fold cross-validation inside each trial
+      early_stopping: {patience: 3, min_delta: 0.0}   # or null
+      seed: 0                      # sampler seed (default: training.seed)
+      keep_checkpoints: best       # best: only the best trial's weights stay; all
+
+``training.epochs`` is the number of epochs of each trial. Inside a trial the continuous
+hyperparameters named in ``tuner`` are adapted by hypergradient as in ``gradhpo train``; a
+search parameter such as ``optimizer.lr`` then sets their starting value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import yaml
+
+from gradhpo.config import ConfigError, check_int, run_config_of, validate_train_config
+from gradhpo.data import DataSplits, load_dataset
+from gradhpo.logging import TensorBoardLogger
+from gradhpo.run import TrainingRun
+from gradhpo.search.space import SearchSpace
+from gradhpo.search.study import RESUME_FROM, Study, _write_json, create_study, load_study
+from gradhpo.training import EarlyStopping, train_epochs
+
+__all__ = [
+    "SEARCH_DEFAULTS",
+    "validate_tune_config",
+    "ConfigObjective",
+    "prepare_study",
+    "evaluate_best",
+]
+
+SEARCH_DEFAULTS: dict[str, Any] = {
+    "space": None,
+    "sampler": "tpe",
+    "pruner": "median",
+    "metric": "val_accuracy",
+    "trials": 20,
+    "timeout": None,
+    "cv_folds": None,
+    "early_stopping": None,
+    "seed": None,
+    "keep_checkpoints": "best",
+}
+METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+
+
+def validate_tune_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchSpace]:
+    """Validate a tune config: the train sections plus ``search``. Returns the resolved
+    config and its search space; every mistake is a ConfigError naming the field."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: expected a mapping, got {raw!r}")
+    search = raw.get("search")
+    if search is None:
+        raise ConfigError("search: section is required for `gradhpo tune`")
+    if not isinstance(search, Mapping):
+        raise ConfigError(f"search: expected a mapping, got {search!r}")
+    config = validate_train_config({k: v for k, v in raw.items() if k != "search"})
+    unknown = sorted(set(search) - set(SEARCH_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"search: unknown key(s) {unknown}; allowed: {list(SEARCH_DEFAULTS)}")
+    s = {**SEARCH_DEFAULTS, **search}
+    if s["metric"] not in METRICS:
+        raise ConfigError(f"search.metric: expected one of {list(METRICS)}, got {s['metric']!r}")
+    check_int("search.trials", s["trials"], 1)
+    if s["timeout"] is not None:
+        t = s["timeout"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ConfigError(
+                f"search.timeout: expected a number of seconds > 0 or null, got {t!r}"
+            )
+    if s["cv_folds"] is not None:
+        check_int("search.cv_folds", s["cv_folds"], 2)
+        if "n_folds" in config["data"] or "fold" in config["data"]:
+            raise ConfigError("search.cv_folds: cannot be combined with data.n_folds / data.fold")
+    early = s["early_stopping"]
+    if early is not None:
+        if not isinstance(early, Mapping):
+            raise ConfigError(
+                f"search.early_stopping: expected {{patience: N}} or null, got {early!r}"
+            )
+        bad = sorted(set(early) - {"patience", "min_delta"})
+        if bad:
+            raise ConfigError(
+                f"search.early_stopping: unknown key(s) {bad}; allowed: ['patience', 'min_delta']"
+            )
+        check_int("search.early_stopping.patience", early.get("patience"), 1)
+        delta = early.get("min_delta", 0.0)
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or delta < 0:
+            raise ConfigError(
+                f"search.early_stopping.min_delta: expected a number >= 0, got {delta!r}"
+            )
+    s["seed"] = (
+        config["training"]["seed"] if s["seed"] is None else check_int("search.seed", s["seed"], 0)
+    )
+    if s["keep_checkpoints"] not in ("best", "all"):
+        raise ConfigError(
+            f"search.keep_checkpoints: expected 'best' or 'all', got {s['keep_checkpoints']!r}"
+        )
+    space = SearchSpace.from_config(s["space"])
+    config["search"] = s
+    return config, space
+
+
+def load_folds(config: Mapping[str, Any]) -> list[DataSplits]:
+    """The data once per study: one DataSplits, or one per cross-validation fold."""
+    data = dict(config["data"])
+    name = data.pop("name")
+    k = config["search"]["cv_folds"]
+    if k is None:
+        return [load_dataset(name, **data)]
+    return [load_dataset(name, n_folds=k, fold=i, **data) for i in range(k)]
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ConfigObjective:
+    """The trial objective of a config-driven study.
+
+    Builds the run(s) from the sampled choices, trains epoch by epoch (all CV folds in
+    lockstep so the pruner sees the mean over folds each epoch), reports the metric to Optuna,
+    checkpoints every epoch (``trials/<n>/last_<fold>.pt``) and the best epoch
+    (``best_<fold>.pt``), logs to TensorBoard, and returns the best epoch's metric.
+    """
+
+    def __init__(
+        self,
+        study: Study,
+        config: Mapping[str, Any],
+        space: SearchSpace,
+        folds: list[DataSplits],
+        *,
+        progress: bool = False,
+    ) -> None:
+        self.study = study
+        self.config = config
+        self.space = space
+        self.folds = folds
+        self.search = config["search"]
+        self.metric = self.search["metric"]
+        self.maximize = METRICS[self.metric] == "maximize"
+        self.epochs = config["training"]["epochs"]
+        self.base = run_config_of(config)
+        self.tb_root = Path(config["output"]["tensorboard_dir"]) / study.name
+        self.progress = progress
+
+    def _worst(self) -> float:
+        return 0.0 if self.metric == "val_accuracy" else math.inf
+
+    def _better(self, a: float, b: float | None) -> bool:
+        return b is None or (a > b if self.maximize else a < b)
+
+    def build_runs(self, params: Mapping[str, Any]) -> list[TrainingRun]:
+        run_config = self.space.apply(self.base, params)
+        return [TrainingRun.from_config(run_config, data=fold) for fold in self.folds]
+
+    def __call__(self, trial: optuna.trial.Trial) -> float:
+        params = self.space.suggest(trial)
+        self.study.heartbeat(trial)  # also saves the sampler state now that params are drawn
+        runs = self.build_runs(params)
+        tdir = self.study.trial_dir(trial.number)
+        tdir.mkdir(parents=True, exist_ok=True)
+        early = None
+        if self.search["early_stopping"] is not None:
+            es = self.search["early_stopping"]
+            early = EarlyStopping(
+                es["patience"],
+                min_delta=es.get("min_delta", 0.0),
+                mode="max" if self.maximize else "min",
+            )
+
+        history: list[dict[str, Any]] = []
+        best: float | None = None
+        start_epoch = 0
+        origin = trial.user_attrs.get(RESUME_FROM)
+        if origin is not None:
+            start_epoch, history, best = self._resume(trial, runs, tdir, origin, early)
+
+        k = len(runs)
+        names = [f"fold_{i}" for i in range(k)] if k > 1 else [""]
+        loggers = [TensorBoardLogger(self.tb_root / f"trial_{trial.number:04d}" / n) for n in names]
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=self.epochs,
+                initial=start_epoch,
+                desc=f"trial {trial.number}",
+                unit="epoch",
+                leave=False,
+            )
+        try:
+            for epoch in range(start_epoch + 1, self.epochs + 1):
+                records = [
+                    train_epochs(run, epoch, start_epoch=epoch - 1, logger=tb)[-1]
+                    for run, tb in zip(runs, loggers, strict=True)
+                ]
+                diverged = any(r.get("diverged") for r in records)
+                values = [r[self.metric] for r in records]
+                value = self._worst() if diverged else sum(values) / k
+                history.append({"epoch": epoch, "value": value, "folds": records})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({self.metric: f"{value:.4f}"})
+                if self._better(value, best):
+                    best = value
+                    for i, run in enumerate(runs):
+                        run.save(tdir / f"best_{i}.pt")
+                for i, run in enumerate(runs):
+                    run.save(tdir / f"last_{i}.pt")
+                stop = diverged or (early is not None and early(value))
+                _write_json(
+                    tdir / "progress.json",
+                    {
+                        "epoch": epoch,
+                        "best": best,
+                        "history": history,
+                        "early": early.state_dict() if early else None,
+                    },
+                )
+                trial.report(value, epoch)
+                self.study.heartbeat(trial)
+                if diverged:
+                    trial.set_user_attr("diverged", True)
+                if stop:
+                    break
+                if trial.should_prune():
+                    self._finish_logs(loggers, trial, params, runs, best)
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.metric}={value:.4f})")
+        finally:
+            if bar is not None:
+                bar.close()
+        trial.set_user_attr("hyperparameters", runs[0].hyperparameters)
+        trial.set_user_attr("epochs", len(history))
+        self._finish_logs(loggers, trial, params, runs, best)
+        return self._worst() if best is None else best
+
+    def _resume(
+        self,
+        trial: optuna.trial.Trial,
+        runs: list[TrainingRun],
+        tdir: Path,
+        origin: int,
+        early: EarlyStopping | None,
+    ) -> tuple[int, list[dict[str, Any]], float | None]:
+        """Continue a trial whose driver died: load its last checkpoints and history, report
+        the finished epochs again to this trial. Starts from scratch when nothing was saved."""
+        # The dead trial may itself have been a retry: its own progress is the newest.
+        retry_of = trial.user_attrs.get("gradhpo:retry_of", origin)
+        for number in dict.fromkeys((retry_of, origin)):
+            old = self.study.trial_dir(int(number))
+            progress_file = old / "progress.json"
+            if not progress_file.is_file():
+                continue
+            progress = json.loads(progress_file.read_text(encoding="utf-8"))
+            if not all((old / f"last_{i}.pt").is_file() for i in range(len(runs))):
+                continue
+            for i, run in enumerate(runs):
+                state = torch.load(old / f"last_{i}.pt", map_location="cpu", weights_only=True)
+                run.load_state_dict(state)
+                if (old / f"best_{i}.pt").is_file() and old != tdir:
+                    shutil.copy2(old / f"best_{i}.pt", tdir / f"best_{i}.pt")
+            history = progress["history"]
+            for record in history:
+                trial.report(record["value"], record["epoch"])
+            if early is not None and progress.get("early"):
+                early.load_state_dict(progress["early"])
+            return int(progress["epoch"]), history, progress["best"]
+        return 0, [], None
+
+    def _finish_logs(
+        self,
+        loggers: list[TensorBoardLogger],
+        trial: optuna.trial.Trial,
+        params: Mapping[str, Any],
+        runs: list[TrainingRun],
+        best: float | None,
+    ) -> None:
+        flat = {k: (str(v) if isinstance(v, list) else v) for k, v in params.items()}
+        for tb, run in zip(loggers, runs, strict=True):
+            hp = {**flat, **{f"final/{k}": v for k, v in run.hyperparameters.items()}}
+            tb.hparams(hp, {f"best_{self.metric}": self._worst() if best is None else best})
+            tb.close()
+
+
+def _cleanup_checkpoints(study: Study, keep: str) -> None:
+    """After each trial: unfinished trials keep ``last_*``; finished ones drop it; with
+    ``keep == "best"`` only the best trial keeps its ``best_*`` weights."""
+    best = study.best_trial
+    trials = study.optuna.get_trials(deepcopy=False)
+    unfinished = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    # A dead trial's files are the starting point of its pending retry: keep them until then.
+    retries_pending = any(t.state in unfinished for t in trials)
+    for trial in trials:
+        if trial.state in unfinished:
+            continue
+        if trial.system_attrs.get("gradhpo:retried") and retries_pending:
+            continue
+        tdir = study.trial_dir(trial.number)
+        if not tdir.is_dir():
+            continue
+        for f in tdir.glob("last_*.pt"):
+            f.unlink(missing_ok=True)
+        if keep == "best" and (best is None or trial.number != best.number):
+            for f in tdir.glob("best_*.pt"):
+                f.unlink(missing_ok=True)
+
+
+def evaluate_best(
+    study: Study, config: Mapping[str, Any], folds: list[DataSplits]
+) -> dict[str, Any] | None:
+    """Test-set evaluation of the best trial only (its best-epoch weights; mean over CV folds).
+    Stored as the study's user attribute ``best_test`` and returned."""
+    best = study.best_trial
+    if best is None:
+        return None
+    tdir = study.trial_dir(best.number)
+    results = []
+    for i, fold in enumerate(folds):
+        path = tdir / f"best_{i}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"best trial {best.number} has no checkpoint {path}")
+        run = TrainingRun.from_checkpoint(path, data=fold, device=config["training"]["device"])
+        results.append(run.evaluate("test"))
+    summary = {
+        "trial": best.number,
+        "value": best.value,
+        "params": best.params,
+        "hyperparameters": best.user_attrs.get("hyperparameters", {}),
+        "test_accuracy": sum(r["accuracy"] for r in results) / len(results),
+        "test_loss": sum(r["loss"] for r in results) / len(results),
+    }
+    study.optuna.set_user_attr("best_test", summary)
+    return summary
+
+
+def prepare_study(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    raw: Mapping[str, Any] | None = None,
+    resume_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Study, dict[str, Any], SearchSpace, list[DataSplits]]:
+    """Validate everything, load the data, pre-flight check the space, then create (or open)
+    the study directory. Nothing is written before every check has passed."""
+    if resume_dir is not None:
+        resume_dir = Path(resume_dir)
+        cfg_file = resume_dir / "config.yaml"
+        if not cfg_file.is_file():
+            raise ConfigError(
+                f"{str(resume_dir)!r} is not a gradhpo study directory (no config.yaml)"
+            )
+        with cfg_file.open(encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    elif raw is None:
+        from gradhpo.config import load_yaml
+
+        raw = load_yaml(config_path)  # type: ignore[arg-type]
+    config, space = validate_tune_config(raw)
+    folds = load_folds(config)
+    _preflight(config, space, folds[0])
+    s = config["search"]
+    if resume_dir is not None:
+        study = load_study(resume_dir, search_space=space)
+        return study, config, space, folds
+    directory = Path(config["output"]["dir"]) / config["name"]
+    if (directory / "study.db").exists():
+        raise ConfigError(
+            f"output: {str(directory)!r} already holds a study; continue it with "
+            f"`gradhpo resume {directory}` or choose another name"
+        )
+    study = create_study(
+        directory,
+        name=config["name"],
+        direction=METRICS[s["metric"]],
+        sampler=s["sampler"],
+        pruner=s["pruner"],
+        seed=s["seed"],
+        max_resource=config["training"]["epochs"],
+        search_space=space,
+    )
+    (directory / "config.yaml").write_text(
+        yaml.safe_dump(config, sort_keys=False), encoding="utf-8"
+    )
+    return study, config, space, folds
+
+
+def _preflight(config: Mapping[str, Any], space: SearchSpace, data: DataSplits) -> None:
+    """Build a run (on the CPU, no training) at the base point and at every corner value of
+    every parameter, so an unknown model, a bad choice or an optimizer/tuner mismatch is a
+    config error now rather than a failed trial later. Also builds the sampler and pruner."""
+    from models import ModelConfigError
+
+    s = config["search"]
+    from gradhpo.search.samplers import make_pruner, make_sampler
+
+    make_sampler(s["sampler"], space, seed=s["seed"])
+    make_pruner(s["pruner"], max_resource=config["training"]["epochs"])
+    base = {**run_config_of(config), "device": "cpu"}
+    try:
+        from gradhpo.run import resolve_device
+
+        resolve_device(config["training"]["device"])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"training.device: {exc}") from exc
+    for label, params in space.corner_params():
+        try:
+            TrainingRun.from_config(space.apply(base, params), data=data)
+        except (ModelConfigError, ValueError, TypeError) as exc:
+            where = "config" if label == "base point" else label
+            raise ConfigError(f"{where}: gives an invalid run: {exc}") from exc
+
+
+def run_study(
+    study: Study,
+    config: Mapping[str, Any],
+    space: SearchSpace,
+    folds: list[DataSplits],
+    *,
+    trials: int | None = None,
+    timeout: float | None = None,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Run (or continue) the study to ``trials`` finished trials, then evaluate the best trial
+    on the test set. Failed trials are recorded with their error and the study goes on."""
+    from tqdm import tqdm
+
+    s = config["search"]
+    n_trials = trials if trials is not None else s["trials"]
+    timeout = timeout if timeout is not None else s["timeout"]
+    objective = ConfigObjective(study, config, space, folds, progress=progress)
+
+    def after_trial(st: Study, frozen: optuna.trial.FrozenTrial) -> None:
+        if frozen.state == optuna.trial.TrialState.FAIL:
+            print(
+                f"{st.name}: trial {frozen.number} failed: {frozen.user_attrs.get('error')}",
+                file=sys.stderr,
+            )
+        _cleanup_checkpoints(st, s["keep_checkpoints"])
+
+    start = time.perf_counter()
+    with tqdm(
+        total=n_trials, desc=f"{study.name} trials", unit="trial", disable=not progress or None
+    ) as bar:
+        study.optimize(
+            objective,
+            n_trials=n_trials,
+            timeout=timeout,
+            catch=(Exception,),
+            callbacks=[after_trial],
+            progress=bar,
+        )
+    _cleanup_checkpoints(study, s["keep_checkpoints"])
+    summary = evaluate_best(study, config, folds)
+    if summary is not None:
+        summary["seconds"] = time.perf_counter() - start
+    return summary
