@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 
 from gradhpo.config import ConfigError  # noqa: E402
+from gradhpo.search.study import is_retried  # noqa: E402
 
 __all__ = ["write_report", "trial_rows"]
 
@@ -51,7 +52,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """One flat dict per trial (retried dead trials left out)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        if t.system_attrs.get("gradhpo:retried"):
+        if is_retried(t):
             continue
         seconds = (
             (t.datetime_complete - t.datetime_start).total_seconds()

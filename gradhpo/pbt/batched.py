@@ -52,12 +52,6 @@ __all__ = ["BatchedPopulation"]
 
 Tensor = torch.Tensor
 _FORMAT = "gradhpo.BatchedPopulation/1"
-_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
 
 
 def _is_int(value: Any) -> bool:
@@ -85,7 +79,7 @@ class BatchedPopulation:
         optimizer: ``{"name": "sgd"|"adam"|"adamw", <hyperparameters>, "nesterov": bool}``,
             validated as in ``TrainingRun``; its hyperparameters are every member's defaults.
         hypers: per-member values overriding the optimizer's, ``{"lr": [0.1, 0.05, ...]}``
-            (a sequence of N numbers, or one number for all).
+            (a sequence or (N,) tensor of N numbers, or one number for all).
         batch_size: training minibatch size of every member.
         seeds: one seed per member (weights and batch order); default ``range(N)``.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
@@ -259,6 +253,8 @@ class BatchedPopulation:
                     f"hypers: unknown hyperparameter {name!r} for optimizer "
                     f"{self.optimizer_spec['name']!r}; known: {list(self.hyperparameter_names)}"
                 )
+            if isinstance(given, Tensor):
+                given = given.tolist()  # (N,) tensor -> list, 0-d -> number
             if isinstance(given, (str, bytes)):
                 raise ValueError(f"hypers.{name} must be a number or {n} numbers, got {given!r}")
             if isinstance(given, Sequence):

@@ -52,7 +52,7 @@ from gradhpo.search.samplers import (
     save_sampler_state,
 )
 
-__all__ = ["Study", "create_study", "load_study", "FINISHED_STATES"]
+__all__ = ["Study", "create_study", "load_study", "is_retried", "FINISHED_STATES"]
 
 #: States of trials that count towards ``n_trials``.
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -87,6 +87,11 @@ def _write_json(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def is_retried(trial: optuna.trial.FrozenTrial) -> bool:
+    """A dead trial whose parameters were enqueued again (its retry counts instead)."""
+    return trial.state == TrialState.FAIL and bool(trial.system_attrs.get(_RETRIED))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -144,7 +149,7 @@ class Study:
         return [
             t
             for t in self.optuna.get_trials(deepcopy=False, states=FINISHED_STATES)
-            if not t.system_attrs.get(_RETRIED)
+            if not is_retried(t)
         ]
 
     @property
@@ -233,11 +238,13 @@ class Study:
         for trial in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if not self._is_stale(trial):
                 continue
+            # Mark first (a finished trial takes no attributes), then fail it. Only FAIL +
+            # retried counts as "retried", so if its driver finished it meanwhile, it stays counted.
             try:
+                storage.set_trial_system_attr(trial._trial_id, _RETRIED, True)
                 storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-            except RuntimeError:  # finished meanwhile by its (alive after all) driver
+            except optuna.exceptions.UpdateFinishedTrialError:
                 continue
-            storage.set_trial_system_attr(trial._trial_id, _RETRIED, True)
             origin = trial.user_attrs.get(RESUME_FROM, trial.number)
             self.enqueue(
                 trial.params,
@@ -285,9 +292,7 @@ class Study:
     ) -> None:
         while not self.optuna._stop_flag:
             trials = self.optuna.get_trials(deepcopy=False)
-            done = sum(
-                1 for t in trials if t.state in FINISHED_STATES and not t.system_attrs.get(_RETRIED)
-            )
+            done = sum(1 for t in trials if t.state in FINISHED_STATES and not is_retried(t))
             running = sum(1 for t in trials if t.state == TrialState.RUNNING)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             if progress is not None:

@@ -37,11 +37,18 @@ import torch
 import yaml
 
 from gradhpo.config import ConfigError, check_int, run_config_of, validate_train_config
-from gradhpo.data import DataSplits, load_dataset
+from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
 from gradhpo.logging import TensorBoardLogger
 from gradhpo.run import TrainingRun
 from gradhpo.search.space import SearchSpace
-from gradhpo.search.study import RESUME_FROM, Study, _write_json, create_study, load_study
+from gradhpo.search.study import (
+    RESUME_FROM,
+    Study,
+    _write_json,
+    create_study,
+    is_retried,
+    load_study,
+)
 from gradhpo.training import EarlyStopping, train_epochs
 
 __all__ = [
@@ -297,6 +304,7 @@ class ConfigObjective:
                 trial.report(record["value"], record["epoch"])
             if early is not None and progress.get("early"):
                 early.load_state_dict(progress["early"])
+            trial.set_user_attr("gradhpo:resumed_at_epoch", int(progress["epoch"]))
             return int(progress["epoch"]), history, progress["best"]
         return 0, [], None
 
@@ -326,7 +334,7 @@ def _cleanup_checkpoints(study: Study, keep: str) -> None:
     for trial in trials:
         if trial.state in unfinished:
             continue
-        if trial.system_attrs.get("gradhpo:retried") and retries_pending:
+        if is_retried(trial) and retries_pending:
             continue
         tdir = study.trial_dir(trial.number)
         if not tdir.is_dir():
@@ -388,7 +396,12 @@ def prepare_study(
 
         raw = load_yaml(config_path)  # type: ignore[arg-type]
     config, space = validate_tune_config(raw)
-    folds = load_folds(config)
+    try:
+        folds = load_folds(config)
+    except DatasetNotFoundError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"data: {exc}") from exc
     _preflight(config, space, folds[0])
     s = config["search"]
     if resume_dir is not None:

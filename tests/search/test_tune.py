@@ -1,0 +1,387 @@
+"""`gradhpo tune / resume / report` end to end on a tiny CNN, bad configs, and resume after a
+killed process."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from gradhpo.cli import main
+from gradhpo.search import create_study, fit_trial, load_study
+from gradhpo.training import EarlyStopping
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+TINY = {
+    "name": "tiny",
+    "data": {"name": "digits", "seed": 0},
+    "model": {"name": "cnn", "depth": 1, "width": 4, "norm": "none"},
+    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+    "tuner": {
+        "hypers": [{"name": "lr", "granularity": "per_tensor"}],
+        "method": "reverse",
+        "horizon": 3,
+        "hyper_lr": 0.05,
+    },
+    "training": {"epochs": 2, "batch_size": 128, "device": "cpu", "seed": 0},
+    "search": {
+        "space": {
+            "model.depth": {"type": "int", "low": 1, "high": 2},
+            "model.width": {"type": "int", "low": 2, "high": 6, "per_layer": "model.depth"},
+            "optimizer.lr": {"type": "float", "low": 0.02, "high": 0.3, "log": True},
+        },
+        "sampler": {"name": "tpe", "n_startup_trials": 2},
+        "pruner": None,
+        "trials": 3,
+    },
+}
+
+
+def write(tmp_path: Path, config: dict, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def tune(tmp_path: Path, config: dict, *extra: str) -> int:
+    path = write(tmp_path, config)
+    return main(["tune", str(path), "--out", str(tmp_path / "runs"), "--no-progress", *extra])
+
+
+def event_scalars(folder: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tune_writes_study_checkpoints_logs_and_report(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert tune(tmp_path, TINY) == 0
+    out = capsys.readouterr().out
+    assert "tiny: best trial" in out and "test accuracy" in out
+    run_dir = tmp_path / "runs" / "tiny"
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "study.db",
+        "study.json",
+        "config.yaml",
+        "sampler_state.json",
+        "trials",
+    }
+    study = load_study(run_dir)
+    assert len(study.finished_trials()) == 3
+    best = study.best_trial
+    # Only the best trial keeps weights; no unfinished-trial checkpoint is left behind.
+    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*.pt")) == [
+        f"trials/{best.number:04d}/best_0.pt"
+    ]
+    summary = study.optuna.user_attrs["best_test"]
+    assert summary["trial"] == best.number and 0.0 <= summary["test_accuracy"] <= 1.0
+
+    # TensorBoard: per-layer lr trajectories of the granular tuner, hypergradient norms, metrics.
+    tb = tmp_path / "tensorboard_logs" / "tiny" / "trial_0000"
+    scalars = event_scalars(tb)
+    lr_tags = [t for t in scalars if t.startswith("hyper/lr/")]
+    assert lr_tags and all(len(scalars[t]) >= 4 for t in lr_tags)
+    assert len(set(scalars[lr_tags[0]])) > 1  # the trajectory moves
+    assert {"tuner/hypergrad_norm", "tuner/rejected_steps", "val/accuracy", "train/loss"} <= set(
+        scalars
+    )
+    assert list(tb.rglob("events.out.tfevents.*"))  # plus the hparams summary's own file
+
+    assert main(["report", str(run_dir)]) == 0
+    report = run_dir / "report"
+    for png in ("optimization_history.png", "hyperparameters.png", "parallel_coordinates.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (report / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 4 and "model.depth" in rows[0]
+    assert "Best trial" in (report / "results.md").read_text()
+
+
+def test_cross_validation_trains_every_fold(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = copy.deepcopy(TINY)
+    config["search"].update(trials=2, cv_folds=2)
+    config["training"]["epochs"] = 1
+    assert tune(tmp_path, config) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    progress = json.loads((run_dir / "trials" / "0000" / "progress.json").read_text())
+    folds = progress["history"][0]["folds"]
+    assert len(folds) == 2 and folds[0]["val_accuracy"] != folds[1]["val_accuracy"]
+    assert progress["history"][0]["value"] == pytest.approx(
+        (folds[0]["val_accuracy"] + folds[1]["val_accuracy"]) / 2
+    )
+    assert (tmp_path / "tensorboard_logs" / "tiny" / "trial_0000" / "fold_1").is_dir()
+    best = load_study(run_dir).best_trial
+    assert sorted(p.name for p in (run_dir / "trials" / f"{best.number:04d}").glob("*.pt")) == [
+        "best_0.pt",
+        "best_1.pt",
+    ]
+
+
+def test_early_stopping_ends_a_plateaued_trial(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = copy.deepcopy(TINY)
+    config["tuner"] = None
+    config["optimizer"]["lr"] = 1e-9  # nothing moves: validation accuracy is flat
+    config["training"]["epochs"] = 5
+    config["search"].update(
+        trials=1,
+        early_stopping={"patience": 1},
+        space={"model.width": {"type": "int", "low": 2, "high": 3}},
+    )
+    assert tune(tmp_path, config) == 0
+    trial = load_study(tmp_path / "runs" / "tiny").finished_trials()[0]
+    assert trial.user_attrs["epochs"] == 2 and len(trial.intermediate_values) == 2
+
+
+def test_early_stopping_rule() -> None:
+    stop = EarlyStopping(2, min_delta=0.01)
+    assert [stop(v) for v in (0.5, 0.6, 0.605, 0.61, 0.7)] == [False, False, False, True, False]
+    low = EarlyStopping(1, mode="min")
+    assert [low(v) for v in (1.0, 0.5, 0.7)] == [False, False, True]
+    with pytest.raises(ValueError, match="patience must be an integer >= 1, got 0"):
+        EarlyStopping(0)
+
+
+def _set(config: dict, path: str, value) -> dict:
+    config = copy.deepcopy(config)
+    *parents, leaf = path.split("/")
+    node = config
+    for key in parents:
+        node = node[key]
+    if value is _DELETE:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return config
+
+
+_DELETE = object()
+BAD_CONFIGS = [
+    ("search/colour", "red", r"search: unknown key\(s\) \['colour'\]"),
+    ("search/trials", "many", r"search.trials: expected an integer, got 'many'"),
+    ("search/trials", 0, r"search.trials: expected an integer >= 1, got 0"),
+    (
+        "search/space/model.depth",
+        {"type": "categorical", "choices": []},
+        r"search.space.model.depth.choices: expected at least one choice, got \[\]",
+    ),
+    (
+        "search/space/model.depth",
+        {"type": "int", "low": 3, "high": 1},
+        r"search.space.model.depth: low must be <= high, got low=3 > high=1",
+    ),
+    (
+        "search/space/optimizer.lr",
+        {"type": "float", "low": 0, "high": 0.3, "log": True},
+        r"search.space.optimizer.lr.low: a log-scale range needs low > 0, got 0",
+    ),
+    (
+        "search/space/optimizer.lr",
+        {"type": "float", "low": "x", "high": 0.3},
+        r"search.space.optimizer.lr.low: expected a finite number, got 'x'",
+    ),
+    ("search/sampler", "bayesian", r"search.sampler.name: unknown sampler 'bayesian'"),
+    (
+        "search/sampler",
+        {"name": "tpe", "startup": 2},
+        r"search.sampler: unknown key\(s\) \['startup'\]",
+    ),
+    ("search/pruner", "aggressive", r"search.pruner.name: unknown pruner 'aggressive'"),
+    (
+        "search/metric",
+        "accuracy",
+        r"search.metric: expected one of \['val_accuracy', 'val_loss'\], got 'accuracy'",
+    ),
+    ("search/cv_folds", 1, r"search.cv_folds: expected an integer >= 2, got 1"),
+    ("search/timeout", -5, r"search.timeout: expected a number of seconds > 0 or null, got -5"),
+    (
+        "search/early_stopping",
+        {"patience": 0},
+        r"search.early_stopping.patience: expected an integer >= 1, got 0",
+    ),
+    (
+        "search/space/model.name",
+        {"type": "categorical", "choices": ["cnn", "transformer"]},
+        r"search.space.model.name='transformer': gives an invalid run: .*transformer",
+    ),
+    (
+        "search/space/model.pooling",
+        {"type": "categorical", "choices": ["max", "median"]},
+        r"search.space.model.pooling='median'.*'median'",
+    ),
+    ("model/name", "vit", r"config: gives an invalid run: .*'vit'"),
+    ("data/name", "imagenet", r"imagenet"),
+    ("training/epochs", 0, r"training.epochs: expected an integer >= 1, got 0"),
+    ("search", _DELETE, r"search: section is required"),
+    (
+        "search/space/data.seed",
+        {"type": "int", "low": 0, "high": 2},
+        r"section 'data' cannot be searched",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"), BAD_CONFIGS, ids=[f"{p}={v}" for p, v, _ in BAD_CONFIGS]
+)
+def test_bad_config_one_line_exit_2_nothing_written(
+    tmp_path: Path, capsys, monkeypatch, path, value, message
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert tune(tmp_path, _set(TINY, path, value)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gradhpo: error: ") and "\n" not in err
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "tensorboard_logs").exists()
+
+
+def test_cli_refuses_existing_study_and_bad_paths(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = _set(TINY, "search/trials", 1)
+    config["training"]["epochs"] = 1
+    assert tune(tmp_path, config) == 0
+    capsys.readouterr()
+    assert tune(tmp_path, config) == 2
+    assert "already holds a study; continue it with `gradhpo resume" in capsys.readouterr().err
+    for argv in (
+        ["resume", str(tmp_path / "nope")],
+        ["report", str(tmp_path / "nope")],
+        ["resume", str(tmp_path)],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "gradhpo: error:" in err
+    assert main(["tune", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--help"])
+    assert exc.value.code == 0 and "--trials" in capsys.readouterr().out
+
+
+def _trials(db: Path) -> list[tuple[int, str]]:
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            return conn.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+    except sqlite3.Error:
+        return []
+
+
+def _by_origin(study) -> list[tuple[dict, float]]:
+    """Finished trials in the order the sampler proposed them (a retry takes its origin's place)."""
+    done = study.finished_trials()
+    key = lambda t: t.user_attrs.get("gradhpo:resume_from", t.number)  # noqa: E731
+    return [(t.params, t.value) for t in sorted(done, key=key)]
+
+
+def test_resume_after_killed_process_keeps_trials_and_sampler(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = copy.deepcopy(TINY)
+    config["search"]["trials"] = 4
+    config["training"]["epochs"] = 3  # a wide window to kill trial 2 between epochs 1 and 3
+
+    # Reference: the same study, uninterrupted.
+    (tmp_path / "ref").mkdir()
+    assert (
+        main(
+            [
+                "tune",
+                str(write(tmp_path, config, "ref.yaml")),
+                "--out",
+                str(tmp_path / "ref"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    reference = _by_origin(load_study(tmp_path / "ref" / "tiny"))
+
+    cfg = write(tmp_path, config, "killed.yaml")
+    run_dir = tmp_path / "runs" / "tiny"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gradhpo.cli",
+            "tune",
+            str(cfg),
+            "--out",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        # Kill in the middle of trial 2: after its first epoch's checkpoint, before it ends.
+        while time.monotonic() < deadline:
+            if (run_dir / "trials" / "0002" / "progress.json").is_file():
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = dict(_trials(run_dir / "study.db"))
+    assert (
+        before.get(0) == "COMPLETE" and before.get(1) == "COMPLETE" and before.get(2) == "RUNNING"
+    )
+    finished_before = {t.number: (t.params, t.value) for t in load_study(run_dir).finished_trials()}
+
+    assert main(["resume", str(run_dir), "--no-progress"]) == 0
+    study = load_study(run_dir)
+    done = study.finished_trials()
+    assert len(done) == 4  # exactly the requested number; the dead trial is not counted
+    for number, (params, value) in finished_before.items():  # nothing finished was lost or redone
+        match = [t for t in done if t.number == number]
+        assert match and match[0].params == params and match[0].value == value
+    retry = [t for t in done if t.user_attrs.get("gradhpo:resume_from") == 2]
+    assert len(retry) == 1 and retry[0].user_attrs["gradhpo:resumed_at_epoch"] >= 1
+    # The sampler went on where it was: same proposals (and, training being deterministic on
+    # the CPU, the same values) as the uninterrupted study.
+    resumed = _by_origin(study)
+    assert [p for p, _ in resumed] == [p for p, _ in reference]
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in reference], abs=1e-6)
+
+
+def test_python_api_define_by_run_and_ask_tell(tmp_path: Path) -> None:
+    from gradhpo.run import TrainingRun
+
+    study = create_study(tmp_path / "api", sampler="random", pruner="median", seed=0)
+
+    def objective(trial):
+        width = trial.suggest_int("width", 2, 4)
+        run = TrainingRun(
+            model={"name": "mlp", "width": width, "depth": 1},
+            data="synthetic",
+            batch_size=32,
+            device="cpu",
+            tuner={"hypers": [{"name": "lr"}], "horizon": 2},
+        )
+        return fit_trial(trial, run, epochs=2, study=study)
+
+    study.optimize(objective, n_trials=2)
+    trial = study.ask()
+    study.tell(trial, 0.5)
+    values = [t.value for t in study.finished_trials()]
+    assert len(values) == 3 and all(0.0 <= v <= 1.0 for v in values)
+    assert all(len(t.intermediate_values) == 2 for t in study.finished_trials()[:2])
