@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# Each run is a new study folder runs/digits_search-<time>/ (a study name is never reused).
 run: $(STAMP)
-	$(BIN)/gradhpo train experiments/configs/digits_cnn.yaml
+	$(BIN)/gradhpo tune experiments/configs/digits_search.yaml --name digits_search-$$(date +%Y%m%d-%H%M%S)
 
 # pytest exits 5 when it collected no test; that is a failure here (make stops on any non-zero exit).
 test: $(STAMP)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gradhpo.config import load_yaml, validate_train_config
+from gradhpo.config import load_yaml, run_config_of, validate_train_config
 from gradhpo.run import TrainingRun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,16 +27,11 @@ def train_once(config: dict, seed: int, device: str, plain: bool) -> tuple[float
     """Returns (seconds, test accuracy) of one full training run."""
     training = config["training"]
     start = time.perf_counter()
-    run = TrainingRun(
-        model=config["model"],
-        data={**config["data"], "seed": seed},
-        optimizer=config["optimizer"],
-        batch_size=training["batch_size"],
-        seed=seed,
-        device=device,
-        augment=training["augment"],
-        tuner=None if plain else config["tuner"],
-    )
+    run_config = run_config_of(config)
+    run_config.update(data={**config["data"], "seed": seed}, seed=seed, device=device)
+    if plain:
+        run_config["tuner"] = None
+    run = TrainingRun.from_config(run_config)
     run.step(training["epochs"] * run.steps_per_epoch)
     accuracy = run.evaluate("test")["accuracy"]
     if run.device.type == "cuda":

@@ -61,6 +61,7 @@ def _build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--epochs", type=int, default=None, help="override training.epochs")
     tune.add_argument("--device", default=None, help="override training.device (auto, cpu, cuda)")
     tune.add_argument("--out", type=Path, default=None, help="override output.dir")
+    tune.add_argument("--name", default=None, help="override the study name (run folder)")
     tune.add_argument("--no-progress", action="store_true", help="hide progress bars")
     tune.set_defaults(func=_cmd_tune)
 
@@ -199,8 +200,16 @@ def _tune_errors() -> tuple[type[BaseException], ...]:
     return (ModelConfigError, DatasetNotFoundError)
 
 
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happened
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     from gradhpo.search.tune import prepare_study, run_study
+
+    _quiet_optuna()
 
     _check_count("--trials", args.trials)
     _check_count("--epochs", args.epochs)
@@ -213,6 +222,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raw.setdefault("training", {})["device"] = args.device
     if args.out is not None:
         raw.setdefault("output", {})["dir"] = str(args.out)
+    if args.name is not None:
+        raw["name"] = args.name
     if args.trials is not None and isinstance(raw.get("search"), dict):
         raw["search"]["trials"] = args.trials
     try:
@@ -231,6 +242,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from gradhpo.search.tune import prepare_study, run_study
+
+    _quiet_optuna()
 
     _check_count("--trials", args.trials)
     if args.timeout is not None and not args.timeout > 0:

@@ -141,7 +141,12 @@ def _plot_hypers(directory: Path, study: optuna.Study, path: Path) -> None:
                 trajectories.setdefault(name, {}).setdefault(t.number, []).append(
                     (record["epoch"], value)
                 )
-    names = sorted(trajectories)
+    # Constant hyperparameters (not tuned) would only add flat lines.
+    names = sorted(
+        name
+        for name, per_trial in trajectories.items()
+        if len({v for pts in per_trial.values() for _, v in pts}) > 1
+    )
     n = max(1, len(names))
     cols = min(3, n)
     rows = math.ceil(n / cols)
@@ -149,7 +154,7 @@ def _plot_hypers(directory: Path, study: optuna.Study, path: Path) -> None:
     for ax in axes.flat[len(names) :]:
         ax.axis("off")
     if not names:
-        axes[0][0].text(0.5, 0.5, "no hyperparameter history", ha="center", va="center")
+        axes[0][0].text(0.5, 0.5, "no tuned hyperparameter moved", ha="center", va="center")
     for ax, name in zip(axes.flat, names, strict=False):
         for number, points in sorted(trajectories[name].items()):
             xs, ys = zip(*points, strict=True)
