@@ -188,7 +188,7 @@ def _print_best(name: str, summary: dict[str, Any] | None) -> None:
     if tuned:
         print(f"{name}: tuned hyperparameters at the end of the best trial: {tuned}")
     print(
-        f"{name}: best validation value {summary['value']:.4f}, "
+        f"{name}: best {summary.get('metric', 'validation value')} {summary['value']:.4f}, "
         f"test accuracy {summary['test_accuracy']:.4f} (test loss {summary['test_loss']:.4f})"
     )
 

@@ -364,6 +364,7 @@ def evaluate_best(
         results.append(run.evaluate("test"))
     summary = {
         "trial": best.number,
+        "metric": config["search"]["metric"],
         "value": best.value,
         "params": best.params,
         "hyperparameters": best.user_attrs.get("hyperparameters", {}),
