@@ -65,12 +65,28 @@ def _build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--no-progress", action="store_true", help="hide progress bars")
     tune.set_defaults(func=_cmd_tune)
 
+    pbt = sub.add_parser(
+        "pbt",
+        help="Population Based Training from a YAML config",
+        description=(
+            "Train a population with Population Based Training (train sections plus 'pbt'). "
+            "The run lives in <output.dir>/<name>/ (pbt.db with scores and lineage, checkpoints)."
+        ),
+    )
+    pbt.add_argument("config", type=Path, help="path to a YAML PBT config")
+    pbt.add_argument("--out", type=Path, default=None, help="override output.dir")
+    pbt.add_argument("--name", default=None, help="override the run name (folder)")
+    pbt.add_argument("--device", default=None, help="override training.device")
+    pbt.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    pbt.set_defaults(func=_cmd_pbt)
+
     resume = sub.add_parser(
         "resume",
         help="continue an interrupted study",
         description=(
-            "Continue the study in DIR: finished trials are kept, trials of a dead process are "
-            "continued from their last checkpoint, the sampler continues its sequence."
+            "Continue the study or PBT run in DIR: finished trials are kept, trials of a dead "
+            "process are continued from their last checkpoint, the sampler continues its "
+            "sequence; a PBT run continues from its last finished interval."
         ),
     )
     resume.add_argument("dir", type=Path, help="study directory (holds study.db, config.yaml)")
@@ -240,11 +256,57 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_pbt(name: str, best: dict[str, Any]) -> None:
+    values = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["values"].items()
+    )
+    tuned = ", ".join(f"{k}={v:.3g}" for k, v in best["hyperparameters"].items())
+    print(f"{name}: best member {best['member']} at step {best['step']}: {values}")
+    print(f"{name}: its hyperparameters: {tuned}")
+    print(
+        f"{name}: {best['metric']} {best['score']:.4f}, test accuracy {best['test_accuracy']:.4f} "
+        f"(test loss {best['test_loss']:.4f})"
+    )
+
+
+def _cmd_pbt(args: argparse.Namespace) -> int:
+    from gradhpo.pbt.tune import prepare_pbt, run_pbt
+
+    _quiet_optuna()
+    raw = load_yaml(args.config)
+    if args.out is not None:
+        raw.setdefault("output", {})["dir"] = str(args.out)
+    if args.name is not None:
+        raw["name"] = args.name
+    if args.device is not None:
+        raw.setdefault("training", {})["device"] = args.device
+    try:
+        manager, config, population = prepare_pbt(raw)
+    except _tune_errors() as exc:
+        raise UserError(str(exc)) from exc
+    print(f"{config['name']}: PBT run in {manager.db.directory}")
+    best = run_pbt(manager, config, population, progress=not args.no_progress)
+    _print_pbt(config["name"], best)
+    return 0
+
+
 def _cmd_resume(args: argparse.Namespace) -> int:
     from gradhpo.search.tune import prepare_study, run_study
 
     _quiet_optuna()
+    if (args.dir / "pbt.db").is_file():
+        from gradhpo.pbt.tune import prepare_pbt, run_pbt
 
+        if args.trials is not None:
+            raise UserError("--trials: not used by a PBT run")
+        try:
+            manager, config, population = prepare_pbt(resume_dir=args.dir)
+        except _tune_errors() as exc:
+            raise UserError(str(exc)) from exc
+        print(f"{config['name']}: resuming the PBT run in {args.dir}")
+        best = run_pbt(manager, config, population, progress=not args.no_progress)
+        _print_pbt(config["name"], best)
+        return 0
     _check_count("--trials", args.trials)
     if args.timeout is not None and not args.timeout > 0:
         raise UserError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
@@ -276,6 +338,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     if not args.dir.is_dir():
         raise UserError(f"study directory not found: {str(args.dir)!r}")
+    if (args.dir / "pbt.db").is_file():
+        from gradhpo.report import write_pbt_report
+
+        result = write_pbt_report(args.dir, args.out)
+        print(f"{args.dir.name}: PBT report; wrote " + ", ".join(str(f) for f in result["files"]))
+        return 0
     result = write_report(args.dir, args.out)
     best = result["best"]
     if best is not None:

@@ -245,3 +245,99 @@ def write_report(
         )
     ]
     return {"best": best, "files": files, "rows": rows}
+
+
+def write_pbt_report(
+    directory: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """PBT run report: ``scores.csv``, ``best_score.png`` (the population's best and mean
+    score per step), ``lineage.png`` (members over steps, an arrow source -> copier for each
+    exploit) and ``hyperparameters.png`` (each member's explored values over steps)."""
+    from gradhpo.pbt.store import PBTDatabase
+
+    directory = Path(directory)
+    db = PBTDatabase(directory)
+    try:
+        scores, lineage = db.scores(), db.lineage()
+        meta_best = db.get_meta("best")
+    finally:
+        db.close()
+    out = Path(out) if out is not None else directory / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted({k for s in scores for k in s["values"]})
+    with (out / "scores.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "member", "score", *names])
+        for s in scores:
+            writer.writerow(
+                [s["step"], s["member"], s["score"], *(s["values"].get(n) for n in names)]
+            )
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_step: dict[int, list[float]] = {}
+    for s in scores:
+        if s["score"] is not None and math.isfinite(s["score"]):
+            by_step.setdefault(s["step"], []).append(s["score"])
+    steps = sorted(by_step)
+    ax.plot(steps, [max(by_step[t]) for t in steps], label="best member")
+    ax.plot(
+        steps,
+        [sum(by_step[t]) / len(by_step[t]) for t in steps],
+        label="population mean",
+        alpha=0.7,
+    )
+    ax.set_xlabel("step")
+    ax.set_ylabel("score")
+    ax.set_title(f"{directory.name}: population score")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "best_score.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    members = sorted({s["member"] for s in scores})
+    for m in members:
+        xs = [s["step"] for s in scores if s["member"] == m]
+        ax.plot(xs, [m] * len(xs), color="lightgray", linewidth=1, zorder=1)
+    for e in lineage:
+        ax.annotate(
+            "",
+            xy=(e["step"], e["member"]),
+            xytext=(e["step"], e["source"]),
+            arrowprops={"arrowstyle": "->", "color": "C3", "alpha": 0.6, "linewidth": 0.8},
+        )
+    ax.set_yticks(members)
+    ax.set_xlabel("step")
+    ax.set_ylabel("member")
+    ax.set_title(f"{directory.name}: lineage ({len(lineage)} exploits, arrow: source -> copier)")
+    fig.tight_layout()
+    fig.savefig(out / "lineage.png", dpi=100)
+    plt.close(fig)
+
+    numeric = [
+        n
+        for n in names
+        if all(
+            isinstance(s["values"].get(n), (int, float))
+            and not isinstance(s["values"].get(n), bool)
+            for s in scores
+        )
+    ]
+    cols = max(1, len(numeric))
+    fig, axes = plt.subplots(1, cols, figsize=(4.5 * cols, 3.2), squeeze=False)
+    for ax, name in zip(axes[0], numeric, strict=False):
+        for m in members:
+            pts = [(s["step"], s["values"][name]) for s in scores if s["member"] == m]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=1)
+        if all(s["values"][name] > 0 for s in scores):
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+    fig.suptitle(f"{directory.name}: explored values per member")
+    fig.tight_layout()
+    fig.savefig(out / "hyperparameters.png", dpi=100)
+    plt.close(fig)
+    files = [
+        out / n for n in ("scores.csv", "best_score.png", "lineage.png", "hyperparameters.png")
+    ]
+    return {"best": meta_best, "files": files, "scores": scores, "lineage": lineage}

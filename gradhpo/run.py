@@ -524,6 +524,39 @@ class TrainingRun:
                     group[name] = value
         self.optimizer_spec.update(checked)
 
+    # ------------------------------------------------------------------ training options
+    def set_batch_size(self, batch_size: int) -> None:
+        """Train on batches of ``batch_size`` from now on (PBT explores it). A new batch
+        stream starts, seeded by the run's seed and current step, so it is reproducible."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if batch_size == self.batch_size:
+            return
+        self.batch_size = batch_size
+        self.config["batch_size"] = batch_size
+        self.batches = BatchIterator(
+            self.data.train.x,
+            self.data.train.y,
+            min(batch_size, len(self.data.train)),
+            shuffle=True,
+            drop_last=True,
+            seed=self.seed * 1_000_003 + self.global_step,
+            augment=self.batches.augment,
+        )
+
+    def set_dropout(self, p: float) -> None:
+        """Set the probability of every ``nn.Dropout`` in the model (PBT explores it)."""
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+        layers = [m for m in self.model.modules() if isinstance(m, nn.Dropout)]
+        if not layers:
+            raise ValueError(
+                "dropout: the model was built without dropout layers; build it with dropout > 0"
+            )
+        for layer in layers:
+            layer.p = float(p)
+        self.config["model"] = {**self.config["model"], "dropout": float(p)}
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically: ``{model, optimizer, hypers, step,

@@ -1,0 +1,415 @@
+"""The Population Based Training manager (Jaderberg et al. 2017).
+
+A population of members trains in steps of ``interval`` optimizer steps. After each, every
+member is evaluated; in ``exploit`` a weak member copies the weights, optimizer (and
+hypergradient tuner) state and hyperparameters of a strong one, then ``explore`` changes the
+copied hyperparameters. Everything goes through :class:`~gradhpo.pbt.store.PBTDatabase`, so a
+killed run resumes from the last finished interval.
+
+Modes:
+
+* ``sync``: all members train an interval, then exploit/explore is decided on that round's
+  scores (one transaction per round).
+* ``async``: members are served one at a time, always the one furthest behind (lowest step,
+  then lowest index); right after its own evaluation a member decides against the latest
+  score of every other member, without waiting for a round to end (one transaction per member
+  step). With one process this reproduces the decisions asynchronous workers make.
+
+Members are anything with the :class:`Member` interface; :class:`RunMember` adapts a
+:class:`~gradhpo.run.TrainingRun`. With a run that has a hypergradient ``tuner`` the member
+adapts its continuous hyperparameters by gradient between exploits, while PBT explores what
+gradients cannot reach (batch size, dropout, discrete choices) — the hybrid mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from gradhpo.pbt.store import PBTDatabase
+from gradhpo.pbt.strategies import explore, rank, resample, sampler_proposal, tournament, truncation
+from gradhpo.search.space import Parameter
+
+__all__ = ["Member", "RunMember", "PopulationBasedTraining"]
+
+
+class Member(Protocol):
+    """What the manager needs from a population member."""
+
+    def step(self, n: int) -> float: ...
+
+    def score(self) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any], *, keep_stream: bool = False) -> None: ...
+
+    def apply(self, values: Mapping[str, Any]) -> None: ...
+
+    @property
+    def hyperparameters(self) -> dict[str, float]: ...
+
+
+class RunMember:
+    """A :class:`~gradhpo.run.TrainingRun` as a PBT member.
+
+    ``apply`` understands ``optimizer.<hyper>`` (``set_hyperparameters``; with a tuner, a tuned
+    hyper restarts from the new value), ``training.batch_size`` and ``model.dropout``.
+    ``load_state_dict(..., keep_stream=True)`` takes weights, optimizer/tuner state and step
+    from the source but keeps this member's own batch order and random stream, as an
+    independent worker restoring someone else's checkpoint would."""
+
+    _OWN = ("iterator", "val_iterator", "rng")
+
+    def __init__(self, run: Any, metric: str = "val_accuracy") -> None:
+        if metric not in ("val_accuracy", "val_loss"):
+            raise ValueError(f"metric must be 'val_accuracy' or 'val_loss', got {metric!r}")
+        self.run = run
+        self.metric = metric
+
+    def step(self, n: int) -> float:
+        return self.run.step(n)
+
+    def score(self) -> float:
+        if self.run.diverged:
+            return math.nan
+        result = self.run.evaluate("val")
+        return result["accuracy"] if self.metric == "val_accuracy" else result["loss"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.run.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any], *, keep_stream: bool = False) -> None:
+        state = dict(state)
+        if keep_stream:
+            own = self.run.state_dict()
+            for key in self._OWN:
+                state[key] = own[key]
+            if int(state["iterator"]["batch_size"]) != self.run.batch_size:
+                state["iterator"] = own["iterator"]
+        self.run.load_state_dict(state)
+
+    def apply(self, values: Mapping[str, Any]) -> None:
+        hypers = {}
+        for path, value in values.items():
+            section, key = path.split(".", 1)
+            if section == "optimizer":
+                hypers[key] = value
+            elif path == "training.batch_size":
+                self.run.set_batch_size(int(value))
+            elif path == "model.dropout":
+                self.run.set_dropout(float(value))
+            else:
+                raise ValueError(f"{path}: PBT cannot change this during training")
+        if hypers:
+            self.run.set_hyperparameters(**hypers)
+
+    @property
+    def hyperparameters(self) -> dict[str, float]:
+        return self.run.hyperparameters
+
+    @property
+    def diverged(self) -> bool:
+        return bool(self.run.diverged)
+
+
+class PopulationBasedTraining:
+    """Run PBT in ``directory`` (see module docstring).
+
+    Args:
+        factory: ``factory(index, values) -> Member`` builds member ``index`` with initial
+            hyperparameter values ``{path: value}``.
+        parameters: what PBT explores (:class:`~gradhpo.search.space.Parameter` s).
+        directory: where ``pbt.db`` and ``checkpoints/`` live.
+        population: number of members (>= 2).
+        interval: optimizer steps between evaluations.
+        total_steps: steps each member trains in all.
+        exploit: ``"truncation"`` (bottom ``fraction`` copies a uniformly drawn member of the
+            top ``fraction``) or ``"tournament"`` (binary tournament).
+        explore: ``"perturb"`` (factors, with ``resample_probability`` of resampling the prior),
+            ``"resample"`` (always from the prior) or ``"sampler"`` (Optuna's TPE fitted on all
+            scores so far).
+        mode: ``"sync"`` or ``"async"``.
+        maximize: whether higher scores are better.
+        seed: seeds initial values and every exploit/explore choice.
+        initial_values: optional list of initial values per member (else drawn from the prior).
+        on_evaluate: ``callback(member_index, step, score, member, values)`` after each
+            evaluation (TensorBoard logging).
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[int, dict[str, Any]], Member],
+        parameters: Sequence[Parameter],
+        directory: Any,
+        *,
+        population: int,
+        interval: int,
+        total_steps: int,
+        exploit: str = "truncation",
+        fraction: float = 0.25,
+        explore: str = "perturb",
+        factors: Sequence[float] = (0.8, 1.2),
+        resample_probability: float = 0.25,
+        mode: str = "sync",
+        maximize: bool = True,
+        seed: int = 0,
+        initial_values: Sequence[Mapping[str, Any]] | None = None,
+        on_evaluate: Callable[[int, int, float, Member, dict[str, Any]], None] | None = None,
+    ) -> None:
+        for name, value, low in (
+            ("population", population, 2),
+            ("interval", interval, 1),
+            ("total_steps", total_steps, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if exploit not in ("truncation", "tournament"):
+            raise ValueError(f"exploit must be 'truncation' or 'tournament', got {exploit!r}")
+        if explore not in ("perturb", "resample", "sampler"):
+            raise ValueError(f"explore must be 'perturb', 'resample' or 'sampler', got {explore!r}")
+        if mode not in ("sync", "async"):
+            raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+        if not 0 < fraction <= 0.5:
+            raise ValueError(f"fraction must be in (0, 0.5], got {fraction!r}")
+        if not 0 <= resample_probability <= 1:
+            raise ValueError(
+                f"resample_probability must be in [0, 1], got {resample_probability!r}"
+            )
+        if not factors or any(not isinstance(f, (int, float)) or f <= 0 for f in factors):
+            raise ValueError(f"factors must be positive numbers, got {list(factors)!r}")
+        if initial_values is not None and len(initial_values) != population:
+            raise ValueError(
+                f"initial_values must have {population} entries, got {len(initial_values)}"
+            )
+        self.factory = factory
+        self.parameters = list(parameters)
+        self.db = PBTDatabase(directory)
+        self.population = population
+        self.interval = interval
+        self.total_steps = total_steps
+        self.exploit = exploit
+        self.fraction = fraction
+        self.explore_method = explore
+        self.factors = tuple(float(f) for f in factors)
+        self.resample_probability = float(resample_probability)
+        self.mode = mode
+        self.maximize = maximize
+        self.on_evaluate = on_evaluate
+        self.rng = np.random.RandomState(seed)
+        self._initial_values = initial_values
+        self.members: list[Member] = []
+        self.values: list[dict[str, Any]] = []
+        self.steps: list[int] = []
+        self.checkpoints: list[int | None] = []
+        self.latest: list[float | None] = []
+
+    # ------------------------------------------------------------------ set-up / resume
+    def _rng_state(self) -> list[Any]:
+        kind, keys, pos, has_gauss, cached = self.rng.get_state()
+        return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+    def _set_rng_state(self, state: Sequence[Any]) -> None:
+        kind, keys, pos, has_gauss, cached = state
+        self.rng.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+    def start(self) -> bool:
+        """Build the population: fresh, or from the database (resume). Returns True when
+        resumed. Work after the last committed interval is lost and redone."""
+        rows = self.db.members()
+        if rows:
+            if len(rows) != self.population:
+                raise ValueError(
+                    f"the database holds {len(rows)} members, the config asks for {self.population}"
+                )
+            self.db.sweep()
+            self._set_rng_state(self.db.get_meta("rng"))
+            self.members, self.values, self.steps, self.checkpoints, self.latest = (
+                [],
+                [],
+                [],
+                [],
+                [],
+            )
+            for row in rows:
+                member = self.factory(row["member"], dict(row["values"]))
+                if row["checkpoint"] is not None:
+                    member.load_state_dict(
+                        self.db.load_checkpoint(row["checkpoint"]), keep_stream=False
+                    )
+                    member.apply(row["values"])
+                self.members.append(member)
+                self.values.append(dict(row["values"]))
+                self.steps.append(int(row["step"]))
+                self.checkpoints.append(row["checkpoint"])
+                self.latest.append(row["score"])
+            return True
+        if self._initial_values is not None:
+            self.values = [dict(v) for v in self._initial_values]
+        else:
+            self.values = [
+                {p.path: resample(p, self.rng) for p in self.parameters}
+                for _ in range(self.population)
+            ]
+        self.members = [self.factory(i, dict(v)) for i, v in enumerate(self.values)]
+        self.steps = [0] * self.population
+        self.checkpoints = [None] * self.population
+        self.latest = [None] * self.population
+        with self.db.transaction():
+            for i in range(self.population):
+                self.db.set_member(i, 0, None, self.values[i], None)
+            self.db.set_meta("rng", self._rng_state())
+        return False
+
+    # ------------------------------------------------------------------ exploit / explore
+    def _new_values(self, source: int) -> dict[str, Any]:
+        if self.explore_method == "resample":
+            return {p.path: resample(p, self.rng) for p in self.parameters}
+        if self.explore_method == "sampler":
+            history = [(s["values"], s["score"]) for s in self.db.scores()]
+            return sampler_proposal(
+                self.parameters,
+                history,
+                maximize=self.maximize,
+                seed=int(self.rng.randint(2**31 - 1)),
+            )
+        return explore(
+            self.parameters,
+            self.values[source],
+            self.rng,
+            factors=self.factors,
+            resample_probability=self.resample_probability,
+        )
+
+    def _decide(self, scores: Sequence[float], only: int | None = None) -> dict[int, int]:
+        if self.exploit == "truncation":
+            copies = truncation(scores, self.fraction, self.rng, self.maximize)
+        else:
+            copies = tournament(scores, self.rng, self.maximize)
+        if only is not None:
+            copies = {k: v for k, v in copies.items() if k == only}
+        return copies
+
+    def _evaluate(self, i: int) -> float:
+        score = float(self.members[i].score())
+        if self.on_evaluate is not None:
+            self.on_evaluate(i, self.steps[i], score, self.members[i], self.values[i])
+        return score
+
+    def _commit(
+        self, trained: Sequence[int], scores: Mapping[int, float], copies: Mapping[int, int]
+    ) -> list[tuple[int, int, dict[str, Any]]]:
+        """Checkpoint the trained members, apply the exploit decisions in the database (one
+        transaction), then load the copies; returns ``(loser, source checkpoint, values)``.
+
+        A source is always checkpointed (in tournament mode a member can be both a source and
+        a loser: others copy its trained state, it copies someone else's)."""
+        trained = list(trained)
+        copies = {
+            loser: winner
+            for loser, winner in copies.items()
+            if winner in trained or self.checkpoints[winner] is not None
+        }
+        winners = set(copies.values())
+        own = [i for i in trained if i not in copies or i in winners]
+        paths = {
+            i: self.db.write_checkpoint(i, self.steps[i], self.members[i].state_dict()) for i in own
+        }
+        loads = []
+        with self.db.transaction():
+            for i in trained:
+                self.db.record_score(self.steps[i], i, scores[i], self.values[i])
+            for i, path in paths.items():
+                ck = self.db.add_checkpoint(i, self.steps[i], path)
+                self.db.set_member(i, self.steps[i], ck, self.values[i], scores[i])
+                self.checkpoints[i] = ck
+            sources = {w: self.checkpoints[w] for w in winners}
+            for loser, winner in sorted(copies.items()):
+                new_values = self._new_values(winner)
+                source_ck = sources[winner]
+                self.db.set_member(
+                    loser, self.steps[loser], source_ck, new_values, scores.get(loser)
+                )
+                self.db.record_exploit(
+                    self.steps[loser], loser, winner, source_ck, self.values[loser], new_values
+                )
+                self.checkpoints[loser] = source_ck
+                loads.append((loser, source_ck, new_values))
+            self.db.set_meta("rng", self._rng_state())
+        for loser, ck, new_values in loads:
+            self.members[loser].load_state_dict(self.db.load_checkpoint(ck), keep_stream=True)
+            self.members[loser].apply(new_values)
+            self.values[loser] = new_values
+        if loads:
+            # Each loser now holds the source's weights with its own batch stream and new
+            # values: give it its own checkpoint so a resume continues exactly from here.
+            mine = {
+                loser: self.db.write_checkpoint(
+                    loser, self.steps[loser], self.members[loser].state_dict()
+                )
+                for loser, _, _ in loads
+            }
+            with self.db.transaction():
+                for loser, path in mine.items():
+                    ck = self.db.add_checkpoint(loser, self.steps[loser], path)
+                    self.db.set_member(
+                        loser, self.steps[loser], ck, self.values[loser], scores.get(loser)
+                    )
+                    self.checkpoints[loser] = ck
+        for i in trained:
+            self.latest[i] = scores[i]
+        return loads
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, progress: Any = None) -> dict[str, Any]:
+        """Train until every member reached ``total_steps``; returns the best member."""
+        if not self.members:
+            self.start()
+        if self.mode == "sync":
+            while min(self.steps) < self.total_steps:
+                n = min(self.interval, self.total_steps - min(self.steps))
+                for i, member in enumerate(self.members):
+                    member.step(n)
+                    self.steps[i] += n
+                scores = {i: self._evaluate(i) for i in range(self.population)}
+                final = min(self.steps) >= self.total_steps
+                copies = {} if final else self._decide([scores[i] for i in range(self.population)])
+                self._commit(range(self.population), scores, copies)
+                if progress is not None:
+                    progress.update(n)
+        else:
+            while min(self.steps) < self.total_steps:
+                i = min(range(self.population), key=lambda k: (self.steps[k], k))
+                n = min(self.interval, self.total_steps - self.steps[i])
+                self.members[i].step(n)
+                self.steps[i] += n
+                score = self._evaluate(i)
+                known = [score if k == i else self.latest[k] for k in range(self.population)]
+                ready = all(s is not None for s in known) and self.steps[i] < self.total_steps
+                copies = (
+                    self._decide([math.nan if s is None else s for s in known], only=i)
+                    if ready
+                    else {}
+                )
+                self._commit([i], {i: score}, copies)
+                if progress is not None and i == self.population - 1:
+                    progress.update(n)
+        return self.best()
+
+    def best(self) -> dict[str, Any]:
+        """The best member by its latest score (ties: lower index)."""
+        scores = [math.nan if s is None else s for s in self.latest]
+        i = rank(scores, self.maximize)[0]
+        return {
+            "member": i,
+            "score": scores[i],
+            "values": dict(self.values[i]),
+            "hyperparameters": dict(self.members[i].hyperparameters) if self.members else {},
+            "step": self.steps[i],
+        }
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,263 @@
+"""Config-driven PBT: what ``gradhpo pbt CONFIG`` and ``gradhpo resume DIR`` run.
+
+A PBT config is a train config plus a ``pbt`` section::
+
+    pbt:
+      population: 8
+      interval: 20               # optimizer steps between exploit/explore
+      steps: null                # steps per member; default training.epochs epochs
+      space:                     # what PBT explores (same syntax as search.space)
+        optimizer.lr: {type: float, low: 0.001, high: 0.5, log: true}
+        training.batch_size: {type: categorical, choices: [16, 32, 64]}
+        model.dropout: {type: float, low: 0.01, high: 0.5}
+      exploit: truncation        # or tournament
+      fraction: 0.25
+      explore: perturb           # or resample, sampler (TPE fitted on the history)
+      factors: [0.8, 1.2]
+      resample_probability: 0.25
+      mode: sync                 # or async
+      metric: val_accuracy       # or val_loss
+      seed: 0
+
+With a ``tuner`` section the members also adapt their continuous hyperparameters by
+hypergradient between exploits (the hybrid mode).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gradhpo.config import ConfigError, check_int, run_config_of, validate_train_config
+from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
+from gradhpo.logging import TensorBoardLogger
+from gradhpo.pbt.manager import PopulationBasedTraining, RunMember
+from gradhpo.run import TrainingRun
+from gradhpo.search.space import SearchSpace
+
+__all__ = ["PBT_DEFAULTS", "validate_pbt_config", "prepare_pbt", "run_pbt"]
+
+PBT_DEFAULTS: dict[str, Any] = {
+    "population": 8,
+    "interval": 20,
+    "steps": None,
+    "space": None,
+    "exploit": "truncation",
+    "fraction": 0.25,
+    "explore": "perturb",
+    "factors": [0.8, 1.2],
+    "resample_probability": 0.25,
+    "mode": "sync",
+    "metric": "val_accuracy",
+    "seed": None,
+}
+_CHOICES = {
+    "exploit": ("truncation", "tournament"),
+    "explore": ("perturb", "resample", "sampler"),
+    "mode": ("sync", "async"),
+    "metric": ("val_accuracy", "val_loss"),
+}
+
+
+def _number(field: str, value: Any, low: float, high: float, *, open_low: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < low or value > high or (open_low and value == low):
+        bracket = "(" if open_low else "["
+        raise ConfigError(f"{field}: expected a number in {bracket}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def validate_pbt_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchSpace]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: expected a mapping, got {raw!r}")
+    section = raw.get("pbt")
+    if section is None:
+        raise ConfigError("pbt: section is required for `gradhpo pbt`")
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"pbt: expected a mapping, got {section!r}")
+    config = validate_train_config({k: v for k, v in raw.items() if k != "pbt"})
+    unknown = sorted(set(section) - set(PBT_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"pbt: unknown key(s) {unknown}; allowed: {list(PBT_DEFAULTS)}")
+    p = {**PBT_DEFAULTS, **section}
+    check_int("pbt.population", p["population"], 2)
+    check_int("pbt.interval", p["interval"], 1)
+    if p["steps"] is not None:
+        check_int("pbt.steps", p["steps"], 1)
+    for key, allowed in _CHOICES.items():
+        if p[key] not in allowed:
+            raise ConfigError(f"pbt.{key}: expected one of {list(allowed)}, got {p[key]!r}")
+    _number("pbt.fraction", p["fraction"], 0.0, 0.5, open_low=True)
+    _number("pbt.resample_probability", p["resample_probability"], 0.0, 1.0)
+    factors = p["factors"]
+    if not isinstance(factors, list) or not factors:
+        raise ConfigError(
+            f"pbt.factors: expected a non-empty list of positive numbers, got {factors!r}"
+        )
+    for f in factors:
+        _number("pbt.factors", f, 0.0, math.inf, open_low=True)
+    p["seed"] = (
+        config["training"]["seed"] if p["seed"] is None else check_int("pbt.seed", p["seed"], 0)
+    )
+    space = SearchSpace.from_config(p["space"])
+    if not len(space):
+        raise ConfigError("pbt.space: expected at least one parameter to explore")
+    for param in space:
+        where = f"pbt.space.{param.path}"
+        if param.when or param.per_layer:
+            raise ConfigError(f"{where}: 'when' and 'per_layer' are for searches, not PBT")
+        if param.section not in ("optimizer", "training", "model") or (
+            param.section == "model" and param.key != "dropout"
+        ):
+            raise ConfigError(
+                f"{where}: PBT can change optimizer.*, training.batch_size and model.dropout "
+                f"during training, got {param.path!r}"
+            )
+        if param.path == "training.augment":
+            raise ConfigError(f"{where}: augmentation cannot be switched during training")
+        if param.path == "model.dropout" and param.low <= 0:
+            raise ConfigError(
+                f"{where}.low: must be > 0 so every member has dropout layers, got {param.low!r}"
+            )
+    config["pbt"] = p
+    return config, space
+
+
+class _Population:
+    """Builds members from the config and logs each evaluation to TensorBoard."""
+
+    def __init__(self, config: Mapping[str, Any], space: SearchSpace, data: DataSplits) -> None:
+        self.config = config
+        self.space = space
+        self.data = data
+        self.base = run_config_of(config)
+        self.tb_root = Path(config["output"]["tensorboard_dir"]) / config["name"]
+        self.loggers: dict[int, TensorBoardLogger] = {}
+
+    def factory(self, index: int, values: dict[str, Any]) -> RunMember:
+        run_config = self.space.apply(self.base, values)
+        run_config["seed"] = int(self.base["seed"]) + index
+        run = TrainingRun.from_config(run_config, data=self.data)
+        return RunMember(run, self.config["pbt"]["metric"])
+
+    def on_evaluate(
+        self, index: int, step: int, score: float, member: Any, values: dict[str, Any]
+    ) -> None:
+        if index not in self.loggers:
+            self.loggers[index] = TensorBoardLogger(self.tb_root / f"member_{index:03d}")
+        tb = self.loggers[index]
+        tb.scalars({f"pbt/{self.config['pbt']['metric']}": score}, step)
+        tb.scalars(member.hyperparameters, step, prefix="hyper/")
+        numeric = {
+            k: v
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        tb.scalars(numeric, step, prefix="pbt_values/")
+
+    def close(self) -> None:
+        for tb in self.loggers.values():
+            tb.close()
+
+
+def prepare_pbt(
+    raw: Mapping[str, Any] | None = None, *, resume_dir: str | Path | None = None
+) -> tuple[PopulationBasedTraining, dict[str, Any], _Population]:
+    """Validate, load data, build one member as a pre-flight check, then create (or open) the
+    run directory. Nothing is written before every check has passed."""
+    if resume_dir is not None:
+        resume_dir = Path(resume_dir)
+        with (resume_dir / "config.yaml").open(encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    config, space = validate_pbt_config(raw or {})
+    data = dict(config["data"])
+    name = data.pop("name")
+    try:
+        splits = load_dataset(name, **data)
+    except DatasetNotFoundError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"data: {exc}") from exc
+    population = _Population(config, space, splits)
+    from models import ModelConfigError
+
+    for label, params in space.corner_params():
+        try:
+            population.factory(0, {k: v for k, v in params.items()}).apply(params)
+        except (ModelConfigError, ValueError, TypeError) as exc:
+            where = (
+                "config" if label == "base point" else label.replace("search.space", "pbt.space")
+            )
+            raise ConfigError(f"{where}: gives an invalid member: {exc}") from exc
+    directory = resume_dir or Path(config["output"]["dir"]) / config["name"]
+    if resume_dir is None and (directory / "pbt.db").exists():
+        raise ConfigError(
+            f"output: {str(directory)!r} already holds a PBT run; continue it with "
+            f"`gradhpo resume {directory}` or choose another name"
+        )
+    p = config["pbt"]
+    steps = p["steps"]
+    if steps is None:
+        probe = population.factory(0, {})
+        steps = config["training"]["epochs"] * probe.run.steps_per_epoch
+    directory.mkdir(parents=True, exist_ok=True)
+    if resume_dir is None:
+        (directory / "config.yaml").write_text(
+            yaml.safe_dump(config, sort_keys=False), encoding="utf-8"
+        )
+    manager = PopulationBasedTraining(
+        population.factory,
+        space.parameters,
+        directory,
+        population=p["population"],
+        interval=p["interval"],
+        total_steps=steps,
+        exploit=p["exploit"],
+        fraction=p["fraction"],
+        explore=p["explore"],
+        factors=p["factors"],
+        resample_probability=p["resample_probability"],
+        mode=p["mode"],
+        maximize=p["metric"] == "val_accuracy",
+        seed=p["seed"],
+        on_evaluate=population.on_evaluate,
+    )
+    return manager, config, population
+
+
+def run_pbt(
+    manager: PopulationBasedTraining,
+    config: Mapping[str, Any],
+    population: _Population,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the population to the end, then evaluate the best member on the test set."""
+    from tqdm import tqdm
+
+    resumed = manager.start()
+    done = min(manager.steps)
+    with tqdm(
+        total=manager.total_steps,
+        initial=done,
+        desc=f"{config['name']} population",
+        unit="step",
+        disable=not progress or None,
+    ) as bar:
+        best = manager.run(progress=bar)
+    population.close()
+    member = manager.members[best["member"]]
+    test = member.run.evaluate("test")
+    best.update(
+        test_accuracy=test["accuracy"],
+        test_loss=test["loss"],
+        resumed=resumed,
+        metric=config["pbt"]["metric"],
+    )
+    with manager.db.transaction():
+        manager.db.set_meta("best", best)
+    return best
