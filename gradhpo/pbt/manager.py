@@ -327,6 +327,10 @@ class PopulationBasedTraining:
                 self.db.set_member(i, self.steps[i], ck, self.values[i], scores[i])
                 self.checkpoints[i] = ck
             sources = {w: self.checkpoints[w] for w in winners}
+            # Pin every source for the pending copies: a source that is itself replaced in this
+            # step (tournament) must not lose its last reference before its copiers hold one.
+            for ck in sources.values():
+                self.db.acquire(ck)
             for loser, winner in sorted(copies.items()):
                 new_values = self._new_values(winner)
                 source_ck = sources[winner]
@@ -338,6 +342,8 @@ class PopulationBasedTraining:
                 )
                 self.checkpoints[loser] = source_ck
                 loads.append((loser, source_ck, new_values))
+            for ck in sources.values():
+                self.db.release(ck)
             self.db.set_meta("rng", self._rng_state())
         for loser, ck, new_values in loads:
             self.members[loser].load_state_dict(self.db.load_checkpoint(ck), keep_stream=True)

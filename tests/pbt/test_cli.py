@@ -1,0 +1,116 @@
+"""`gradhpo pbt` end to end on a tiny CNN (hybrid: members also tune lr by hypergradient),
+resume of a finished run, report, and one-line config errors."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gradhpo.cli import main
+from gradhpo.pbt.store import PBTDatabase
+
+TINY = {
+    "name": "pop",
+    "data": {"name": "digits", "seed": 0},
+    "model": {"name": "cnn", "depth": 1, "width": 4, "norm": "none", "dropout": 0.1},
+    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+    "tuner": {"hypers": [{"name": "lr"}], "method": "greedy", "horizon": 1, "hyper_lr": 0.05},
+    "training": {"epochs": 1, "batch_size": 64, "device": "cpu", "seed": 0},
+    "pbt": {
+        "population": 3,
+        "interval": 5,
+        "steps": 20,
+        "space": {
+            "optimizer.momentum": {"type": "float", "low": 0.5, "high": 0.95},
+            "training.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
+            "model.dropout": {"type": "float", "low": 0.05, "high": 0.5},
+        },
+        "fraction": 0.34,
+        "seed": 1,
+    },
+}
+
+
+def pbt(tmp_path: Path, config: dict) -> int:
+    path = tmp_path / "pbt.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return main(["pbt", str(path), "--out", str(tmp_path / "runs"), "--no-progress"])
+
+
+def test_pbt_cli_hybrid_run_report_and_resume(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert pbt(tmp_path, TINY) == 0
+    out = capsys.readouterr().out
+    assert "pop: best member" in out and "test accuracy" in out
+    run_dir = tmp_path / "runs" / "pop"
+    db = PBTDatabase(run_dir)
+    members = db.members()
+    assert [m["step"] for m in members] == [20, 20, 20]
+    assert len(db.scores()) == 12 and len(db.lineage()) == 3  # one copier per round, 3 rounds
+    for m in members:  # explored values are applied to the live runs
+        assert 32 <= m["values"]["training.batch_size"] <= 128
+    best = db.get_meta("best")
+    assert best["hyperparameters"]["lr"] != 0.1  # the hypergradient moved the lr (hybrid)
+    db.close()
+    assert list(
+        (tmp_path / "tensorboard_logs" / "pop" / "member_000").glob("events.out.tfevents.*")
+    )
+
+    assert main(["report", str(run_dir)]) == 0
+    for png in ("best_score.png", "lineage.png", "hyperparameters.png"):
+        assert (run_dir / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["resume", str(run_dir), "--no-progress"]) == 0  # finished: nothing to redo
+    assert "best member" in capsys.readouterr().out
+    assert pbt(tmp_path, TINY) == 2
+    assert "already holds a PBT run" in capsys.readouterr().err
+
+
+def _with(path: str, value) -> dict:
+    config = copy.deepcopy(TINY)
+    *parents, leaf = path.split("/")
+    node = config
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    return config
+
+
+BAD = [
+    ("pbt/population", 1, r"pbt.population: expected an integer >= 2, got 1"),
+    (
+        "pbt/exploit",
+        "best",
+        r"pbt.exploit: expected one of \['truncation', 'tournament'\], got 'best'",
+    ),
+    ("pbt/fraction", 0.7, r"pbt.fraction: expected a number in \(0.0, 0.5\], got 0.7"),
+    ("pbt/factors", [], r"pbt.factors: expected a non-empty list"),
+    ("pbt/space", {}, r"pbt.space: expected at least one parameter"),
+    (
+        "pbt/space/model.depth",
+        {"type": "int", "low": 1, "high": 2},
+        r"pbt.space.model.depth: PBT can change",
+    ),
+    (
+        "pbt/space/model.dropout",
+        {"type": "float", "low": 0.0, "high": 0.5},
+        r"pbt.space.model.dropout.low: must be > 0",
+    ),
+    ("pbt/colour", 1, r"pbt: unknown key\(s\) \['colour'\]"),
+    ("model/name", "vit", r"gives an invalid member: .*'vit'"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_pbt_config_one_line_exit_2(
+    tmp_path: Path, capsys, monkeypatch, path, value, message
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert pbt(tmp_path, _with(path, value)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gradhpo: error:") and "\n" not in err and re.search(message, err), err
+    assert not (tmp_path / "runs").exists()
