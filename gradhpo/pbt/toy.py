@@ -33,9 +33,9 @@ class QuarticMember:
         seed: int = 0,
         dim: int = 16,
         a: float = 1.0,
-        b: float = 0.1,
-        sigma: float = 1.0,
-        w0: float = 3.0,
+        b: float = 0.05,
+        sigma: float = 0.5,
+        w0: float = 10.0,
     ) -> None:
         self.lr = float(lr)
         self.a, self.b, self.sigma = a, b, sigma

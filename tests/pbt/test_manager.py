@@ -22,7 +22,7 @@ from gradhpo.pbt.toy import QuarticMember
 from gradhpo.search.space import SearchSpace
 
 LR = SearchSpace.from_config(
-    {"optimizer.lr": {"type": "float", "low": 1e-3, "high": 10.0, "log": True}}
+    {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 10.0, "log": True}}
 )
 
 
@@ -68,7 +68,7 @@ def test_perturb_and_resample_statistics() -> None:
     assert set(np.round(values, 12)) == {0.08, 0.12}
     assert abs(np.mean(np.isclose(values, 0.12)) - 0.5) < 0.03
     assert (
-        perturb(p, 9.5, (1.2,), rng) == 10.0 and perturb(p, 1.1e-3, (0.8,), rng) == 1e-3
+        perturb(p, 9.5, (1.2,), rng) == 10.0 and perturb(p, 1.1e-4, (0.8,), rng) == 1e-4
     )  # clipped
     space = SearchSpace.from_config(
         {
@@ -82,7 +82,7 @@ def test_perturb_and_resample_statistics() -> None:
     assert perturb(cat, "a", (1.2,), rng) == "b" and perturb(cat, "c", (1.2,), rng) == "b"
     assert {perturb(cat, "b", (1.2,), rng) for _ in range(50)} == {"a", "c"}
     logs = np.log10([resample(p, rng) for _ in range(4000)])
-    assert logs.min() >= -3 and logs.max() <= 1 and abs(logs.mean() - (-1.0)) < 0.1  # log-uniform
+    assert logs.min() >= -4 and logs.max() <= 1 and abs(logs.mean() - (-1.5)) < 0.1  # log-uniform
     hits = [
         explore([p], {"optimizer.lr": 0.1}, rng, resample_probability=0.3)["optimizer.lr"]
         for _ in range(3000)
@@ -95,7 +95,7 @@ def _toy_pbt(directory: Path, **kw) -> PopulationBasedTraining:
     settings = dict(population=6, interval=20, total_steps=200, seed=3, resample_probability=0.0)
     settings.update(kw)
     lrs = np.exp(
-        np.random.RandomState(0).uniform(math.log(1e-3), math.log(10), settings["population"])
+        np.random.RandomState(0).uniform(math.log(1e-4), math.log(0.05), settings["population"])
     )
     return PopulationBasedTraining(
         lambda i, v: QuarticMember(v["optimizer.lr"], seed=100 + i),
@@ -155,7 +155,7 @@ def test_pbt_beats_every_fixed_learning_rate_on_the_quartic(tmp_path: Path) -> N
     """The best lr rises (curvature falls) then falls (noise floor): PBT's best member beats
     every member of the same population trained with its initial lr kept fixed."""
     for seed in (0, 1):
-        lrs = np.exp(np.random.RandomState(seed).uniform(math.log(1e-3), math.log(10), 8))
+        lrs = np.exp(np.random.RandomState(seed).uniform(math.log(1e-4), math.log(10), 8))
         fixed = []
         for i, lr in enumerate(lrs):
             member = QuarticMember(float(lr), seed=100 + i)
@@ -204,8 +204,8 @@ SCRIPT = textwrap.dedent(
             time.sleep(0.002 * n)
             return super().step(n)
 
-    lr = SearchSpace.from_config({"optimizer.lr": {"type": "float", "low": 1e-3, "high": 10.0, "log": True}})
-    lrs = np.exp(np.random.RandomState(0).uniform(math.log(1e-3), math.log(10), 6))
+    lr = SearchSpace.from_config({"optimizer.lr": {"type": "float", "low": 1e-4, "high": 10.0, "log": True}})
+    lrs = np.exp(np.random.RandomState(0).uniform(math.log(1e-4), math.log(0.05), 6))
     pbt = PopulationBasedTraining(
         lambda i, v: Slow(v["optimizer.lr"], seed=100 + i), lr.parameters, sys.argv[1],
         population=6, interval=10, total_steps=300, seed=3, resample_probability=0.0,
