@@ -152,7 +152,9 @@ def test_train_with_hypergradient_tuner(tmp_path: Path, capsys, monkeypatch) -> 
         ({"hypers": [{"name": "lr"}], "method": "magic"}, "unknown 'magic'"),
     ],
 )
-def test_bad_tuner_section_one_line_exit_2(tmp_path: Path, capsys, monkeypatch, tuner, message) -> None:
+def test_bad_tuner_section_one_line_exit_2(
+    tmp_path: Path, capsys, monkeypatch, tuner, message
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert run_cli(tmp_path, {**TINY, "tuner": tuner}) == 2
     err = capsys.readouterr().err
