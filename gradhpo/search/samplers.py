@@ -39,6 +39,7 @@ __all__ = [
     "make_pruner",
     "sampler_rng_states",
     "restore_sampler_rng_states",
+    "reseed_sampler",
     "save_sampler_state",
     "load_sampler_state",
 ]
@@ -186,6 +187,12 @@ def restore_sampler_rng_states(
         getattr(owner, attr).set_state(
             (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
         )
+
+
+def reseed_sampler(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
+    """Reseed every RandomState of ``sampler`` deterministically from ``seed``."""
+    for k, (_, owner, attr) in enumerate(_random_states(sampler, "sampler", set())):
+        getattr(owner, attr).seed((seed + k) % 2**32)
 
 
 def save_sampler_state(sampler: optuna.samplers.BaseSampler, path: str | os.PathLike[str]) -> None:

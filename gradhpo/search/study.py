@@ -57,6 +57,7 @@ __all__ = ["Study", "create_study", "load_study", "is_retried", "FINISHED_STATES
 #: States of trials that count towards ``n_trials``.
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 _RETRIED = "gradhpo:retried"
+_SURPLUS = "gradhpo:surplus"
 _DRIVER = "gradhpo:driver"
 RESUME_FROM = "gradhpo:resume_from"
 _LIVE_TOKENS: weakref.WeakValueDictionary[str, Study] = weakref.WeakValueDictionary()
@@ -90,8 +91,12 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def is_retried(trial: optuna.trial.FrozenTrial) -> bool:
-    """A dead trial whose parameters were enqueued again (its retry counts instead)."""
-    return trial.state == TrialState.FAIL and bool(trial.system_attrs.get(_RETRIED))
+    """A trial that does not count: a dead trial whose parameters were enqueued again (its
+    retry counts instead), or a surplus trial a driver asked while other drivers were already
+    running the last ones (see :meth:`Study.optimize`)."""
+    return trial.state == TrialState.FAIL and bool(
+        trial.system_attrs.get(_RETRIED) or trial.system_attrs.get(_SURPLUS)
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -263,9 +268,9 @@ class Study:
         catch: tuple[type[BaseException], ...] = (),
         callbacks: list[Callable[[Study, optuna.trial.FrozenTrial], None]] | None = None,
         progress: Any = None,
-    ) -> None:
+    ) -> list[int]:
         """Run trials until the study holds ``n_trials`` finished trials (or ``timeout``
-        seconds passed in this call). ``objective(trial)`` returns the value or raises
+        seconds passed in this call); returns the numbers of the trials this call ran. ``objective(trial)`` returns the value or raises
         ``optuna.TrialPruned``; exceptions listed in ``catch`` fail the trial and the study
         goes on, others fail the trial and propagate. ``progress`` is an optional tqdm bar."""
         if n_trials is None and timeout is None:
@@ -276,8 +281,10 @@ class Study:
         # which only works inside Optuna's own loop; this loop honours the same flag.
         self.optuna._stop_flag = False
         self.optuna._thread_local.in_optimize_loop = True
+        ran: list[int] = []
         try:
-            self._loop(objective, n_trials, deadline, catch, callbacks, progress)
+            self._loop(objective, n_trials, deadline, catch, callbacks, progress, ran)
+            return ran
         finally:
             self.optuna._thread_local.in_optimize_loop = False
 
@@ -289,6 +296,7 @@ class Study:
         catch: tuple[type[BaseException], ...],
         callbacks: list[Callable[[Study, optuna.trial.FrozenTrial], None]] | None,
         progress: Any,
+        ran: list[int],
     ) -> None:
         while not self.optuna._stop_flag:
             trials = self.optuna.get_trials(deepcopy=False)
@@ -308,11 +316,30 @@ class Study:
                 self.recover_stale_trials()
                 continue
             trial = self.ask(waiting=waiting)
+            if n_trials is not None and not waiting and self._surplus(trial, n_trials):
+                continue
             self._run_one(objective, trial, catch)
+            ran.append(trial.number)
             if callbacks:
                 frozen = self.optuna._storage.get_trial(trial._trial_id)
                 for callback in callbacks:
                     callback(self, frozen)
+
+    def _surplus(self, trial: optuna.trial.Trial, n_trials: int) -> bool:
+        """Several drivers can pass the "fewer than n" check at once. After the ask every
+        trial is visible, so decide by trial number: a fresh trial runs only if the finished
+        trials plus the running trials numbered below it leave room. Otherwise it is closed as
+        FAIL + ``gradhpo:surplus`` (not counted, parameters never trained)."""
+        trials = self.optuna.get_trials(deepcopy=False)
+        done = sum(1 for t in trials if t.state in FINISHED_STATES and not is_retried(t))
+        ahead = sum(1 for t in trials if t.state == TrialState.RUNNING and t.number < trial.number)
+        if done + ahead < n_trials:
+            return False
+        storage = self.optuna._storage
+        storage.set_trial_system_attr(trial._trial_id, _SURPLUS, True)
+        self._unsaved.discard(trial._trial_id)
+        storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        return True
 
     def _run_one(
         self,

@@ -70,6 +70,7 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "early_stopping": None,
     "seed": None,
     "keep_checkpoints": "best",
+    "executor": None,
 }
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
@@ -126,9 +127,62 @@ def validate_tune_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], Search
         raise ConfigError(
             f"search.keep_checkpoints: expected 'best' or 'all', got {s['keep_checkpoints']!r}"
         )
+    s["executor"] = _check_executor(s["executor"])
     space = SearchSpace.from_config(s["space"])
     config["search"] = s
     return config, space
+
+
+_EXECUTOR_KEYS = {
+    "serial": ("workers",),
+    "processes": ("workers", "threads_per_worker", "max_failures"),
+    "ray": (
+        "workers",
+        "address",
+        "num_cpus",
+        "num_cpus_per_worker",
+        "num_gpus_per_worker",
+        "max_failures",
+    ),
+}
+
+
+def _check_executor(spec: Any) -> dict[str, Any] | None:
+    """``search.executor``: a name or ``{name, workers, ...}``; checked here so a typo is a
+    config error before anything runs."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"search.executor: expected a name or a mapping, got {spec!r}")
+    name = spec.get("name")
+    if name not in _EXECUTOR_KEYS:
+        raise ConfigError(
+            f"search.executor.name: unknown executor {name!r}; choose one of {list(_EXECUTOR_KEYS)}"
+        )
+    unknown = sorted(set(spec) - {"name", *_EXECUTOR_KEYS[name]})
+    if unknown:
+        raise ConfigError(
+            f"search.executor: unknown key(s) {unknown} for {name!r}; allowed: {list(_EXECUTOR_KEYS[name])}"
+        )
+    spec = dict(spec)
+    spec.setdefault("workers", 1 if name == "serial" else 2)
+    check_int("search.executor.workers", spec["workers"], 1)
+    if name == "serial" and spec["workers"] != 1:
+        raise ConfigError(
+            f"search.executor.workers: the serial executor has one worker, got {spec['workers']!r}"
+        )
+    if "max_failures" in spec:
+        check_int("search.executor.max_failures", spec["max_failures"], 0)
+    if name == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(
+                "search.executor: 'ray' needs Ray installed (pip install 'gradhpo[ray]')"
+            ) from exc
+    return spec
 
 
 def load_folds(config: Mapping[str, Any]) -> list[DataSplits]:
@@ -456,7 +510,7 @@ def _preflight(config: Mapping[str, Any], space: SearchSpace, data: DataSplits) 
             raise ConfigError(f"{where}: gives an invalid run: {exc}") from exc
 
 
-def run_study(
+def run_trials(
     study: Study,
     config: Mapping[str, Any],
     space: SearchSpace,
@@ -465,17 +519,20 @@ def run_study(
     trials: int | None = None,
     timeout: float | None = None,
     progress: bool = True,
-) -> dict[str, Any] | None:
-    """Run (or continue) the study to ``trials`` finished trials, then evaluate the best trial
-    on the test set. Failed trials are recorded with their error and the study goes on."""
+) -> list[int]:
+    """Run (or continue) trials in this process until the study holds ``trials`` finished
+    ones; returns the numbers of the trials this call finished. Failed trials are recorded
+    with their error and the study goes on."""
     from tqdm import tqdm
 
     s = config["search"]
     n_trials = trials if trials is not None else s["trials"]
     timeout = timeout if timeout is not None else s["timeout"]
     objective = ConfigObjective(study, config, space, folds, progress=progress)
+    finished: list[int] = []
 
     def after_trial(st: Study, frozen: optuna.trial.FrozenTrial) -> None:
+        finished.append(frozen.number)
         if frozen.state == optuna.trial.TrialState.FAIL:
             print(
                 f"{st.name}: trial {frozen.number} failed: {frozen.user_attrs.get('error')}",
@@ -483,7 +540,6 @@ def run_study(
             )
         _cleanup_checkpoints(st, s["keep_checkpoints"])
 
-    start = time.perf_counter()
     with tqdm(
         total=n_trials, desc=f"{study.name} trials", unit="trial", disable=not progress or None
     ) as bar:
@@ -496,6 +552,43 @@ def run_study(
             progress=bar,
         )
     _cleanup_checkpoints(study, s["keep_checkpoints"])
+    return finished
+
+
+def run_study(
+    study: Study,
+    config: Mapping[str, Any],
+    space: SearchSpace,
+    folds: list[DataSplits],
+    *,
+    trials: int | None = None,
+    timeout: float | None = None,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Run the study to ``trials`` finished trials — in this process, or with
+    ``search.executor`` on several local processes or Ray workers, each a driver of the shared
+    study — then evaluate the best trial on the test set."""
+    s = config["search"]
+    executor = s.get("executor") or {"name": "serial"}
+    start = time.perf_counter()
+    if executor.get("name", "serial") == "serial" and executor.get("workers", 1) == 1:
+        run_trials(study, config, space, folds, trials=trials, timeout=timeout, progress=progress)
+    else:
+        from gradhpo.execution import make_executor
+        from gradhpo.execution.study import run_config_study
+
+        spec = {k: v for k, v in executor.items() if k != "workers"}
+        workers = executor.get("workers", 1)
+        with make_executor(
+            {**spec, "workers": workers} if spec["name"] != "serial" else spec
+        ) as ex:
+            run_config_study(
+                study.directory,
+                ex,
+                workers=workers,
+                n_trials=trials if trials is not None else s["trials"],
+                timeout=timeout if timeout is not None else s["timeout"],
+            )
     summary = evaluate_best(study, config, folds)
     if summary is not None:
         summary["seconds"] = time.perf_counter() - start

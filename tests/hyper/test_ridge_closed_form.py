@@ -59,7 +59,9 @@ def test_unrolled_converges_to_closed_form() -> None:
     objective = Objective.validation(prob.model, xv, yv, loss_fn=squared_error_per_example)
     errors = []
     for k in (5, 20, 80, 300):
-        result = hypergradient("checkpointed", prob, params, opt.init(params), {}, [(x, y)] * k, objective)
+        result = hypergradient(
+            "checkpointed", prob, params, opt.init(params), {}, [(x, y)] * k, objective
+        )
         errors.append(float((result.grads["l2"] - want).abs() / want.abs()))
     assert errors == sorted(errors, reverse=True), errors
     assert errors[0] > 1e-2 and errors[-1] < 1e-8, errors
@@ -73,7 +75,14 @@ def test_implicit_at_converged_weights_matches_closed_form(solver: str) -> None:
     prob, _, _ = problem()
     objective = Objective.validation(prob.model, xv, yv, loss_fn=squared_error_per_example)
     result = implicit_at(
-        prob, {"weight": w_star.T.clone()}, {}, [(x, y)], objective, solver=solver, iterations=200, alpha=0.5
+        prob,
+        {"weight": w_star.T.clone()},
+        {},
+        [(x, y)],
+        objective,
+        solver=solver,
+        iterations=200,
+        alpha=0.5,
     )
     torch.testing.assert_close(result.grads["l2"], want, rtol=1e-8, atol=0)
 
@@ -85,9 +94,13 @@ def test_implicit_approaches_unrolled_as_inner_problem_converges() -> None:
     objective = Objective.validation(prob.model, xv, yv, loss_fn=squared_error_per_example)
     gaps = []
     for k in (5, 20, 80, 300):
-        unrolled = hypergradient("reverse", prob, params, opt.init(params), {}, [(x, y)] * k, objective)
+        unrolled = hypergradient(
+            "reverse", prob, params, opt.init(params), {}, [(x, y)] * k, objective
+        )
         implicit = implicit_at(prob, unrolled.params, {}, [(x, y)], objective, iterations=50)
-        gaps.append(float((unrolled.grads["l2"] - implicit.grads["l2"]).abs() / implicit.grads["l2"].abs()))
+        gaps.append(
+            float((unrolled.grads["l2"] - implicit.grads["l2"]).abs() / implicit.grads["l2"].abs())
+        )
     assert gaps == sorted(gaps, reverse=True), gaps
     assert gaps[0] > 1e-2 and gaps[-1] < 1e-8, gaps
 
@@ -97,7 +110,10 @@ def test_implicit_rejects_optimizer_hypers() -> None:
     model = nn.Linear(D, 1, bias=False).to(DT)
     params = {"weight": model.weight.detach().clone()}
     prob = InnerProblem(
-        model, make_optimizer("sgd"), HyperParameters([{"name": "lr", "init": 0.1}], params), squared_error_per_example
+        model,
+        make_optimizer("sgd"),
+        HyperParameters([{"name": "lr", "init": 0.1}], params),
+        squared_error_per_example,
     )
     objective = Objective.validation(model, xv, yv, loss_fn=squared_error_per_example)
     with pytest.raises(ValueError, match=r"loss-side hyperparameters.*\['lr'\]"):

@@ -1,0 +1,36 @@
+"""Where work runs: in this process (``serial``), in local worker processes (``processes``) or
+on a Ray cluster (``ray``).
+
+An executor runs ``n`` workers, each a call ``fn(*args)`` that returns a small picklable
+result, and restarts a worker that dies (killed process, lost Ray worker) up to
+``max_failures`` times in all. Study drivers are such workers: each opens the shared study
+(SQLite) and runs trials until the study holds the requested number (see
+:func:`gradhpo.execution.study.study_worker`); a restarted driver recovers the trial its dead
+predecessor left RUNNING and continues it from its last checkpoint.
+
+Threads: two torch processes with default threads on 2 cores ran ~100x slower than one here,
+so every worker sets ``torch.set_num_threads(threads_per_worker)`` (default: cores / workers,
+at least 1) before it imports anything heavy.
+"""
+
+from __future__ import annotations
+
+from gradhpo.execution.executors import (
+    EXECUTORS,
+    Executor,
+    ProcessExecutor,
+    RayExecutor,
+    SerialExecutor,
+    WorkerFailed,
+    make_executor,
+)
+
+__all__ = [
+    "EXECUTORS",
+    "Executor",
+    "ProcessExecutor",
+    "RayExecutor",
+    "SerialExecutor",
+    "WorkerFailed",
+    "make_executor",
+]

@@ -1,0 +1,274 @@
+"""Serial, local-process and Ray executors behind one interface (see the package docstring)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "EXECUTORS",
+    "Executor",
+    "SerialExecutor",
+    "ProcessExecutor",
+    "RayExecutor",
+    "WorkerFailed",
+    "make_executor",
+]
+
+
+class WorkerFailed(RuntimeError):
+    """A worker died more often than ``max_failures`` allows."""
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _threads_for(workers: int, threads: int | None) -> int:
+    return threads if threads is not None else max(1, _cpu_count() // max(1, workers))
+
+
+def _check(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _run_with_threads(threads: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
+class Executor:
+    """Runs workers ``fn(*args)``; ``run`` returns their results in order."""
+
+    name = "base"
+
+    def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources (the Ray instance this executor started)."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SerialExecutor(Executor):
+    """Every worker in this process, one after the other (the default)."""
+
+    name = "serial"
+
+    def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
+        return [fn(*args) for args in args_list]
+
+
+def _process_main(
+    queue: Any, index: int, threads: int, fn: Callable[..., Any], args: tuple[Any, ...]
+) -> None:
+    result = _run_with_threads(threads, fn, args)
+    queue.put((index, result))
+
+
+class ProcessExecutor(Executor):
+    """One local process per worker (``spawn``: no state inherited from the driver), each with
+    ``threads_per_worker`` torch threads. A worker that exits without a result (killed, crashed)
+    is started again with the same arguments; more than ``max_failures`` restarts in all raise
+    :class:`WorkerFailed`. Results come back through a queue, so they must be picklable."""
+
+    name = "processes"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        threads_per_worker: int | None = None,
+        max_failures: int = 3,
+    ) -> None:
+        self.workers = _check("workers", workers if workers is not None else _cpu_count(), 1)
+        self.threads = _check(
+            "threads_per_worker", _threads_for(self.workers, threads_per_worker), 1
+        )
+        self.max_failures = _check("max_failures", max_failures, 0)
+        self.failures = 0
+
+    def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        pending = list(enumerate(args_list))
+        running: dict[int, Any] = {}
+        results: dict[int, Any] = {}
+        try:
+            while pending or running:
+                while pending and len(running) < self.workers:
+                    index, args = pending.pop(0)
+                    proc = ctx.Process(
+                        target=_process_main,
+                        args=(queue, index, self.threads, fn, args),
+                        daemon=True,
+                    )
+                    proc.start()
+                    running[index] = (proc, args)
+                while not queue.empty():
+                    index, result = queue.get()
+                    results[index] = result
+                for index, (proc, args) in list(running.items()):
+                    if proc.is_alive():
+                        continue
+                    proc.join()
+                    if index not in results:
+                        # Drain what a worker may have put right before exiting.
+                        deadline = time.monotonic() + 1.0
+                        while index not in results and time.monotonic() < deadline:
+                            if not queue.empty():
+                                i, r = queue.get()
+                                results[i] = r
+                            else:
+                                time.sleep(0.02)
+                    del running[index]
+                    if index not in results:
+                        self.failures += 1
+                        if self.failures > self.max_failures:
+                            raise WorkerFailed(
+                                f"worker {index} died (exit code {proc.exitcode}); "
+                                f"{self.failures} failures > max_failures={self.max_failures}"
+                            )
+                        pending.insert(0, (index, args))
+                time.sleep(0.05)
+        finally:
+            for proc, _ in running.values():
+                if proc.is_alive():
+                    proc.kill()
+        return [results[i] for i in range(len(args_list))]
+
+
+class RayExecutor(Executor):
+    """Workers as Ray tasks with resource requests (``num_cpus``, ``num_gpus``, fractional GPUs
+    allowed). ``address`` connects to a running cluster (``"auto"`` or ``ray://host:port``);
+    without it a local instance is started, dashboard off, bound to 127.0.0.1, its files under
+    ``temp_dir`` — and shut down by :meth:`close`. A task whose worker dies is retried by Ray up
+    to ``max_failures`` times (``max_retries``); exceptions raised by the task are not retried."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        num_cpus_per_worker: float = 1,
+        num_gpus_per_worker: float = 0,
+        max_failures: int = 3,
+        temp_dir: str | None = None,
+    ) -> None:
+        if address is None and "ray" not in sys.modules:
+            # Ray resolves 127.0.0.1 to the machine's network address unless its "no cluster"
+            # mode is on (read once, when Ray is imported); a local instance must listen on
+            # the loopback interface only. Worker processes inherit the variable.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        try:
+            import ray
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ValueError("executor 'ray' needs Ray: pip install 'gradhpo[ray]'") from exc
+        self.ray = ray
+        self.max_failures = _check("max_failures", max_failures, 0)
+        if not isinstance(num_cpus_per_worker, (int, float)) or num_cpus_per_worker <= 0:
+            raise ValueError(f"num_cpus_per_worker must be > 0, got {num_cpus_per_worker!r}")
+        if not isinstance(num_gpus_per_worker, (int, float)) or num_gpus_per_worker < 0:
+            raise ValueError(f"num_gpus_per_worker must be >= 0, got {num_gpus_per_worker!r}")
+        self.num_cpus_per_worker = num_cpus_per_worker
+        self.num_gpus_per_worker = num_gpus_per_worker
+        self._started = False
+        if not ray.is_initialized():
+            if address is None:
+                self._temp_dir = temp_dir or tempfile.mkdtemp(prefix="gradhpo-ray-")
+                ray.init(
+                    num_cpus=num_cpus or _cpu_count(),
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    _temp_dir=self._temp_dir,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+            else:
+                ray.init(address=address, log_to_driver=False)
+            self._started = True
+        total = ray.cluster_resources().get("CPU", 1)
+        self.workers = _check(
+            "workers",
+            workers if workers is not None else max(1, int(total // num_cpus_per_worker)),
+            1,
+        )
+        self.threads = max(1, int(num_cpus_per_worker))
+
+    def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
+        remote = self.ray.remote(
+            num_cpus=self.num_cpus_per_worker,
+            num_gpus=self.num_gpus_per_worker,
+            max_retries=self.max_failures,
+            retry_exceptions=False,
+        )(_run_with_threads)
+        results: list[Any] = [None] * len(args_list)
+        queue = list(enumerate(args_list))
+        in_flight: dict[Any, int] = {}
+        while queue or in_flight:
+            while queue and len(in_flight) < self.workers:
+                index, args = queue.pop(0)
+                in_flight[remote.remote(self.threads, fn, args)] = index
+            done, _ = self.ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                index = in_flight.pop(ref)
+                try:
+                    results[index] = self.ray.get(ref)
+                except self.ray.exceptions.WorkerCrashedError as exc:
+                    raise WorkerFailed(
+                        f"worker {index} died more than max_failures={self.max_failures} times"
+                    ) from exc
+        return results
+
+    def close(self) -> None:
+        if self._started:
+            self.ray.shutdown()
+            self._started = False
+
+
+EXECUTORS: dict[str, type[Executor]] = {
+    "serial": SerialExecutor,
+    "processes": ProcessExecutor,
+    "ray": RayExecutor,
+}
+
+
+def make_executor(spec: str | Mapping[str, Any] | Executor | None = None) -> Executor:
+    """``"serial"``, ``{"name": "processes", "workers": 2}``, ``{"name": "ray", "address":
+    "auto", "num_gpus_per_worker": 0.5}``... or an Executor object."""
+    if spec is None:
+        return SerialExecutor()
+    if isinstance(spec, Executor):
+        return spec
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping) or spec.get("name") not in EXECUTORS:
+        name = spec.get("name") if isinstance(spec, Mapping) else spec
+        raise ValueError(
+            f"executor.name: unknown executor {name!r}; choose one of {sorted(EXECUTORS)}"
+        )
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        return EXECUTORS[spec["name"]](**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"executor: {exc}") from exc

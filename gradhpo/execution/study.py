@@ -1,0 +1,97 @@
+"""Study drivers as executor workers.
+
+Each worker opens the study directory itself (SQLite storage shared by all) and runs trials
+until the study holds ``n_trials`` finished ones; :meth:`gradhpo.search.Study.optimize` counts
+finished trials in the storage and waits rather than overshoot, so any number of drivers —
+workers of one executor, or separate ``gradhpo resume`` processes — give exactly ``n_trials``.
+A driver that starts after another one died recovers the dead one's RUNNING trial (its process
+is gone) and continues it from its last checkpoint.
+
+For a multi-node Ray cluster the study directory must be on storage every node can reach (a
+shared file system: SQLite needs working file locks, e.g. NFSv4 or a local disk of a
+single-node cluster), since drivers read and write ``study.db`` and checkpoints there; and
+since a driver on another host cannot see whether a process is alive, its trials are
+recovered only after the heartbeat grace period (``stale_after``, 600 s by default).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from gradhpo.execution.executors import Executor, make_executor
+
+__all__ = ["config_study_worker", "objective_worker", "run_config_study", "run_objective_study"]
+
+
+def _distinct_sampler(study: Any, worker: int) -> None:
+    """Drivers of one study restore the same saved sampler state; without this, two drivers
+    with a seeded sampler would propose the same points. Worker 0 keeps the saved state (one
+    worker reproduces a serial run); worker k > 0 reseeds deterministically from k."""
+    if worker > 0:
+        from gradhpo.search.samplers import reseed_sampler
+
+        reseed_sampler(study.sampler, 1_000_003 * worker)
+
+
+def config_study_worker(
+    directory: str, n_trials: int, timeout: float | None, worker: int = 0
+) -> dict[str, Any]:
+    """Worker: continue the config-driven study in ``directory`` to ``n_trials``."""
+    from gradhpo.search.tune import prepare_study, run_trials
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study, config, space, folds = prepare_study(resume_dir=directory)
+    _distinct_sampler(study, worker)
+    ran = run_trials(study, config, space, folds, trials=n_trials, timeout=timeout, progress=False)
+    return {"pid": os.getpid(), "trials": ran}
+
+
+def objective_worker(
+    directory: str,
+    objective: Callable[[optuna.trial.Trial], float],
+    n_trials: int,
+    timeout: float | None,
+    worker: int = 0,
+) -> dict[str, Any]:
+    """Worker: run a user objective (a picklable, module-level function) on the study in
+    ``directory`` to ``n_trials``."""
+    from gradhpo.search.study import load_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = load_study(directory)
+    _distinct_sampler(study, worker)
+    ran = study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,))
+    return {"pid": os.getpid(), "trials": ran}
+
+
+def run_config_study(
+    directory: str | os.PathLike[str],
+    executor: Executor | str | None,
+    *,
+    workers: int,
+    n_trials: int,
+    timeout: float | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``workers`` drivers of a config-driven study on ``executor``."""
+    ex = make_executor(executor)
+    args = [(str(directory), n_trials, timeout, k) for k in range(workers)]
+    return ex.run(config_study_worker, args)
+
+
+def run_objective_study(
+    directory: str | os.PathLike[str],
+    objective: Callable[[optuna.trial.Trial], float],
+    executor: Executor | str | None,
+    *,
+    workers: int,
+    n_trials: int,
+    timeout: float | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``workers`` drivers of the study in ``directory`` with a user objective."""
+    ex = make_executor(executor)
+    args = [(str(directory), objective, n_trials, timeout, k) for k in range(workers)]
+    return ex.run(objective_worker, args)

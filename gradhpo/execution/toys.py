@@ -1,0 +1,29 @@
+"""Tiny module-level objectives for executor tests and the overhead benchmark.
+
+Workers (spawned processes, Ray workers) import an objective by its module and name, so these
+live in the package rather than in tests/."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import optuna
+
+
+def quadratic(trial: optuna.trial.Trial) -> float:
+    x = trial.suggest_float("x", -2.0, 2.0)
+    time.sleep(0.02)
+    return (x - 0.5) ** 2
+
+
+def die_once(trial: optuna.trial.Trial) -> float:
+    """Kills its own process (SIGKILL) the first time trial 2 runs; a marker file remembers."""
+    x = trial.suggest_float("x", -2.0, 2.0)
+    marker = Path(os.environ["GRADHPO_TEST_MARKER"])
+    if trial.number == 2 and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return (x - 0.5) ** 2
