@@ -33,7 +33,7 @@ from gradhpo.pbt.store import PBTDatabase
 from gradhpo.pbt.strategies import explore, rank, resample, sampler_proposal, tournament, truncation
 from gradhpo.search.space import Parameter
 
-__all__ = ["Member", "RunMember", "PopulationBasedTraining"]
+__all__ = ["Member", "RunMember", "BatchedGroup", "BatchedMember", "PopulationBasedTraining"]
 
 
 class Member(Protocol):
@@ -114,6 +114,79 @@ class RunMember:
     @property
     def diverged(self) -> bool:
         return bool(self.run.diverged)
+
+
+class BatchedGroup:
+    """A :class:`~gradhpo.pbt.batched.BatchedPopulation` seen by the manager: one ``step`` for
+    all members, validation scores computed once per step for all members."""
+
+    def __init__(self, population: Any, metric: str = "val_accuracy") -> None:
+        if metric not in ("val_accuracy", "val_loss"):
+            raise ValueError(f"metric must be 'val_accuracy' or 'val_loss', got {metric!r}")
+        self.population = population
+        self.metric = metric
+        self._scores: list[float] | None = None
+
+    def step(self, n: int) -> None:
+        self.population.step(n)
+        self._scores = None
+
+    def invalidate(self) -> None:
+        self._scores = None
+
+    def score(self, i: int) -> float:
+        if self._scores is None:
+            result = self.population.evaluate("val")
+            values = result["accuracy"] if self.metric == "val_accuracy" else result["loss"]
+            diverged = self.population.diverged
+            self._scores = [
+                math.nan if bool(diverged[k]) else float(values[k]) for k in range(len(values))
+            ]
+        return self._scores[i]
+
+    def member(self, i: int) -> BatchedMember:
+        return BatchedMember(self, i)
+
+
+class BatchedMember:
+    """Member ``i`` of a :class:`BatchedGroup`. The manager steps the whole group at once
+    (sync mode); exploit copies slices (``load_member_state_dict``), explore sets the member's
+    entries of the batched hyperparameter tensors. Only ``optimizer.*`` values can be applied."""
+
+    def __init__(self, group: BatchedGroup, index: int) -> None:
+        self.group = group
+        self.index = index
+
+    def step(self, n: int) -> float:
+        raise RuntimeError("batched members are trained together: step their group")
+
+    def score(self) -> float:
+        return self.group.score(self.index)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.group.population.member_state_dict(self.index)
+
+    def load_state_dict(self, state: Mapping[str, Any], *, keep_stream: bool = False) -> None:
+        self.group.population.load_member_state_dict(
+            self.index, state, load_iterator=not keep_stream
+        )
+        self.group.invalidate()
+
+    def apply(self, values: Mapping[str, Any]) -> None:
+        hypers = {}
+        for path, value in values.items():
+            section, key = path.split(".", 1)
+            if section != "optimizer":
+                raise ValueError(
+                    f"{path}: a batched population can only change optimizer.* hyperparameters"
+                )
+            hypers[key] = value
+        if hypers:
+            self.group.population.set_hyperparameters(self.index, **hypers)
+
+    @property
+    def hyperparameters(self) -> dict[str, float]:
+        return self.group.population.get_hyperparameters(self.index)
 
 
 class PopulationBasedTraining:
@@ -375,10 +448,14 @@ class PopulationBasedTraining:
         if not self.members:
             self.start()
         if self.mode == "sync":
+            groups = {id(m.group): m.group for m in self.members if isinstance(m, BatchedMember)}
             while min(self.steps) < self.total_steps:
                 n = min(self.interval, self.total_steps - min(self.steps))
+                for group in groups.values():  # batched members: one vmapped step for all
+                    group.step(n)
                 for i, member in enumerate(self.members):
-                    member.step(n)
+                    if not isinstance(member, BatchedMember):
+                        member.step(n)
                     self.steps[i] += n
                 scores = {i: self._evaluate(i) for i in range(self.population)}
                 final = min(self.steps) >= self.total_steps
@@ -387,6 +464,8 @@ class PopulationBasedTraining:
                 if progress is not None:
                     progress.update(n)
         else:
+            if any(isinstance(m, BatchedMember) for m in self.members):
+                raise ValueError("mode: batched members train in lockstep; use mode 'sync'")
             while min(self.steps) < self.total_steps:
                 i = min(range(self.population), key=lambda k: (self.steps[k], k))
                 n = min(self.interval, self.total_steps - self.steps[i])

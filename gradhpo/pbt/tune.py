@@ -18,6 +18,8 @@ A PBT config is a train config plus a ``pbt`` section::
       mode: sync                 # or async
       metric: val_accuracy       # or val_loss
       seed: 0
+      batched: false             # true: one vmapped step for all members (BatchedPopulation;
+                                 # sync mode, optimizer.* values only, no tuner)
 
 With a ``tuner`` section the members also adapt their continuous hyperparameters by
 hypergradient between exploits (the hybrid mode).
@@ -35,7 +37,7 @@ import yaml
 from gradhpo.config import ConfigError, check_int, run_config_of, validate_train_config
 from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
 from gradhpo.logging import TensorBoardLogger
-from gradhpo.pbt.manager import PopulationBasedTraining, RunMember
+from gradhpo.pbt.manager import BatchedGroup, BatchedMember, PopulationBasedTraining, RunMember
 from gradhpo.run import TrainingRun
 from gradhpo.search.space import SearchSpace
 
@@ -54,6 +56,7 @@ PBT_DEFAULTS: dict[str, Any] = {
     "mode": "sync",
     "metric": "val_accuracy",
     "seed": None,
+    "batched": False,
 }
 _CHOICES = {
     "exploit": ("truncation", "tournament"),
@@ -103,6 +106,17 @@ def validate_pbt_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchS
     p["seed"] = (
         config["training"]["seed"] if p["seed"] is None else check_int("pbt.seed", p["seed"], 0)
     )
+    if not isinstance(p["batched"], bool):
+        raise ConfigError(f"pbt.batched: expected true or false, got {p['batched']!r}")
+    if p["batched"]:
+        if config["tuner"] is not None:
+            raise ConfigError(
+                "pbt.batched: a batched population cannot run a hypergradient tuner; drop 'tuner'"
+            )
+        if p["mode"] != "sync":
+            raise ConfigError(f"pbt.batched: needs mode 'sync', got {p['mode']!r}")
+        if config["training"]["augment"]:
+            raise ConfigError("pbt.batched: augmentation is not supported by a batched population")
     space = SearchSpace.from_config(p["space"])
     if not len(space):
         raise ConfigError("pbt.space: expected at least one parameter to explore")
@@ -119,6 +133,8 @@ def validate_pbt_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchS
             )
         if param.path == "training.augment":
             raise ConfigError(f"{where}: augmentation cannot be switched during training")
+        if p["batched"] and param.section != "optimizer":
+            raise ConfigError(f"{where}: a batched population can only explore optimizer.* values")
         if param.path == "model.dropout" and param.low <= 0:
             raise ConfigError(
                 f"{where}.low: must be > 0 so every member has dropout layers, got {param.low!r}"
@@ -137,12 +153,36 @@ class _Population:
         self.base = run_config_of(config)
         self.tb_root = Path(config["output"]["tensorboard_dir"]) / config["name"]
         self.loggers: dict[int, TensorBoardLogger] = {}
+        self.group: BatchedGroup | None = None
 
-    def factory(self, index: int, values: dict[str, Any]) -> RunMember:
+    def factory(self, index: int, values: dict[str, Any]) -> Any:
+        if self.config["pbt"]["batched"]:
+            return self._batched_member(index, values)
         run_config = self.space.apply(self.base, values)
         run_config["seed"] = int(self.base["seed"]) + index
         run = TrainingRun.from_config(run_config, data=self.data)
         return RunMember(run, self.config["pbt"]["metric"])
+
+    def _batched_member(self, index: int, values: dict[str, Any]) -> BatchedMember:
+        """Member ``index`` of the one BatchedPopulation (built at the first call): member i
+        has seed ``training.seed + i`` like the unbatched members."""
+        if self.group is None:
+            from gradhpo.pbt.batched import BatchedPopulation
+
+            n = self.config["pbt"]["population"]
+            population = BatchedPopulation(
+                self.base["model"],
+                self.data,
+                n,
+                optimizer=self.base["optimizer"],
+                batch_size=self.base["batch_size"],
+                seeds=[int(self.base["seed"]) + i for i in range(n)],
+                device=self.base["device"],
+            )
+            self.group = BatchedGroup(population, self.config["pbt"]["metric"])
+        member = self.group.member(index)
+        member.apply(values)
+        return member
 
     def on_evaluate(
         self, index: int, step: int, score: float, member: Any, values: dict[str, Any]
@@ -199,11 +239,12 @@ def prepare_pbt(
             f"output: {str(directory)!r} already holds a PBT run; continue it with "
             f"`gradhpo resume {directory}` or choose another name"
         )
+    population.group = None  # the pre-flight population is not the one that trains
     p = config["pbt"]
     steps = p["steps"]
     if steps is None:
-        probe = population.factory(0, {})
-        steps = config["training"]["epochs"] * probe.run.steps_per_epoch
+        per_epoch = len(splits.train) // min(config["training"]["batch_size"], len(splits.train))
+        steps = config["training"]["epochs"] * per_epoch
     directory.mkdir(parents=True, exist_ok=True)
     if resume_dir is None:
         (directory / "config.yaml").write_text(
@@ -251,7 +292,11 @@ def run_pbt(
         best = manager.run(progress=bar)
     population.close()
     member = manager.members[best["member"]]
-    test = member.run.evaluate("test")
+    if isinstance(member, BatchedMember):
+        result = member.group.population.evaluate("test")
+        test = {k: float(result[k][member.index]) for k in ("accuracy", "loss")}
+    else:
+        test = member.run.evaluate("test")
     best.update(
         test_accuracy=test["accuracy"],
         test_loss=test["loss"],
