@@ -19,7 +19,14 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "load_yaml", "validate_train_config", "run_config_of", "TRAIN_DEFAULTS"]
+__all__ = [
+    "ConfigError",
+    "load_yaml",
+    "validate_train_config",
+    "with_section",
+    "run_config_of",
+    "TRAIN_DEFAULTS",
+]
 
 
 class ConfigError(ValueError):
@@ -126,6 +133,24 @@ def validate_train_config(config: Mapping[str, Any]) -> dict[str, Any]:
     check_str("output.dir", resolved["output"]["dir"])
     check_str("output.tensorboard_dir", resolved["output"]["tensorboard_dir"])
     return resolved
+
+
+def with_section(
+    raw: Mapping[str, Any], section: str, defaults: Mapping[str, Any], command: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate a train config that carries one extra section (``search`` for ``gradhpo
+    tune``, ``pbt`` for ``gradhpo pbt``): returns the resolved train config and the section
+    merged over ``defaults``, after checking its presence, type and key names."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: expected a mapping, got {raw!r}")
+    given = raw.get(section)
+    if given is None:
+        raise ConfigError(f"{section}: section is required for `{command}`")
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"{section}: expected a mapping, got {given!r}")
+    config = validate_train_config({k: v for k, v in raw.items() if k != section})
+    _check_unknown(section, given, tuple(defaults))
+    return config, {**defaults, **given}
 
 
 def run_config_of(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ __all__ = [
     "RUN_CONFIG_KEYS",
     "TUNER_KEYS",
     "resolve_device",
+    "swapped_rng",
 ]
 
 #: Continuous hyperparameters each optimizer exposes through ``TrainingRun.hyperparameters``.
@@ -89,6 +90,24 @@ RUN_CONFIG_KEYS = (
     "tuner",
 )
 _DATA_KEYS = ("name", "seed", "val_fraction", "test_fraction", "data_dir", "n_folds", "fold")
+
+
+@contextmanager
+def swapped_rng(owner: Any) -> Iterator[None]:
+    """Swap ``owner``'s private random stream (its ``_rng_state``, ``_cuda_rng_state`` and
+    ``device``) into torch's global RNG for a block, and save the advanced state back; the
+    global stream is left as it was. Used by TrainingRun and BatchedPopulation."""
+    devices = [owner.device] if owner.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(owner._rng_state)
+        if owner._cuda_rng_state is not None:
+            torch.cuda.set_rng_state(owner._cuda_rng_state, owner.device)
+        try:
+            yield
+        finally:
+            owner._rng_state = torch.get_rng_state()
+            if owner._cuda_rng_state is not None:
+                owner._cuda_rng_state = torch.cuda.get_rng_state(owner.device)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -344,20 +363,9 @@ class TrainingRun:
             raise ValueError("data.name is required (e.g. 'digits')")
         return spec, load_dataset(spec["name"], **kwargs)
 
-    @contextmanager
-    def _own_rng(self) -> Iterator[None]:
+    def _own_rng(self) -> Any:
         """Swap this run's random state into torch's global RNG for the duration of a block."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self._rng_state)
-            if self._cuda_rng_state is not None:
-                torch.cuda.set_rng_state(self._cuda_rng_state, self.device)
-            try:
-                yield
-            finally:
-                self._rng_state = torch.get_rng_state()
-                if self._cuda_rng_state is not None:
-                    self._cuda_rng_state = torch.cuda.get_rng_state(self.device)
+        return swapped_rng(self)
 
     # ------------------------------------------------------------------ training
     def step(self, n: int = 1) -> float:

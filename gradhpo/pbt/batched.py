@@ -28,8 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -45,6 +44,7 @@ from gradhpo.run import (
     _make_optimizer,
     _optimizer_spec,
     resolve_device,
+    swapped_rng,
 )
 from models import build_model
 
@@ -387,20 +387,9 @@ class BatchedPopulation:
         return new_params, new_state
 
     # ------------------------------------------------------------------ RNG
-    @contextmanager
-    def _own_rng(self) -> Iterator[None]:
+    def _own_rng(self) -> Any:
         """Swap the population's random stream into torch's global RNG (as TrainingRun does)."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self._rng_state)
-            if self._cuda_rng_state is not None:
-                torch.cuda.set_rng_state(self._cuda_rng_state, self.device)
-            try:
-                yield
-            finally:
-                self._rng_state = torch.get_rng_state()
-                if self._cuda_rng_state is not None:
-                    self._cuda_rng_state = torch.cuda.get_rng_state(self.device)
+        return swapped_rng(self)
 
     # ------------------------------------------------------------------ training
     def _next_batch(self) -> tuple[Tensor, Tensor]:

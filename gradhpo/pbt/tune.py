@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from gradhpo.config import ConfigError, check_int, run_config_of, validate_train_config
+from gradhpo.config import ConfigError, check_int, run_config_of, with_section
 from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
 from gradhpo.logging import TensorBoardLogger
 from gradhpo.pbt.manager import BatchedGroup, BatchedMember, PopulationBasedTraining, RunMember
@@ -75,18 +75,7 @@ def _number(field: str, value: Any, low: float, high: float, *, open_low: bool =
 
 
 def validate_pbt_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchSpace]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config: expected a mapping, got {raw!r}")
-    section = raw.get("pbt")
-    if section is None:
-        raise ConfigError("pbt: section is required for `gradhpo pbt`")
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"pbt: expected a mapping, got {section!r}")
-    config = validate_train_config({k: v for k, v in raw.items() if k != "pbt"})
-    unknown = sorted(set(section) - set(PBT_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"pbt: unknown key(s) {unknown}; allowed: {list(PBT_DEFAULTS)}")
-    p = {**PBT_DEFAULTS, **section}
+    config, p = with_section(raw, "pbt", PBT_DEFAULTS, "gradhpo pbt")
     check_int("pbt.population", p["population"], 2)
     check_int("pbt.interval", p["interval"], 1)
     if p["steps"] is not None:

@@ -36,7 +36,7 @@ import optuna
 import torch
 import yaml
 
-from gradhpo.config import ConfigError, check_int, run_config_of, validate_train_config
+from gradhpo.config import ConfigError, check_int, run_config_of, with_section
 from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
 from gradhpo.logging import TensorBoardLogger
 from gradhpo.run import TrainingRun
@@ -78,18 +78,7 @@ METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 def validate_tune_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchSpace]:
     """Validate a tune config: the train sections plus ``search``. Returns the resolved
     config and its search space; every mistake is a ConfigError naming the field."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config: expected a mapping, got {raw!r}")
-    search = raw.get("search")
-    if search is None:
-        raise ConfigError("search: section is required for `gradhpo tune`")
-    if not isinstance(search, Mapping):
-        raise ConfigError(f"search: expected a mapping, got {search!r}")
-    config = validate_train_config({k: v for k, v in raw.items() if k != "search"})
-    unknown = sorted(set(search) - set(SEARCH_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"search: unknown key(s) {unknown}; allowed: {list(SEARCH_DEFAULTS)}")
-    s = {**SEARCH_DEFAULTS, **search}
+    config, s = with_section(raw, "search", SEARCH_DEFAULTS, "gradhpo tune")
     if s["metric"] not in METRICS:
         raise ConfigError(f"search.metric: expected one of {list(METRICS)}, got {s['metric']!r}")
     check_int("search.trials", s["trials"], 1)
