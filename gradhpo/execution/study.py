@@ -27,25 +27,26 @@ from gradhpo.execution.executors import Executor, make_executor
 __all__ = ["config_study_worker", "objective_worker", "run_config_study", "run_objective_study"]
 
 
-def _distinct_sampler(study: Any, worker: int) -> None:
-    """Drivers of one study restore the same saved sampler state; without this, two drivers
-    with a seeded sampler would propose the same points. Worker 0 keeps the saved state (one
-    worker reproduces a serial run); worker k > 0 reseeds deterministically from k."""
-    if worker > 0:
+def _distinct_sampler(study: Any, worker: int, workers: int) -> None:
+    """Drivers of one study restore the same saved sampler state (whichever driver saved it
+    last); left alone, two drivers with a seeded sampler would propose the same points. A
+    single worker keeps the saved state (it reproduces a serial run); with several, worker k
+    reseeds the sampler deterministically from k."""
+    if workers > 1:
         from gradhpo.search.samplers import reseed_sampler
 
-        reseed_sampler(study.sampler, 1_000_003 * worker)
+        reseed_sampler(study.sampler, 1_000_003 * (worker + 1))
 
 
 def config_study_worker(
-    directory: str, n_trials: int, timeout: float | None, worker: int = 0
+    directory: str, n_trials: int, timeout: float | None, worker: int = 0, workers: int = 1
 ) -> dict[str, Any]:
     """Worker: continue the config-driven study in ``directory`` to ``n_trials``."""
     from gradhpo.search.tune import prepare_study, run_trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, config, space, folds = prepare_study(resume_dir=directory)
-    _distinct_sampler(study, worker)
+    _distinct_sampler(study, worker, workers)
     ran = run_trials(study, config, space, folds, trials=n_trials, timeout=timeout, progress=False)
     return {"pid": os.getpid(), "trials": ran}
 
@@ -56,6 +57,7 @@ def objective_worker(
     n_trials: int,
     timeout: float | None,
     worker: int = 0,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Worker: run a user objective (a picklable, module-level function) on the study in
     ``directory`` to ``n_trials``."""
@@ -63,7 +65,7 @@ def objective_worker(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = load_study(directory)
-    _distinct_sampler(study, worker)
+    _distinct_sampler(study, worker, workers)
     ran = study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,))
     return {"pid": os.getpid(), "trials": ran}
 
@@ -78,7 +80,7 @@ def run_config_study(
 ) -> list[dict[str, Any]]:
     """Run ``workers`` drivers of a config-driven study on ``executor``."""
     ex = make_executor(executor)
-    args = [(str(directory), n_trials, timeout, k) for k in range(workers)]
+    args = [(str(directory), n_trials, timeout, k, workers) for k in range(workers)]
     return ex.run(config_study_worker, args)
 
 
@@ -93,5 +95,5 @@ def run_objective_study(
 ) -> list[dict[str, Any]]:
     """Run ``workers`` drivers of the study in ``directory`` with a user objective."""
     ex = make_executor(executor)
-    args = [(str(directory), objective, n_trials, timeout, k) for k in range(workers)]
+    args = [(str(directory), objective, n_trials, timeout, k, workers) for k in range(workers)]
     return ex.run(objective_worker, args)
