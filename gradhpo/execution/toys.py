@@ -32,3 +32,14 @@ def die_once(trial: optuna.trial.Trial) -> float:
 def instant(trial: optuna.trial.Trial) -> float:
     """No work at all: for measuring the executors' own overhead."""
     return trial.suggest_float("x", -2.0, 2.0) ** 2
+
+
+def slow_epochs(trial: optuna.trial.Trial) -> float:
+    """Five "epochs" of 30 ms, each reported (so a kill can land mid-trial)."""
+    x = trial.suggest_float("x", -2.0, 2.0)
+    value = 0.0
+    for epoch in range(1, 6):
+        time.sleep(0.03)
+        value = (x - 0.5) ** 2 + 1.0 / epoch
+        trial.report(value, epoch)
+    return value
