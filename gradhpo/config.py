@@ -12,6 +12,7 @@ one place.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -166,3 +167,52 @@ def run_config_of(config: Mapping[str, Any]) -> dict[str, Any]:
         "device": training["device"],
         "augment": training["augment"],
     }
+
+
+_EXECUTOR_KEYS = {
+    "serial": ("workers",),
+    "processes": ("workers", "threads_per_worker", "max_failures"),
+    "ray": (
+        "workers",
+        "address",
+        "num_cpus",
+        "num_cpus_per_worker",
+        "num_gpus_per_worker",
+        "max_failures",
+    ),
+}
+
+
+def check_executor(field: str, spec: Any) -> dict[str, Any] | None:
+    """An ``executor`` entry (``search.executor``, ``pbt.executor``): a name or ``{name,
+    workers, ...}``, checked so that a typo is a config error before anything runs."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{field}: expected a name or a mapping, got {spec!r}")
+    name = spec.get("name")
+    if name not in _EXECUTOR_KEYS:
+        raise ConfigError(
+            f"{field}.name: unknown executor {name!r}; choose one of {list(_EXECUTOR_KEYS)}"
+        )
+    unknown = sorted(set(spec) - {"name", *_EXECUTOR_KEYS[name]})
+    if unknown:
+        raise ConfigError(
+            f"{field}: unknown key(s) {unknown} for {name!r}; allowed: {list(_EXECUTOR_KEYS[name])}"
+        )
+    spec = dict(spec)
+    spec.setdefault("workers", 1 if name == "serial" else 2)
+    check_int(f"{field}.workers", spec["workers"], 1)
+    if name == "serial" and spec["workers"] != 1:
+        raise ConfigError(
+            f"{field}.workers: the serial executor has one worker, got {spec['workers']!r}"
+        )
+    if "max_failures" in spec:
+        check_int(f"{field}.max_failures", spec["max_failures"], 0)
+    # find_spec, not import: importing Ray here would fix its network mode before the executor
+    # can ask for a loopback-only local instance.
+    if name == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(f"{field}: 'ray' needs Ray installed (pip install 'gradhpo[ray]')")
+    return spec

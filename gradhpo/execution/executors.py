@@ -6,7 +6,6 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,9 +42,7 @@ def _check(name: str, value: Any, minimum: int) -> int:
 
 
 def _run_with_threads(threads: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    import torch
-
-    torch.set_num_threads(threads)
+    _init_worker(threads)
     return fn(*args)
 
 
@@ -76,18 +73,21 @@ class SerialExecutor(Executor):
         return [fn(*args) for args in args_list]
 
 
-def _process_main(
-    queue: Any, index: int, threads: int, fn: Callable[..., Any], args: tuple[Any, ...]
-) -> None:
-    result = _run_with_threads(threads, fn, args)
-    queue.put((index, result))
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 class ProcessExecutor(Executor):
-    """One local process per worker (``spawn``: no state inherited from the driver), each with
-    ``threads_per_worker`` torch threads. A worker that exits without a result (killed, crashed)
-    is started again with the same arguments; more than ``max_failures`` restarts in all raise
-    :class:`WorkerFailed`. Results come back through a queue, so they must be picklable."""
+    """A pool of ``workers`` local processes (``spawn``: no state inherited from the driver),
+    each with ``threads_per_worker`` torch threads, kept alive between :meth:`run` calls (a
+    PBT run submits one round of member tasks after another; starting a Python process that
+    imports torch costs ~2-3 s here). A worker that dies (killed, crashed) breaks the pool:
+    the pool is rebuilt and every unfinished task submitted again — tasks must therefore be
+    idempotent, which study drivers (they continue the shared study) and PBT member tasks
+    (they write their own output file) are. More than ``max_failures`` such breaks in all raise
+    :class:`WorkerFailed`. Results must be picklable."""
 
     name = "processes"
 
@@ -104,55 +104,51 @@ class ProcessExecutor(Executor):
         )
         self.max_failures = _check("max_failures", max_failures, 0)
         self.failures = 0
+        self._pool: Any = None
+
+    def _get_pool(self) -> Any:
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=mp.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.threads,),
+            )
+        return self._pool
 
     def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        pending = list(enumerate(args_list))
-        running: dict[int, Any] = {}
+        from concurrent.futures import wait
+        from concurrent.futures.process import BrokenProcessPool
+
         results: dict[int, Any] = {}
-        try:
-            while pending or running:
-                while pending and len(running) < self.workers:
-                    index, args = pending.pop(0)
-                    proc = ctx.Process(
-                        target=_process_main,
-                        args=(queue, index, self.threads, fn, args),
-                        daemon=True,
+        todo = list(range(len(args_list)))
+        while todo:
+            pool = self._get_pool()
+            futures = {pool.submit(fn, *args_list[i]): i for i in todo}
+            wait(futures)
+            broken = False
+            for future, i in futures.items():
+                try:
+                    results[i] = future.result()
+                except BrokenProcessPool:
+                    broken = True
+            todo = [i for i in todo if i not in results]
+            if broken:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+                self.failures += 1
+                if self.failures > self.max_failures:
+                    raise WorkerFailed(
+                        f"a worker process died; {self.failures} failures > max_failures={self.max_failures}"
                     )
-                    proc.start()
-                    running[index] = (proc, args)
-                while not queue.empty():
-                    index, result = queue.get()
-                    results[index] = result
-                for index, (proc, args) in list(running.items()):
-                    if proc.is_alive():
-                        continue
-                    proc.join()
-                    if index not in results:
-                        # Drain what a worker may have put right before exiting.
-                        deadline = time.monotonic() + 1.0
-                        while index not in results and time.monotonic() < deadline:
-                            if not queue.empty():
-                                i, r = queue.get()
-                                results[i] = r
-                            else:
-                                time.sleep(0.02)
-                    del running[index]
-                    if index not in results:
-                        self.failures += 1
-                        if self.failures > self.max_failures:
-                            raise WorkerFailed(
-                                f"worker {index} died (exit code {proc.exitcode}); "
-                                f"{self.failures} failures > max_failures={self.max_failures}"
-                            )
-                        pending.insert(0, (index, args))
-                time.sleep(0.05)
-        finally:
-            for proc, _ in running.values():
-                if proc.is_alive():
-                    proc.kill()
         return [results[i] for i in range(len(args_list))]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 class RayExecutor(Executor):

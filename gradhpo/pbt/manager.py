@@ -116,6 +116,57 @@ class RunMember:
         return bool(self.run.diverged)
 
 
+class _Hypers:
+    """Stands in for a remote member in ``on_evaluate`` callbacks (only its hyperparameters)."""
+
+    def __init__(self, hyperparameters: Mapping[str, float]) -> None:
+        self.hyperparameters = dict(hyperparameters)
+
+
+def member_task(
+    factory: Callable[[int, dict[str, Any]], Member],
+    index: int,
+    values: Mapping[str, Any],
+    state_path: str | None,
+    stream_path: str | None,
+    steps: int,
+    out_path: str,
+) -> tuple[float | None, dict[str, float]]:
+    """One member's work on an executor: build it, restore ``state_path`` (with
+    ``stream_path``: restore that fully first, then take ``state_path``'s weights keeping the
+    stream, as an exploit does), apply ``values``, train ``steps`` and score (``steps`` 0: no
+    training, no score), write the state to ``out_path`` atomically."""
+    import os
+    import tempfile
+
+    import torch
+
+    member = factory(index, dict(values))
+    if stream_path is not None:
+        member.load_state_dict(torch.load(stream_path, map_location="cpu", weights_only=True))
+        if state_path is not None:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            member.load_state_dict(state, keep_stream=True)
+    elif state_path is not None:
+        member.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
+    member.apply(values)
+    score = None
+    if steps > 0:
+        member.step(steps)
+        score = float(member.score())
+    directory = os.path.dirname(out_path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".task.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(member.state_dict(), fh)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return score, dict(member.hyperparameters)
+
+
 class BatchedGroup:
     """A :class:`~gradhpo.pbt.batched.BatchedPopulation` seen by the manager: one ``step`` for
     all members, validation scores computed once per step for all members."""
@@ -289,9 +340,10 @@ class PopulationBasedTraining:
         kind, keys, pos, has_gauss, cached = state
         self.rng.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
-    def start(self) -> bool:
+    def start(self, *, build: bool = True) -> bool:
         """Build the population: fresh, or from the database (resume). Returns True when
-        resumed. Work after the last committed interval is lost and redone."""
+        resumed. Work after the last committed interval is lost and redone. With
+        ``build=False`` (members trained by an executor) only the bookkeeping is loaded."""
         rows = self.db.members()
         if rows:
             if len(rows) != self.population:
@@ -308,6 +360,12 @@ class PopulationBasedTraining:
                 [],
             )
             for row in rows:
+                if not build:
+                    self.values.append(dict(row["values"]))
+                    self.steps.append(int(row["step"]))
+                    self.checkpoints.append(row["checkpoint"])
+                    self.latest.append(row["score"])
+                    continue
                 member = self.factory(row["member"], dict(row["values"]))
                 if row["checkpoint"] is not None:
                     member.load_state_dict(
@@ -327,7 +385,9 @@ class PopulationBasedTraining:
                 {p.path: resample(p, self.rng) for p in self.parameters}
                 for _ in range(self.population)
             ]
-        self.members = [self.factory(i, dict(v)) for i, v in enumerate(self.values)]
+        self.members = (
+            [self.factory(i, dict(v)) for i, v in enumerate(self.values)] if build else []
+        )
         self.steps = [0] * self.population
         self.checkpoints = [None] * self.population
         self.latest = [None] * self.population
@@ -443,8 +503,15 @@ class PopulationBasedTraining:
         return loads
 
     # ------------------------------------------------------------------ main loop
-    def run(self, progress: Any = None) -> dict[str, Any]:
-        """Train until every member reached ``total_steps``; returns the best member."""
+    def run(self, progress: Any = None, executor: Any = None) -> dict[str, Any]:
+        """Train until every member reached ``total_steps``; returns the best member.
+
+        With an ``executor`` (:mod:`gradhpo.execution`) each member's interval runs as a task
+        on it (sync mode): the task builds the member with ``factory`` (which must then be
+        picklable), loads its checkpoint, trains, scores and writes a new checkpoint; the
+        driver keeps only the database. Same decisions and results as in-process training."""
+        if executor is not None:
+            return self._run_remote(executor, progress)
         if not self.members:
             self.start()
         if self.mode == "sync":
@@ -484,17 +551,136 @@ class PopulationBasedTraining:
                     progress.update(n)
         return self.best()
 
+    def _run_remote(self, executor: Any, progress: Any) -> dict[str, Any]:
+        if self.mode != "sync":
+            raise ValueError("mode: members on an executor run in sync mode; got 'async'")
+        if not self.values:
+            self.start(build=False)
+        self._remote_hypers: dict[int, dict[str, float]] = {}
+        path = self.db.checkpoint_path
+        while min(self.steps) < self.total_steps:
+            n = min(self.interval, self.total_steps - min(self.steps))
+            outs = [
+                self.db.new_checkpoint_path(i, self.steps[i] + n) for i in range(self.population)
+            ]
+            tasks = [
+                (
+                    self.factory,
+                    i,
+                    self.values[i],
+                    None if self.checkpoints[i] is None else str(path(self.checkpoints[i])),
+                    None,
+                    n,
+                    str(outs[i]),
+                )
+                for i in range(self.population)
+            ]
+            results = executor.run(member_task, tasks)
+            scores = {}
+            for i, (score, hypers) in enumerate(results):
+                self.steps[i] += n
+                scores[i] = float(score)
+                self._remote_hypers[i] = hypers
+                if self.on_evaluate is not None:
+                    self.on_evaluate(i, self.steps[i], scores[i], _Hypers(hypers), self.values[i])
+            final = min(self.steps) >= self.total_steps
+            copies = {} if final else self._decide([scores[i] for i in range(self.population)])
+            self._commit_remote(scores, copies, outs, executor)
+            if progress is not None:
+                progress.update(n)
+        return self.best()
+
+    def _commit_remote(
+        self,
+        scores: Mapping[int, float],
+        copies: Mapping[int, int],
+        outs: Sequence[Any],
+        executor: Any,
+    ) -> None:
+        """The remote twin of :meth:`_commit`: workers already wrote every member's trained
+        state; losers then get their own checkpoint (source weights + own stream + explored
+        values) from a second, step-free task, as the in-process path does in memory."""
+        with self.db.transaction():
+            for i in range(self.population):
+                self.db.record_score(self.steps[i], i, scores[i], self.values[i])
+                ck = self.db.add_checkpoint(i, self.steps[i], outs[i])
+                self.db.set_member(i, self.steps[i], ck, self.values[i], scores[i])
+                self.checkpoints[i] = ck
+            winners = set(copies.values())
+            sources = {w: self.checkpoints[w] for w in winners}
+            own = {loser: self.checkpoints[loser] for loser in copies}
+            for ck in (*sources.values(), *own.values()):  # pinned until the losers are rebuilt
+                self.db.acquire(ck)
+            planned = []
+            for loser, winner in sorted(copies.items()):
+                new_values = self._new_values(winner)
+                self.db.set_member(
+                    loser, self.steps[loser], sources[winner], new_values, scores[loser]
+                )
+                self.db.record_exploit(
+                    self.steps[loser],
+                    loser,
+                    winner,
+                    sources[winner],
+                    self.values[loser],
+                    new_values,
+                )
+                self.checkpoints[loser] = sources[winner]
+                planned.append((loser, sources[winner], new_values))
+            self.db.set_meta("rng", self._rng_state())
+        for i in range(self.population):
+            self.latest[i] = scores[i]
+        if not planned:
+            return
+        path = self.db.checkpoint_path
+        mine = {
+            loser: self.db.new_checkpoint_path(loser, self.steps[loser]) for loser, _, _ in planned
+        }
+        tasks = [
+            (
+                self.factory,
+                loser,
+                values,
+                str(path(src)),
+                str(path(own[loser])),
+                0,
+                str(mine[loser]),
+            )
+            for loser, src, values in planned
+        ]
+        executor.run(member_task, tasks)
+        with self.db.transaction():
+            for loser, _, values in planned:
+                self.values[loser] = values
+                ck = self.db.add_checkpoint(loser, self.steps[loser], mine[loser])
+                self.db.set_member(loser, self.steps[loser], ck, values, scores[loser])
+                self.checkpoints[loser] = ck
+            for ck in (*sources.values(), *own.values()):
+                self.db.release(ck)
+
     def best(self) -> dict[str, Any]:
         """The best member by its latest score (ties: lower index)."""
         scores = [math.nan if s is None else s for s in self.latest]
         i = rank(scores, self.maximize)[0]
+        if self.members:
+            hypers = dict(self.members[i].hyperparameters)
+        else:
+            hypers = dict(getattr(self, "_remote_hypers", {}).get(i, {}))
         return {
             "member": i,
             "score": scores[i],
             "values": dict(self.values[i]),
-            "hyperparameters": dict(self.members[i].hyperparameters) if self.members else {},
+            "hyperparameters": hypers,
             "step": self.steps[i],
         }
+
+    def build_member(self, i: int) -> Member:
+        """Member ``i`` rebuilt in this process from its current checkpoint."""
+        member = self.factory(i, dict(self.values[i]))
+        if self.checkpoints[i] is not None:
+            member.load_state_dict(self.db.load_checkpoint(self.checkpoints[i]))
+            member.apply(self.values[i])
+        return member
 
     def close(self) -> None:
         self.db.close()

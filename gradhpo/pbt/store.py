@@ -98,12 +98,15 @@ class PBTDatabase:
         )
 
     # ------------------------------------------------------------------ checkpoints
+    def new_checkpoint_path(self, member: int, step: int) -> Path:
+        """A fresh file name for a member's state. Unique: one member may write twice at one
+        step (its own state, then the state it holds after copying another member)."""
+        return self.checkpoint_dir / f"member{member:03d}_step{step:09d}_{uuid.uuid4().hex[:8]}.pt"
+
     def write_checkpoint(self, member: int, step: int, state: Mapping[str, Any]) -> Path:
         """Write a member's state to a new file atomically; it is not referenced yet (call
         :meth:`add_checkpoint` inside the step's transaction)."""
-        # A unique name: one member may write twice at one step (its own state, then the
-        # state it holds after copying another member).
-        path = self.checkpoint_dir / f"member{member:03d}_step{step:09d}_{uuid.uuid4().hex[:8]}.pt"
+        path = self.new_checkpoint_path(member, step)
         fd, tmp = tempfile.mkstemp(dir=self.checkpoint_dir, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -150,7 +153,21 @@ class PBTDatabase:
         return dict(self.conn.execute("SELECT id, refs FROM checkpoints").fetchall())
 
     def sweep(self) -> list[Path]:
-        """Delete checkpoint files the database does not reference (left by a killed step)."""
+        """Repair after a killed step: reference counts are set to the number of members
+        pointing at each checkpoint (a pin held by a step that never finished is dropped),
+        unreferenced checkpoints are deleted, and so are files the database does not know."""
+        pointing: dict[int, int] = {}
+        for (ck,) in self.conn.execute(
+            "SELECT checkpoint FROM members WHERE checkpoint IS NOT NULL"
+        ):
+            pointing[ck] = pointing.get(ck, 0) + 1
+        with self.transaction():
+            for ck, refs in self.refcounts().items():
+                if pointing.get(ck, 0) != refs:
+                    self.conn.execute(
+                        "UPDATE checkpoints SET refs = ? WHERE id = ?", (pointing.get(ck, 0), ck)
+                    )
+            self.conn.execute("DELETE FROM checkpoints WHERE refs <= 0")
         known = {row[0] for row in self.conn.execute("SELECT path FROM checkpoints")}
         removed = []
         for path in self.checkpoint_dir.iterdir():

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["QuarticMember"]
+__all__ = ["QuarticMember", "QuarticFactory"]
 
 
 class QuarticMember:
@@ -91,3 +91,15 @@ class QuarticMember:
     @property
     def hyperparameters(self) -> dict[str, float]:
         return {"lr": self.lr}
+
+
+class QuarticFactory:
+    """A picklable member factory (executors ship it to worker processes): member ``i`` gets
+    seed ``seed + i`` and the learning rate in ``values["optimizer.lr"]``."""
+
+    def __init__(self, seed: int = 100, **options: float) -> None:
+        self.seed = seed
+        self.options = options
+
+    def __call__(self, index: int, values: Mapping[str, Any]) -> QuarticMember:
+        return QuarticMember(values["optimizer.lr"], seed=self.seed + index, **self.options)

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from gradhpo.config import ConfigError, check_int, run_config_of, with_section
+from gradhpo.config import ConfigError, check_executor, check_int, run_config_of, with_section
 from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
 from gradhpo.logging import TensorBoardLogger
 from gradhpo.pbt.manager import BatchedGroup, BatchedMember, PopulationBasedTraining, RunMember
@@ -57,6 +57,7 @@ PBT_DEFAULTS: dict[str, Any] = {
     "metric": "val_accuracy",
     "seed": None,
     "batched": False,
+    "executor": None,
 }
 _CHOICES = {
     "exploit": ("truncation", "tournament"),
@@ -95,6 +96,16 @@ def validate_pbt_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchS
     p["seed"] = (
         config["training"]["seed"] if p["seed"] is None else check_int("pbt.seed", p["seed"], 0)
     )
+    p["executor"] = check_executor("pbt.executor", p["executor"])
+    if p["executor"] is not None and p["executor"]["name"] != "serial":
+        if p["mode"] != "sync":
+            raise ConfigError(
+                f"pbt.executor: members on an executor need mode 'sync', got {p['mode']!r}"
+            )
+        if p["batched"]:
+            raise ConfigError(
+                "pbt.executor: a batched population trains in this process; drop one of them"
+            )
     if not isinstance(p["batched"], bool):
         raise ConfigError(f"pbt.batched: expected true or false, got {p['batched']!r}")
     if p["batched"]:
@@ -130,6 +141,20 @@ def validate_pbt_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchS
             )
     config["pbt"] = p
     return config, space
+
+
+_DATA_CACHE: dict[str, DataSplits] = {}
+
+
+def _worker_data(config: Mapping[str, Any]) -> DataSplits:
+    """The data set of a config, loaded once per worker process."""
+    import json
+
+    key = json.dumps(config["data"], sort_keys=True)
+    if key not in _DATA_CACHE:
+        data = dict(config["data"])
+        _DATA_CACHE[key] = load_dataset(data.pop("name"), **data)
+    return _DATA_CACHE[key]
 
 
 class _Population:
@@ -191,6 +216,18 @@ class _Population:
     def close(self) -> None:
         for tb in self.loggers.values():
             tb.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Shipped to executor workers without the data, loggers or batched group: a worker
+        reloads the data set from the config (once per process)."""
+        state = dict(self.__dict__)
+        state.update(data=None, loggers={}, group=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.data is None:
+            self.data = _worker_data(self.config)
 
 
 def prepare_pbt(
@@ -269,7 +306,9 @@ def run_pbt(
     """Train the population to the end, then evaluate the best member on the test set."""
     from tqdm import tqdm
 
-    resumed = manager.start()
+    executor_spec = config["pbt"]["executor"]
+    remote = executor_spec is not None and executor_spec["name"] != "serial"
+    resumed = manager.start(build=not remote)
     done = min(manager.steps)
     with tqdm(
         total=manager.total_steps,
@@ -278,9 +317,17 @@ def run_pbt(
         unit="step",
         disable=not progress or None,
     ) as bar:
-        best = manager.run(progress=bar)
+        if remote:
+            from gradhpo.execution import make_executor
+
+            with make_executor(executor_spec) as executor:
+                best = manager.run(progress=bar, executor=executor)
+        else:
+            best = manager.run(progress=bar)
     population.close()
-    member = manager.members[best["member"]]
+    member = (
+        manager.members[best["member"]] if manager.members else manager.build_member(best["member"])
+    )
     if isinstance(member, BatchedMember):
         result = member.group.population.evaluate("test")
         test = {k: float(result[k][member.index]) for k in ("accuracy", "loss")}

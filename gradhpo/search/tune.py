@@ -36,7 +36,7 @@ import optuna
 import torch
 import yaml
 
-from gradhpo.config import ConfigError, check_int, run_config_of, with_section
+from gradhpo.config import ConfigError, check_executor, check_int, run_config_of, with_section
 from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
 from gradhpo.logging import TensorBoardLogger
 from gradhpo.run import TrainingRun
@@ -116,62 +116,10 @@ def validate_tune_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], Search
         raise ConfigError(
             f"search.keep_checkpoints: expected 'best' or 'all', got {s['keep_checkpoints']!r}"
         )
-    s["executor"] = _check_executor(s["executor"])
+    s["executor"] = check_executor("search.executor", s["executor"])
     space = SearchSpace.from_config(s["space"])
     config["search"] = s
     return config, space
-
-
-_EXECUTOR_KEYS = {
-    "serial": ("workers",),
-    "processes": ("workers", "threads_per_worker", "max_failures"),
-    "ray": (
-        "workers",
-        "address",
-        "num_cpus",
-        "num_cpus_per_worker",
-        "num_gpus_per_worker",
-        "max_failures",
-    ),
-}
-
-
-def _check_executor(spec: Any) -> dict[str, Any] | None:
-    """``search.executor``: a name or ``{name, workers, ...}``; checked here so a typo is a
-    config error before anything runs."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"search.executor: expected a name or a mapping, got {spec!r}")
-    name = spec.get("name")
-    if name not in _EXECUTOR_KEYS:
-        raise ConfigError(
-            f"search.executor.name: unknown executor {name!r}; choose one of {list(_EXECUTOR_KEYS)}"
-        )
-    unknown = sorted(set(spec) - {"name", *_EXECUTOR_KEYS[name]})
-    if unknown:
-        raise ConfigError(
-            f"search.executor: unknown key(s) {unknown} for {name!r}; allowed: {list(_EXECUTOR_KEYS[name])}"
-        )
-    spec = dict(spec)
-    spec.setdefault("workers", 1 if name == "serial" else 2)
-    check_int("search.executor.workers", spec["workers"], 1)
-    if name == "serial" and spec["workers"] != 1:
-        raise ConfigError(
-            f"search.executor.workers: the serial executor has one worker, got {spec['workers']!r}"
-        )
-    if "max_failures" in spec:
-        check_int("search.executor.max_failures", spec["max_failures"], 0)
-    if name == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError as exc:
-            raise ConfigError(
-                "search.executor: 'ray' needs Ray installed (pip install 'gradhpo[ray]')"
-            ) from exc
-    return spec
 
 
 def load_folds(config: Mapping[str, Any]) -> list[DataSplits]:

@@ -29,9 +29,8 @@ def _check_exactly(study, n: int) -> None:
 
 def test_four_driver_processes_on_one_sqlite_study_give_exactly_n_trials(tmp_path: Path) -> None:
     create_study(tmp_path / "s", sampler="random", pruner=None, direction="minimize", seed=0)
-    results = run_objective_study(
-        tmp_path / "s", quadratic, ProcessExecutor(4, threads_per_worker=1), workers=4, n_trials=23
-    )
+    with ProcessExecutor(4, threads_per_worker=1) as executor:
+        results = run_objective_study(tmp_path / "s", quadratic, executor, workers=4, n_trials=23)
     study = load_study(tmp_path / "s")
     _check_exactly(study, 23)
     assert len({r["pid"] for r in results}) == 4  # four separate driver processes
@@ -58,8 +57,8 @@ def test_killed_worker_is_restarted_and_its_trial_retried(tmp_path: Path, monkey
     marker = tmp_path / "died"
     monkeypatch.setenv("GRADHPO_TEST_MARKER", str(marker))
     create_study(tmp_path / "s", sampler="random", pruner=None, direction="minimize", seed=0)
-    executor = ProcessExecutor(1, threads_per_worker=1, max_failures=2)
-    run_objective_study(tmp_path / "s", die_once, executor, workers=1, n_trials=5)
+    with ProcessExecutor(1, threads_per_worker=1, max_failures=2) as executor:
+        run_objective_study(tmp_path / "s", die_once, executor, workers=1, n_trials=5)
     assert marker.exists() and executor.failures == 1
     study = load_study(tmp_path / "s")
     _check_exactly(study, 5)
@@ -71,10 +70,11 @@ def test_killed_worker_is_restarted_and_its_trial_retried(tmp_path: Path, monkey
 def test_worker_failures_beyond_the_limit_raise(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("GRADHPO_TEST_MARKER", str(tmp_path / "died"))
     create_study(tmp_path / "s", sampler="random", pruner=None, seed=0)
-    with pytest.raises(WorkerFailed, match="max_failures=0"):
-        run_objective_study(
-            tmp_path / "s", die_once, ProcessExecutor(1, max_failures=0), workers=1, n_trials=5
-        )
+    with (
+        pytest.raises(WorkerFailed, match="max_failures=0"),
+        ProcessExecutor(1, max_failures=0) as ex,
+    ):
+        run_objective_study(tmp_path / "s", die_once, ex, workers=1, n_trials=5)
 
 
 def test_executor_specs_are_checked() -> None:
