@@ -1,0 +1,424 @@
+"""Ablation: tuning methods compared at equal compute on one task, over several seeds.
+
+Every method gets the same budget of training steps (optimizer steps on training batches,
+summed over all the runs it trains); wall seconds are recorded too, since a hypergradient
+step costs more than a plain one. The searched / tuned quantities are the learning rate
+(log-uniform in [1e-3, 1]) and, for the samplers, the CNN's width; weight decay 5e-4,
+momentum 0.9.
+
+Methods:
+  random, grid, tpe, tpe_hyperband, evolution  Optuna samplers over (lr, width), each trial a
+                                              plain run of ``--trial-epochs`` epochs
+  hg_greedy, hg_truncated, hg_forward          one run whose lr is tuned by hypergradients
+                                              (greedy K=1; reverse K=10 truncated to 5;
+                                              forward K=10) for the whole budget
+  sgd_hd                                       one run with the SGD-HD optimizer (online lr)
+  pbt, pbt_hybrid                              PBT population of 4 sharing the budget; the
+                                              hybrid's members also tune lr by hypergradient
+
+Tasks: ``digits`` (2-D CNN on scikit-learn's 8x8 digits), ``mnist1d`` (1-D CNN on MNIST-1D),
+``cifar10`` (small ResNet; only when the data files are present).
+
+    python experiments/ablation.py --quick          # < 10 min on 2 CPU cores
+    python experiments/ablation.py --task mnist1d --seeds 3 --budget 60000
+
+Writes experiments/results/ablation_<task>/{runs.csv, curves.csv, table.md, best_so_far.png}
+and experiments/RESULTS.md (the latest run's table, command and machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import torch  # noqa: E402
+
+from gradhpo.data import DatasetNotFoundError, load_dataset  # noqa: E402
+from gradhpo.pbt.manager import PopulationBasedTraining, RunMember  # noqa: E402
+from gradhpo.run import TrainingRun  # noqa: E402
+from gradhpo.search import create_study  # noqa: E402
+from gradhpo.search.space import SearchSpace  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+ROOT = Path(__file__).resolve().parents[1]
+
+TASKS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "data": {"name": "digits", "seed": 0},
+        "model": {"name": "cnn", "depth": 2, "width": 16},
+        "batch": 32,
+    },
+    "mnist1d": {
+        "data": {"name": "mnist1d", "seed": 0},
+        "model": {"name": "cnn1d", "depth": 3, "width": 32, "kernel_size": 5, "pooling": "stride"},
+        "batch": 100,
+    },
+    "cifar10": {"data": {"name": "cifar10", "seed": 0}, "model": {"name": "resnet"}, "batch": 128},
+}
+SAMPLERS = {
+    "random": ("random", None),
+    "grid": ("grid", None),
+    "tpe": ({"name": "tpe", "n_startup_trials": 4}, None),
+    "tpe_hyperband": (
+        {"name": "tpe", "n_startup_trials": 4},
+        {"name": "hyperband", "min_resource": 1},
+    ),
+    "evolution": ({"name": "evolution", "population_size": 4, "sample_size": 2}, None),
+}
+HYPERGRADIENT = {
+    "hg_greedy": {"method": "greedy", "horizon": 1},
+    "hg_truncated": {"method": "reverse", "horizon": 10, "truncate": 5},
+    "hg_forward": {"method": "forward", "horizon": 10},
+}
+METHODS = [*SAMPLERS, *HYPERGRADIENT, "sgd_hd", "pbt", "pbt_hybrid"]
+LR_LOW, LR_HIGH, LR_START = 1e-3, 1.0, 0.01
+
+
+class Tracker:
+    """Counts training steps and seconds across every run of one method; records the best
+    validation accuracy so far (and the test accuracy of the model that reached it)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.best_val = -1.0
+        self.best_test = math.nan
+        self.curve: list[tuple[int, float, float]] = []
+
+    @property
+    def exhausted(self) -> bool:
+        return self.steps >= self.budget
+
+    def record(self, steps: int, val: float, test_fn: Callable[[], float]) -> None:
+        self.steps += steps
+        if val > self.best_val:
+            self.best_val = val
+            self.best_test = test_fn()
+        self.curve.append((self.steps, time.perf_counter() - self.start, self.best_val))
+
+
+def make_run(
+    task: dict,
+    data: Any,
+    seed: int,
+    lr: float,
+    width: int | None = None,
+    tuner: dict | None = None,
+    optimizer: str = "sgd",
+) -> TrainingRun:
+    model = dict(task["model"])
+    if width is not None:
+        model["width"] = width
+    return TrainingRun(
+        model=model,
+        data=data,
+        optimizer={"name": optimizer, "lr": lr, "momentum": 0.9, "weight_decay": 5e-4},
+        batch_size=task["batch"],
+        seed=seed,
+        device="auto",
+        tuner=tuner,
+    )
+
+
+def run_sampler(
+    name: str, task: dict, data: Any, seed: int, tracker: Tracker, trial_epochs: int, tmp: Path
+) -> None:
+    sampler, pruner = SAMPLERS[name]
+    space = SearchSpace.from_config(
+        {
+            "optimizer.lr": {
+                "type": "float",
+                "low": LR_LOW,
+                "high": LR_HIGH,
+                "log": True,
+                "grid": [0.003, 0.03, 0.3],
+            },
+            "model.width": {"type": "categorical", "choices": [8, 16, 32]},
+        }
+    )
+    study = create_study(
+        tmp / f"{name}_{seed}",
+        sampler=sampler,
+        pruner=pruner,
+        seed=seed,
+        search_space=space,
+        max_resource=trial_epochs,
+    )
+
+    def objective(trial: optuna.trial.Trial) -> float:
+        params = space.suggest(trial)
+        run = make_run(
+            task, data, seed + trial.number, params["optimizer.lr"], params["model.width"]
+        )
+        best = 0.0
+        for epoch in range(1, trial_epochs + 1):
+            n = min(run.steps_per_epoch, tracker.budget - tracker.steps)
+            if n <= 0:
+                break
+            run.step(n)
+            val = run.evaluate("val")["accuracy"] if not run.diverged else 0.0
+            tracker.record(n, val, lambda: run.evaluate("test")["accuracy"])
+            best = max(best, val)
+            trial.report(val, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return best
+
+    while not tracker.exhausted and not study.optuna._stop_flag:
+        done = len(study.finished_trials())
+        study.optimize(objective, n_trials=done + 1)
+
+
+def run_hypergradient(name: str, task: dict, data: Any, seed: int, tracker: Tracker) -> None:
+    tuner = {"hypers": [{"name": "lr"}], "hyper_lr": 0.05, **HYPERGRADIENT[name]}
+    run = make_run(task, data, seed, LR_START, tuner=tuner)
+    _train_single(run, tracker)
+
+
+def run_sgd_hd(task: dict, data: Any, seed: int, tracker: Tracker) -> None:
+    from gradhpo.optim import SGDHD
+
+    run = make_run(task, data, seed, LR_START)
+    run.optimizer = SGDHD(
+        run.model.parameters(), lr=LR_START, momentum=0.9, weight_decay=5e-4, hypergrad_lr=1e-3
+    )
+    _train_single(run, tracker)
+
+
+def _train_single(run: TrainingRun, tracker: Tracker) -> None:
+    while not tracker.exhausted:
+        n = min(run.steps_per_epoch, tracker.budget - tracker.steps)
+        run.step(n)
+        val = run.evaluate("val")["accuracy"] if not run.diverged else 0.0
+        tracker.record(n, val, lambda: run.evaluate("test")["accuracy"])
+        if run.diverged:
+            tracker.steps = tracker.budget
+            break
+
+
+def run_pbt(task: dict, data: Any, seed: int, tracker: Tracker, hybrid: bool, tmp: Path) -> None:
+    population = 4
+    space = SearchSpace.from_config(
+        {"optimizer.lr": {"type": "float", "low": LR_LOW, "high": LR_HIGH, "log": True}}
+    )
+    tuner = (
+        {"hypers": [{"name": "lr"}], "method": "greedy", "horizon": 1, "hyper_lr": 0.05}
+        if hybrid
+        else None
+    )
+    members: dict[int, RunMember] = {}
+
+    def factory(i: int, values: dict) -> RunMember:
+        members[i] = RunMember(
+            make_run(task, data, seed * 100 + i, values["optimizer.lr"], tuner=tuner)
+        )
+        return members[i]
+
+    probe = make_run(task, data, seed, LR_START)
+    total = max(1, tracker.budget // population)  # the population shares the budget
+    interval = min(probe.steps_per_epoch, total)
+
+    last_step = [0] * population
+
+    def on_evaluate(i: int, step: int, score: float, member: Any, values: dict) -> None:
+        trained, last_step[i] = step - last_step[i], step
+        tracker.record(
+            trained,
+            score if not math.isnan(score) else 0.0,
+            lambda: member.run.evaluate("test")["accuracy"],
+        )
+
+    pbt = PopulationBasedTraining(
+        factory,
+        space.parameters,
+        tmp / f"pbt_{hybrid}_{seed}",
+        population=population,
+        interval=interval,
+        total_steps=total,
+        seed=seed,
+        on_evaluate=on_evaluate,
+    )
+    pbt.run()
+    pbt.close()
+
+
+def run_method(
+    method: str, task: dict, data: Any, seed: int, budget: int, trial_epochs: int, tmp: Path
+) -> Tracker:
+    tracker = Tracker(budget)
+    if method in SAMPLERS:
+        run_sampler(method, task, data, seed, tracker, trial_epochs, tmp)
+    elif method in HYPERGRADIENT:
+        run_hypergradient(method, task, data, seed, tracker)
+    elif method == "sgd_hd":
+        run_sgd_hd(task, data, seed, tracker)
+    else:
+        run_pbt(task, data, seed, tracker, hybrid=method == "pbt_hybrid", tmp=tmp)
+    return tracker
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="digits")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument(
+        "--budget", type=int, default=None, help="training steps per method per seed"
+    )
+    parser.add_argument("--trial-epochs", type=int, default=3)
+    parser.add_argument(
+        "--target", type=float, default=None, help="validation accuracy for compute-to-target"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="digits, 2 seeds, a small budget (< 10 min)"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "experiments" / "RESULTS.md",
+        help="results page to write",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.task = "digits"
+        args.budget = args.budget or 1200
+    task = TASKS[args.task]
+    try:
+        data = load_dataset(task["data"]["name"], seed=task["data"]["seed"])
+    except DatasetNotFoundError as exc:
+        print(f"ablation: {exc}", file=sys.stderr)
+        return 2
+    per_epoch = len(data.train) // task["batch"]
+    budget = args.budget or 40 * per_epoch
+    target = args.target if args.target is not None else (0.95 if args.task == "digits" else 0.9)
+    out = args.out or ROOT / "experiments" / "results" / f"ablation_{args.task}"
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python experiments/ablation.py " + " ".join(sys.argv[1:])
+
+    rows, curves = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods:
+            for seed in range(args.seeds):
+                tracker = run_method(method, task, data, seed, budget, args.trial_epochs, Path(tmp))
+                seconds = time.perf_counter() - tracker.start
+                to_target = next((s for s, _, v in tracker.curve if v >= target), None)
+                rows.append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "steps": tracker.steps,
+                        "seconds": round(seconds, 2),
+                        "best_val_accuracy": tracker.best_val,
+                        "test_accuracy_of_best": tracker.best_test,
+                        "steps_to_target": to_target,
+                    }
+                )
+                curves += [
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "steps": s,
+                        "seconds": round(t, 3),
+                        "best_val": v,
+                    }
+                    for s, t, v in tracker.curve
+                ]
+                print(
+                    f"{method:>14} seed {seed}: val {tracker.best_val:.4f} test {tracker.best_test:.4f} steps {tracker.steps} {seconds:.1f} s"
+                )
+
+    with (out / "runs.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with (out / "curves.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(curves[0]))
+        writer.writeheader()
+        writer.writerows(curves)
+
+    def stats(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.4f}"
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+    lines = [
+        f"| method | best val accuracy | test accuracy (of the best) | steps to {target:.0%} val (median) | seconds (mean) |",
+        "|---|---|---|---|---|",
+    ]
+    for method in args.methods:
+        sel = [r for r in rows if r["method"] == method]
+        reached = [r["steps_to_target"] for r in sel if r["steps_to_target"] is not None]
+        reach = (
+            f"{statistics.median(reached):.0f} ({len(reached)}/{len(sel)})"
+            if reached
+            else f"not reached (0/{len(sel)})"
+        )
+        lines.append(
+            f"| {method} | {stats([r['best_val_accuracy'] for r in sel])} | {stats([r['test_accuracy_of_best'] for r in sel])} | "
+            f"{reach} | {statistics.mean(r['seconds'] for r in sel):.1f} |"
+        )
+    header = (
+        f"Task `{args.task}`, budget {budget} training steps per method per seed "
+        f"(~{budget / per_epoch:.0f} epochs), {args.seeds} seeds (mean ± sd). Command: `{command}`. "
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
+        f"{time.strftime('%Y-%m-%d')}."
+    )
+    table = header + "\n\n" + "\n".join(lines) + "\n"
+    (out / "table.md").write_text(table)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, method in enumerate(args.methods):
+        for seed in range(args.seeds):
+            pts = [
+                (c["steps"], c["best_val"])
+                for c in curves
+                if c["method"] == method and c["seed"] == seed
+            ]
+            if pts:
+                ax.step(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    where="post",
+                    color=f"C{k % 10}",
+                    alpha=0.8,
+                    label=method if seed == 0 else None,
+                    linestyle="-" if k < 10 else "--",
+                )
+    ax.set_xlabel("training steps (all runs of the method)")
+    ax.set_ylabel("best validation accuracy so far")
+    ax.set_ylim(max(0.0, target - 0.3), 1.0)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"ablation on {args.task}: best so far vs compute")
+    fig.tight_layout()
+    fig.savefig(out / "best_so_far.png", dpi=100)
+
+    args.results.write_text(
+        "# Results\n\nWritten by `experiments/ablation.py` (latest run). Per-run CSV, curves and the "
+        f"plot: `experiments/results/ablation_{args.task}/`.\n\n## Ablation: {args.task}\n\n"
+        + table
+    )
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The experiment scripts run end to end on tiny budgets (they must not rot between runs)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ablation_runner_writes_its_outputs(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "ablation.py"),
+        "--budget",
+        "80",
+        "--seeds",
+        "1",
+        "--trial-epochs",
+        "1",
+        "--methods",
+        "random",
+        "tpe_hyperband",
+        "hg_greedy",
+        "sgd_hd",
+        "pbt",
+        "--out",
+        str(tmp_path / "out"),
+        "--results",
+        str(tmp_path / "RESULTS.md"),
+        "--threads",
+        "1",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "out" / "runs.csv").open()))
+    assert [r["method"] for r in rows] == ["random", "tpe_hyperband", "hg_greedy", "sgd_hd", "pbt"]
+    for r in rows:  # every method stays within its budget of training steps
+        assert 0 < int(r["steps"]) <= 80 and 0.0 <= float(r["best_val_accuracy"]) <= 1.0
+    assert (tmp_path / "out" / "best_so_far.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| hg_greedy |" in (tmp_path / "RESULTS.md").read_text()
