@@ -24,6 +24,8 @@ Part 1 - HD variant against its base optimizer
 
     Verdict per pair: **"HD variant ends with training loss <= its baseline's"**, decided on the
     last-epoch mean loss (a diverged run counts as +inf). Pairs that fail are reported as such.
+    Expected (checked; exit code 1 if not met): at least 85 % of the pairs meet it (the paper
+    reports HD <= baseline for every optimizer and model; measured here: 18/18 on seed 0).
 
 Part 2 - sensitivity grid (like the paper's Figure 4)
     Logistic regression on digits. For each ``alpha0`` in a log grid, the base optimizer, and
@@ -629,6 +631,10 @@ def plot_grid(path: Path, grid: Grid, title: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- main
+#: Share of HD-vs-baseline pairs that must meet the verdict for the reproduction to count.
+EXPECTED_PAIR_FRACTION = 0.85
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -722,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_curves(args.out / "loss.png", runs, "loss")
     plot_curves(args.out / "lr.png", runs, "lr")
     met = sum(v.met for v in verdicts)
+    reproduced = met >= EXPECTED_PAIR_FRACTION * len(verdicts)
     print(
         f"\n{met} of {len(verdicts)} pairs met 'HD variant ends with training loss <= its "
         f"baseline's'; failed: "
@@ -777,7 +784,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ("\n" + "\n".join(grid_md) if grid_md else "")
     )
     print(f"\noutputs in {args.out} ({elapsed:.0f} s)")
-    return 0
+    print(
+        f"expected >= {EXPECTED_PAIR_FRACTION:.0%} of pairs with HD <= baseline: "
+        f"{met}/{len(verdicts)} -> {'REPRODUCED' if reproduced else 'NOT reproduced'}"
+    )
+    return 0 if reproduced else 1
 
 
 if __name__ == "__main__":
