@@ -435,11 +435,17 @@ class PopulationBasedTraining:
     def _commit(
         self, trained: Sequence[int], scores: Mapping[int, float], copies: Mapping[int, int]
     ) -> list[tuple[int, int, dict[str, Any]]]:
-        """Checkpoint the trained members, apply the exploit decisions in the database (one
-        transaction), then load the copies; returns ``(loser, source checkpoint, values)``.
+        """Checkpoint the trained members, carry out the exploit decisions, and record it all
+        in ONE transaction; returns ``(copier, source, new values)``.
 
-        A source is always checkpointed (in tournament mode a member can be both a source and
-        a loser: others copy its trained state, it copies someone else's)."""
+        Everything is prepared before the transaction: explored values are drawn, each copier
+        takes its source's trained state (keeping its own batch stream and RNG, as an
+        independent worker restoring a checkpoint would), gets the new values and its own
+        checkpoint file. A process killed before the commit leaves the database at the
+        previous step, and a resume redoes exactly this step: the resumed run equals the
+        uninterrupted one. (An earlier version committed the exploit first and the copier's
+        own checkpoint in a second transaction; a kill between the two made the resume load
+        the source's stream — seen once in a fresh-clone CI run.)"""
         trained = list(trained)
         copies = {
             loser: winner
@@ -447,9 +453,27 @@ class PopulationBasedTraining:
             if winner in trained or self.checkpoints[winner] is not None
         }
         winners = set(copies.values())
+        # Snapshot every source before anyone changes: in a tournament a source can be a
+        # copier too. A source that did not train this step (async) is read from its file.
+        snapshots = {
+            w: self.members[w].state_dict()
+            if w in trained
+            else self.db.load_checkpoint(self.checkpoints[w])
+            for w in winners
+        }
         own = [i for i in trained if i not in copies or i in winners]
         paths = {
             i: self.db.write_checkpoint(i, self.steps[i], self.members[i].state_dict()) for i in own
+        }
+        new_values = {loser: self._new_values(winner) for loser, winner in sorted(copies.items())}
+        for loser, winner in sorted(copies.items()):
+            self.members[loser].load_state_dict(snapshots[winner], keep_stream=True)
+            self.members[loser].apply(new_values[loser])
+        copied = {
+            loser: self.db.write_checkpoint(
+                loser, self.steps[loser], self.members[loser].state_dict()
+            )
+            for loser in copies
         }
         loads = []
         with self.db.transaction():
@@ -460,44 +484,24 @@ class PopulationBasedTraining:
                 self.db.set_member(i, self.steps[i], ck, self.values[i], scores[i])
                 self.checkpoints[i] = ck
             sources = {w: self.checkpoints[w] for w in winners}
-            # Pin every source for the pending copies: a source that is itself replaced in this
-            # step (tournament) must not lose its last reference before its copiers hold one.
-            for ck in sources.values():
-                self.db.acquire(ck)
             for loser, winner in sorted(copies.items()):
-                new_values = self._new_values(winner)
-                source_ck = sources[winner]
+                ck = self.db.add_checkpoint(loser, self.steps[loser], copied[loser])
                 self.db.set_member(
-                    loser, self.steps[loser], source_ck, new_values, scores.get(loser)
+                    loser, self.steps[loser], ck, new_values[loser], scores.get(loser)
                 )
                 self.db.record_exploit(
-                    self.steps[loser], loser, winner, source_ck, self.values[loser], new_values
+                    self.steps[loser],
+                    loser,
+                    winner,
+                    sources[winner],
+                    self.values[loser],
+                    new_values[loser],
                 )
-                self.checkpoints[loser] = source_ck
-                loads.append((loser, source_ck, new_values))
-            for ck in sources.values():
-                self.db.release(ck)
+                self.checkpoints[loser] = ck
+                loads.append((loser, sources[winner], new_values[loser]))
             self.db.set_meta("rng", self._rng_state())
-        for loser, ck, new_values in loads:
-            self.members[loser].load_state_dict(self.db.load_checkpoint(ck), keep_stream=True)
-            self.members[loser].apply(new_values)
-            self.values[loser] = new_values
-        if loads:
-            # Each loser now holds the source's weights with its own batch stream and new
-            # values: give it its own checkpoint so a resume continues exactly from here.
-            mine = {
-                loser: self.db.write_checkpoint(
-                    loser, self.steps[loser], self.members[loser].state_dict()
-                )
-                for loser, _, _ in loads
-            }
-            with self.db.transaction():
-                for loser, path in mine.items():
-                    ck = self.db.add_checkpoint(loser, self.steps[loser], path)
-                    self.db.set_member(
-                        loser, self.steps[loser], ck, self.values[loser], scores.get(loser)
-                    )
-                    self.checkpoints[loser] = ck
+        for loser, value in new_values.items():
+            self.values[loser] = value
         for i in trained:
             self.latest[i] = scores[i]
         return loads
@@ -598,65 +602,48 @@ class PopulationBasedTraining:
         executor: Any,
     ) -> None:
         """The remote twin of :meth:`_commit`: workers already wrote every member's trained
-        state; losers then get their own checkpoint (source weights + own stream + explored
-        values) from a second, step-free task, as the in-process path does in memory."""
+        state; step-free tasks give each copier its own checkpoint (the source's weights, its
+        own stream, the explored values); then one transaction records it all."""
+        new_values = {loser: self._new_values(winner) for loser, winner in sorted(copies.items())}
+        mine = {loser: self.db.new_checkpoint_path(loser, self.steps[loser]) for loser in copies}
+        tasks = [
+            (
+                self.factory,
+                loser,
+                new_values[loser],
+                str(outs[winner]),
+                str(outs[loser]),
+                0,
+                str(mine[loser]),
+            )
+            for loser, winner in sorted(copies.items())
+        ]
+        if tasks:
+            executor.run(member_task, tasks)
         with self.db.transaction():
             for i in range(self.population):
                 self.db.record_score(self.steps[i], i, scores[i], self.values[i])
                 ck = self.db.add_checkpoint(i, self.steps[i], outs[i])
                 self.db.set_member(i, self.steps[i], ck, self.values[i], scores[i])
                 self.checkpoints[i] = ck
-            winners = set(copies.values())
-            sources = {w: self.checkpoints[w] for w in winners}
-            own = {loser: self.checkpoints[loser] for loser in copies}
-            for ck in (*sources.values(), *own.values()):  # pinned until the losers are rebuilt
-                self.db.acquire(ck)
-            planned = []
+            sources = {w: self.checkpoints[w] for w in set(copies.values())}
             for loser, winner in sorted(copies.items()):
-                new_values = self._new_values(winner)
-                self.db.set_member(
-                    loser, self.steps[loser], sources[winner], new_values, scores[loser]
-                )
+                ck = self.db.add_checkpoint(loser, self.steps[loser], mine[loser])
+                self.db.set_member(loser, self.steps[loser], ck, new_values[loser], scores[loser])
                 self.db.record_exploit(
                     self.steps[loser],
                     loser,
                     winner,
                     sources[winner],
                     self.values[loser],
-                    new_values,
+                    new_values[loser],
                 )
-                self.checkpoints[loser] = sources[winner]
-                planned.append((loser, sources[winner], new_values))
+                self.checkpoints[loser] = ck
             self.db.set_meta("rng", self._rng_state())
+        for loser, value in new_values.items():
+            self.values[loser] = value
         for i in range(self.population):
             self.latest[i] = scores[i]
-        if not planned:
-            return
-        path = self.db.checkpoint_path
-        mine = {
-            loser: self.db.new_checkpoint_path(loser, self.steps[loser]) for loser, _, _ in planned
-        }
-        tasks = [
-            (
-                self.factory,
-                loser,
-                values,
-                str(path(src)),
-                str(path(own[loser])),
-                0,
-                str(mine[loser]),
-            )
-            for loser, src, values in planned
-        ]
-        executor.run(member_task, tasks)
-        with self.db.transaction():
-            for loser, _, values in planned:
-                self.values[loser] = values
-                ck = self.db.add_checkpoint(loser, self.steps[loser], mine[loser])
-                self.db.set_member(loser, self.steps[loser], ck, values, scores[loser])
-                self.checkpoints[loser] = ck
-            for ck in (*sources.values(), *own.values()):
-                self.db.release(ck)
 
     def best(self) -> dict[str, Any]:
         """The best member by its latest score (ties: lower index)."""

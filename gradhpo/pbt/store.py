@@ -154,7 +154,8 @@ class PBTDatabase:
 
     def sweep(self) -> list[Path]:
         """Repair after a killed step: reference counts are set to the number of members
-        pointing at each checkpoint (a pin held by a step that never finished is dropped),
+        pointing at each checkpoint (an extra reference held by a step that never finished is
+        dropped),
         unreferenced checkpoints are deleted, and so are files the database does not know."""
         pointing: dict[int, int] = {}
         for (ck,) in self.conn.execute(

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -130,17 +129,6 @@ def load_folds(config: Mapping[str, Any]) -> list[DataSplits]:
     if k is None:
         return [load_dataset(name, **data)]
     return [load_dataset(name, n_folds=k, fold=i, **data) for i in range(k)]
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ConfigObjective:

@@ -94,7 +94,8 @@ def test_study_survives_kills_at_random_points(tmp_path: Path) -> None:
     assert kills == 4 and len(dead) >= 2  # the kills did land in the middle of trials
     for t in dead:
         retries = [r for r in done if r.user_attrs.get("gradhpo:retry_of") == t.number]
-        assert len(retries) <= 1 and all(r.params == t.params for r in retries)
+        # Same parameters — unless it died before suggesting any (then the retry draws them).
+        assert len(retries) <= 1 and all(r.params == t.params or not t.params for r in retries)
 
 
 PBT_DRIVER = textwrap.dedent(
