@@ -475,6 +475,21 @@ class PopulationBasedTraining:
             )
             for loser in copies
         }
+        return self._record_step(trained, scores, paths, copies, copied, new_values)
+
+    def _record_step(
+        self,
+        trained: Sequence[int],
+        scores: Mapping[int, float],
+        paths: Mapping[int, Any],
+        copies: Mapping[int, int],
+        copied: Mapping[int, Any],
+        new_values: Mapping[int, dict[str, Any]],
+    ) -> list[tuple[int, int, dict[str, Any]]]:
+        """The single transaction of a step (in-process and on executors alike): scores of
+        the ``trained`` members, their new checkpoint files ``paths``, each copier pointed at
+        its own prepared file ``copied[loser]`` with its new values, the lineage, and the
+        manager's RNG state. Nothing before it is visible to a resume."""
         loads = []
         with self.db.transaction():
             for i in trained:
@@ -483,7 +498,7 @@ class PopulationBasedTraining:
                 ck = self.db.add_checkpoint(i, self.steps[i], path)
                 self.db.set_member(i, self.steps[i], ck, self.values[i], scores[i])
                 self.checkpoints[i] = ck
-            sources = {w: self.checkpoints[w] for w in winners}
+            sources = {w: self.checkpoints[w] for w in set(copies.values())}
             for loser, winner in sorted(copies.items()):
                 ck = self.db.add_checkpoint(loser, self.steps[loser], copied[loser])
                 self.db.set_member(
@@ -620,30 +635,8 @@ class PopulationBasedTraining:
         ]
         if tasks:
             executor.run(member_task, tasks)
-        with self.db.transaction():
-            for i in range(self.population):
-                self.db.record_score(self.steps[i], i, scores[i], self.values[i])
-                ck = self.db.add_checkpoint(i, self.steps[i], outs[i])
-                self.db.set_member(i, self.steps[i], ck, self.values[i], scores[i])
-                self.checkpoints[i] = ck
-            sources = {w: self.checkpoints[w] for w in set(copies.values())}
-            for loser, winner in sorted(copies.items()):
-                ck = self.db.add_checkpoint(loser, self.steps[loser], mine[loser])
-                self.db.set_member(loser, self.steps[loser], ck, new_values[loser], scores[loser])
-                self.db.record_exploit(
-                    self.steps[loser],
-                    loser,
-                    winner,
-                    sources[winner],
-                    self.values[loser],
-                    new_values[loser],
-                )
-                self.checkpoints[loser] = ck
-            self.db.set_meta("rng", self._rng_state())
-        for loser, value in new_values.items():
-            self.values[loser] = value
-        for i in range(self.population):
-            self.latest[i] = scores[i]
+        everyone = list(range(self.population))
+        self._record_step(everyone, scores, dict(enumerate(outs)), copies, mine, new_values)
 
     def best(self) -> dict[str, Any]:
         """The best member by its latest score (ties: lower index)."""
