@@ -36,6 +36,7 @@ __all__ = [
     "TrainingRun",
     "OPTIMIZER_HYPERPARAMETERS",
     "RUN_CONFIG_KEYS",
+    "check_hyperparameter_update",
     "TUNER_KEYS",
     "resolve_device",
     "swapped_rng",
@@ -142,6 +143,24 @@ def _check_hyper_value(name: str, value: Any, label: str | None = None) -> float
     if name in ("momentum", "beta1", "beta2") and not 0.0 <= value < 1.0:
         raise ValueError(f"hyperparameter {label!r} must be in [0, 1), got {value!r}")
     return value
+
+
+def check_hyperparameter_update(
+    spec: Mapping[str, Any], names: tuple[str, ...], values: Mapping[str, Any]
+) -> dict[str, float]:
+    """Validate new values for an optimizer's hyperparameters: only ``names`` are known, each
+    value is checked by :func:`_check_hyper_value`, Nesterov needs momentum > 0. Shared by
+    :class:`TrainingRun` and :class:`gradhpo.pbt.BatchedPopulation`."""
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {unknown} for optimizer "
+            f"{spec['name']!r}; known: {list(names)}"
+        )
+    checked = {name: _check_hyper_value(name, v) for name, v in values.items()}
+    if spec.get("nesterov") and checked.get("momentum", 1.0) == 0:
+        raise ValueError("hyperparameter 'momentum' must be > 0 with Nesterov, got 0.0")
+    return checked
 
 
 def _optimizer_spec(optimizer: Mapping[str, Any]) -> dict[str, Any]:
@@ -512,15 +531,9 @@ class TrainingRun:
             self.tuner.problem.optimizer.defaults.update(checked)
             self.optimizer_spec.update(checked)
             return
-        unknown = sorted(set(values) - set(self.hyperparameter_names))
-        if unknown:
-            raise ValueError(
-                f"unknown hyperparameter(s) {unknown} for optimizer "
-                f"{self.optimizer_spec['name']!r}; known: {list(self.hyperparameter_names)}"
-            )
-        checked = {name: _check_hyper_value(name, v) for name, v in values.items()}
-        if self.optimizer_spec.get("nesterov") and checked.get("momentum", 1.0) == 0:
-            raise ValueError("hyperparameter 'momentum' must be > 0 with Nesterov, got 0.0")
+        checked = check_hyperparameter_update(
+            self.optimizer_spec, self.hyperparameter_names, values
+        )
         assert self.optimizer is not None
         for group in self.optimizer.param_groups:
             for name, value in checked.items():

@@ -43,6 +43,7 @@ from gradhpo.run import (
     _check_hyper_value,
     _make_optimizer,
     _optimizer_spec,
+    check_hyperparameter_update,
     resolve_device,
     swapped_rng,
 )
@@ -485,15 +486,9 @@ class BatchedPopulation:
         """Set some of member ``i``'s hyperparameters; unknown names or bad values raise
         (``ValueError``/``TypeError`` naming the field and value, as ``TrainingRun``)."""
         i = self._member(i)
-        unknown = sorted(set(values) - set(self.hyperparameter_names))
-        if unknown:
-            raise ValueError(
-                f"unknown hyperparameter(s) {unknown} for optimizer "
-                f"{self.optimizer_spec['name']!r}; known: {list(self.hyperparameter_names)}"
-            )
-        checked = {name: _check_hyper_value(name, v) for name, v in values.items()}
-        if self.optimizer_spec.get("nesterov") and checked.get("momentum", 1.0) == 0:
-            raise ValueError("hyperparameter 'momentum' must be > 0 with Nesterov, got 0.0")
+        checked = check_hyperparameter_update(
+            self.optimizer_spec, self.hyperparameter_names, values
+        )
         for name, value in checked.items():
             self._hypers[name][i] = value
 
