@@ -7,7 +7,6 @@ stderr and exit with code 2; nothing is written to disk before the config has be
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 
 from gradhpo.config import ConfigError, load_yaml, run_config_of, validate_train_config
+from gradhpo.files import write_json, write_text
 
 __all__ = ["main"]
 
@@ -143,7 +143,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     training, output = config["training"], config["output"]
     run_dir = Path(output["dir"]) / config["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     start = time.perf_counter()
     with TensorBoardLogger(Path(output["tensorboard_dir"]) / config["name"]) as tb:
@@ -175,7 +175,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "diverged": run.diverged,
         "history": history,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_json(run_dir / "metrics.json", summary)
     if run.tuner is not None:
         tuned = ", ".join(f"{k}={v:.3g}" for k, v in run.hyperparameters.items())
         print(

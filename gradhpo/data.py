@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import importlib
 import math
@@ -25,7 +24,6 @@ import os
 import pickle
 import random
 import struct
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -37,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from gradhpo.files import atomic_write
 
 __all__ = [
     "DATASETS",
@@ -236,18 +236,8 @@ def _valid_mnist1d(arrays: Mapping[str, np.ndarray]) -> bool:
 
 def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Writes an .npz next to ``path`` under a temporary name, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as fh:
+        np.savez(fh, **arrays)
 
 
 def _load_mnist1d(root: Path, download: bool) -> _Raw:

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 
 from gradhpo.config import ConfigError  # noqa: E402
+from gradhpo.files import atomic_write, write_text  # noqa: E402
 from gradhpo.search.study import is_retried  # noqa: E402
 
 __all__ = ["write_report", "trial_rows"]
@@ -72,6 +73,12 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
+def _save_figure(fig: Any, path: Path) -> None:
+    """Write a figure as PNG atomically (a reader never sees half an image)."""
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png", dpi=100)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
@@ -84,7 +91,7 @@ def _write_tables(rows: list[dict[str, Any]], out: Path, best: dict[str, Any] | 
     columns: list[str] = []
     for row in rows:
         columns.extend(c for c in row if c not in columns)
-    with (out / "results.csv").open("w", newline="", encoding="utf-8") as fh:
+    with atomic_write(out / "results.csv", "w") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -98,7 +105,7 @@ def _write_tables(rows: list[dict[str, Any]], out: Path, best: dict[str, Any] | 
     lines.append("|" + "---|" * len(columns))
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(out / "results.md", "\n".join(lines) + "\n")
 
 
 def _plot_history(study: optuna.Study, path: Path) -> None:
@@ -128,7 +135,7 @@ def _plot_history(study: optuna.Study, path: Path) -> None:
     ax.set_ylabel("objective (x: pruned, last report)")
     ax.set_title(f"{study.study_name}: optimization history")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -166,7 +173,7 @@ def _plot_hypers(directory: Path, study: optuna.Study, path: Path) -> None:
         ax.set_xlabel("epoch")
     fig.suptitle(f"{study.study_name}: hyperparameter trajectories")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -216,7 +223,7 @@ def _plot_parallel(study: optuna.Study, path: Path) -> None:
             ax.axvline(j, color="gray", linewidth=0.5)
     ax.set_title(f"{study.study_name}: parallel coordinates (colour = objective)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -265,7 +272,7 @@ def write_pbt_report(
     out = Path(out) if out is not None else directory / "report"
     out.mkdir(parents=True, exist_ok=True)
     names = sorted({k for s in scores for k in s["values"]})
-    with (out / "scores.csv").open("w", newline="", encoding="utf-8") as fh:
+    with atomic_write(out / "scores.csv", "w") as fh:
         writer = csv.writer(fh)
         writer.writerow(["step", "member", "score", *names])
         for s in scores:
@@ -291,7 +298,7 @@ def write_pbt_report(
     ax.set_title(f"{directory.name}: population score")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "best_score.png", dpi=100)
+    _save_figure(fig, out / "best_score.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -311,7 +318,7 @@ def write_pbt_report(
     ax.set_ylabel("member")
     ax.set_title(f"{directory.name}: lineage ({len(lineage)} exploits, arrow: source -> copier)")
     fig.tight_layout()
-    fig.savefig(out / "lineage.png", dpi=100)
+    _save_figure(fig, out / "lineage.png")
     plt.close(fig)
 
     numeric = [
@@ -335,7 +342,7 @@ def write_pbt_report(
         ax.set_xlabel("step")
     fig.suptitle(f"{directory.name}: explored values per member")
     fig.tight_layout()
-    fig.savefig(out / "hyperparameters.png", dpi=100)
+    _save_figure(fig, out / "hyperparameters.png")
     plt.close(fig)
     files = [
         out / n for n in ("scores.csv", "best_score.png", "lineage.png", "hyperparameters.png")

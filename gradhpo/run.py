@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from gradhpo.data import Augment, BatchIterator, DataSplits, load_dataset
+from gradhpo.files import write_torch
 from gradhpo.hyper.tuner import HyperTuner, TunerReport
 from models import build_model
 
@@ -629,17 +629,7 @@ class TrainingRun:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the checkpoint atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(self.state_dict(), fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_torch(path, self.state_dict())
 
     @classmethod
     def from_checkpoint(

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gradhpo.files import write_torch
 from gradhpo.pbt.store import PBTDatabase
 from gradhpo.pbt.strategies import explore, rank, resample, sampler_proposal, tournament, truncation
 from gradhpo.search.space import Parameter
@@ -136,8 +137,6 @@ def member_task(
     ``stream_path``: restore that fully first, then take ``state_path``'s weights keeping the
     stream, as an exploit does), apply ``values``, train ``steps`` and score (``steps`` 0: no
     training, no score), write the state to ``out_path`` atomically."""
-    import os
-    import tempfile
 
     import torch
 
@@ -154,16 +153,7 @@ def member_task(
     if steps > 0:
         member.step(steps)
         score = float(member.score())
-    directory = os.path.dirname(out_path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".task.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(member.state_dict(), fh)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_torch(out_path, member.state_dict())
     return score, dict(member.hyperparameters)
 
 

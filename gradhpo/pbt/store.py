@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from gradhpo.files import write_torch
 
 __all__ = ["PBTDatabase"]
 
@@ -107,15 +108,7 @@ class PBTDatabase:
         """Write a member's state to a new file atomically; it is not referenced yet (call
         :meth:`add_checkpoint` inside the step's transaction)."""
         path = self.new_checkpoint_path(member, step)
-        fd, tmp = tempfile.mkstemp(dir=self.checkpoint_dir, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(dict(state), fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_torch(path, dict(state))
 
     def add_checkpoint(self, member: int, step: int, path: Path) -> int:
         cur = self.conn.execute(

@@ -36,6 +36,7 @@ import yaml
 
 from gradhpo.config import ConfigError, check_executor, check_int, run_config_of, with_section
 from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
+from gradhpo.files import write_text
 from gradhpo.logging import TensorBoardLogger
 from gradhpo.pbt.manager import BatchedGroup, BatchedMember, PopulationBasedTraining, RunMember
 from gradhpo.run import TrainingRun
@@ -273,9 +274,7 @@ def prepare_pbt(
         steps = config["training"]["epochs"] * per_epoch
     directory.mkdir(parents=True, exist_ok=True)
     if resume_dir is None:
-        (directory / "config.yaml").write_text(
-            yaml.safe_dump(config, sort_keys=False), encoding="utf-8"
-        )
+        write_text(directory / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     manager = PopulationBasedTraining(
         population.factory,
         space.parameters,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import optuna
 from optuna.samplers._lazy_random_state import LazyRandomState
 
 from gradhpo.config import ConfigError
+from gradhpo.files import write_json
 from gradhpo.search.evolution import RegularizedEvolutionSampler
 from gradhpo.search.space import SearchSpace
 
@@ -199,14 +199,7 @@ def save_sampler_state(sampler: optuna.samplers.BaseSampler, path: str | os.Path
     """Write the sampler's RNG states to ``path`` atomically (JSON)."""
     path = Path(path)
     payload = {"sampler": type(sampler).__name__, "rng": sampler_rng_states(sampler)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, payload, indent=None)
 
 
 def load_sampler_state(sampler: optuna.samplers.BaseSampler, path: str | os.PathLike[str]) -> bool:

@@ -43,6 +43,7 @@ import optuna
 from optuna.trial import TrialState
 
 from gradhpo.config import ConfigError
+from gradhpo.files import write_json
 from gradhpo.search.samplers import (
     load_sampler_state,
     make_pruner,
@@ -82,12 +83,6 @@ def _storage(directory: Path) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(
         f"sqlite:///{path}", engine_kwargs={"creator": lambda: _sqlite_connection(path)}
     )
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def is_retried(trial: optuna.trial.FrozenTrial) -> bool:
@@ -418,7 +413,7 @@ def create_study(
         sampler=sampler_obj,
         pruner=pruner_obj,
     )
-    _write_json(directory / "study.json", meta)
+    write_json(directory / "study.json", meta)
     return Study(directory, study, stale_after=stale_after)
 
 

@@ -37,13 +37,13 @@ import yaml
 
 from gradhpo.config import ConfigError, check_executor, check_int, run_config_of, with_section
 from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
+from gradhpo.files import write_json, write_text
 from gradhpo.logging import TensorBoardLogger
 from gradhpo.run import TrainingRun
 from gradhpo.search.space import SearchSpace
 from gradhpo.search.study import (
     RESUME_FROM,
     Study,
-    _write_json,
     create_study,
     is_retried,
     load_study,
@@ -227,7 +227,7 @@ class ConfigObjective:
                 for i, run in enumerate(runs):
                     run.save(tdir / f"last_{i}.pt")
                 stop = diverged or (early is not None and early(value))
-                _write_json(
+                write_json(
                     tdir / "progress.json",
                     {
                         "epoch": epoch,
@@ -403,9 +403,7 @@ def prepare_study(
         max_resource=config["training"]["epochs"],
         search_space=space,
     )
-    (directory / "config.yaml").write_text(
-        yaml.safe_dump(config, sort_keys=False), encoding="utf-8"
-    )
+    write_text(directory / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     return study, config, space, folds
 
 
