@@ -1,7 +1,7 @@
 """Overhead of 100 trivial trials on the serial, process and Ray executors.
 
-Each executor runs drivers of one SQLite study (`gradhpo.execution.study.run_objective_study`)
-with an objective that only suggests one number (`gradhpo.execution.toys.quadratic` without
+Each executor runs drivers of one SQLite study (`gradhpo.search.drivers.run_objective_study`)
+with an objective that only suggests one number (`gradhpo.testing.objectives.quadratic` without
 its sleep: `instant`), so the time is start-up + storage + coordination. Serial: one driver in
 this process; processes and Ray: ``--workers`` drivers (default 2 = the cores here), timed
 from submitting the work to getting the results, including process / Ray-worker start-up; the
@@ -22,9 +22,9 @@ from pathlib import Path
 import optuna
 
 from gradhpo.execution import ProcessExecutor, SerialExecutor
-from gradhpo.execution.study import run_objective_study
-from gradhpo.execution.toys import instant
 from gradhpo.search import create_study
+from gradhpo.search.drivers import run_objective_study
+from gradhpo.testing.objectives import instant
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from gradhpo.config import load_yaml
-from gradhpo.pbt.tune import prepare_pbt, run_pbt
+from gradhpo.jobs.pbt import prepare_pbt, run_pbt
 
 ROOT = Path(__file__).resolve().parents[1]
 

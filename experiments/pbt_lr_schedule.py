@@ -1,4 +1,4 @@
-"""PBT on a task whose best learning rate first rises, then falls (gradhpo.pbt.toy).
+"""PBT on a task whose best learning rate first rises, then falls (gradhpo.testing.quartic).
 
 For several seeds: a population of 8 members with log-uniform initial learning rates in
 [1e-4, 10] is trained (a) with every learning rate kept fixed and (b) with PBT (truncation
@@ -28,8 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gradhpo.pbt.manager import PopulationBasedTraining  # noqa: E402
-from gradhpo.pbt.toy import QuarticMember  # noqa: E402
 from gradhpo.search.space import SearchSpace  # noqa: E402
+from gradhpo.testing.quartic import QuarticMember  # noqa: E402
 
 SPACE = SearchSpace.from_config(
     {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 10.0, "log": True}}

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+import optuna
 
-from gradhpo.config import ConfigError, load_yaml, run_config_of, validate_train_config
-from gradhpo.files import write_json, write_text
+from gradhpo.config import ConfigError, load_yaml
+from gradhpo.data import DatasetNotFoundError
+from gradhpo.jobs.pbt import prepare_pbt, run_pbt
+from gradhpo.jobs.train import prepare_train, run_train
+from gradhpo.jobs.tune import prepare_study, run_study
+from gradhpo.report import write_pbt_report, write_report
+from models import ModelConfigError
 
 __all__ = ["main"]
 
@@ -106,87 +110,40 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_run(run_config: dict[str, Any], data: Any = None) -> Any:
-    """Build a TrainingRun; the user's mistakes become :class:`UserError`."""
-    from gradhpo.data import DatasetNotFoundError
-    from gradhpo.run import TrainingRun
-    from models import ModelConfigError
-
-    try:
-        return TrainingRun.from_config(run_config, data=data)
-    except (ModelConfigError, DatasetNotFoundError) as exc:
-        raise UserError(str(exc)) from exc
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"invalid config: {exc}") from exc
-
-
-def _prepare_train(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    """Validate the config and build the run; every failure here is the user's input."""
-    raw = load_yaml(args.config)
-    if args.epochs is not None:
-        raw.setdefault("training", {})["epochs"] = args.epochs
-    if args.device is not None:
-        raw.setdefault("training", {})["device"] = args.device
-    if args.out is not None:
-        raw.setdefault("output", {})["dir"] = str(args.out)
-    config = validate_train_config(raw)
-    return config, build_run(run_config_of(config))
+def _apply_overrides(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Write the command-line overrides that a subcommand has into the raw config."""
+    for flag, section, key in (
+        ("epochs", "training", "epochs"),
+        ("device", "training", "device"),
+        ("out", "output", "dir"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            raw.setdefault(section, {})[key] = str(value) if flag == "out" else value
+    if getattr(args, "name", None) is not None:
+        raw["name"] = args.name
+    return raw
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from gradhpo.logging import TensorBoardLogger
-    from gradhpo.training import train_epochs
-
-    config, run = _prepare_train(args)
-    training, output = config["training"], config["output"]
-    run_dir = Path(output["dir"]) / config["name"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-
-    start = time.perf_counter()
-    with TensorBoardLogger(Path(output["tensorboard_dir"]) / config["name"]) as tb:
-        with tqdm(
-            total=training["epochs"],
-            desc=config["name"],
-            unit="epoch",
-            disable=args.no_progress or None,
-        ) as bar:
-            history = train_epochs(run, training["epochs"], logger=tb, progress=bar)
-        if run.diverged:
-            print(
-                f"{config['name']}: training diverged (non-finite loss) in epoch "
-                f"{history[-1]['epoch']}; stopping",
-                file=sys.stderr,
-            )
-        test = run.evaluate("test") if not run.diverged else {"loss": float("nan"), "accuracy": 0.0}
-        tb.hparams({**run.hyperparameters, **config["model"]}, {"test_accuracy": test["accuracy"]})
-    elapsed = time.perf_counter() - start
-
-    checkpoint = run.save(run_dir / "checkpoint.pt")
-    summary = {
-        "name": config["name"],
-        "hyperparameters": run.hyperparameters,
-        "test_loss": test["loss"],
-        "test_accuracy": test["accuracy"],
-        "steps": run.global_step,
-        "seconds": elapsed,
-        "diverged": run.diverged,
-        "history": history,
-    }
-    write_json(run_dir / "metrics.json", summary)
-    if run.tuner is not None:
-        tuned = ", ".join(f"{k}={v:.3g}" for k, v in run.hyperparameters.items())
+    config, run = prepare_train(_apply_overrides(load_yaml(args.config), args))
+    summary = run_train(config, run, progress=not args.no_progress)
+    name = config["name"]
+    if summary["diverged"]:
         print(
-            f"{config['name']}: tuned hyperparameters {tuned} ({run.tuner.rejected_steps} rejected hyper steps)"
+            f"{name}: training diverged (non-finite loss) in epoch "
+            f"{summary['history'][-1]['epoch']}; stopping",
+            file=sys.stderr,
         )
+    if run.tuner is not None:
+        tuned = ", ".join(f"{k}={v:.3g}" for k, v in summary["hyperparameters"].items())
+        print(f"{name}: tuned hyperparameters {tuned} ({run.tuner.rejected_steps} rejected hyper steps)")
     print(
-        f"{config['name']}: test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f} "
-        f"after {run.global_step} steps in {elapsed:.1f} s on {run.device}; "
-        f"checkpoint {checkpoint}"
+        f"{name}: test accuracy {summary['test_accuracy']:.4f}, test loss "
+        f"{summary['test_loss']:.4f} after {summary['steps']} steps in {summary['seconds']:.1f} s "
+        f"on {summary['device']}; checkpoint {summary['checkpoint']}"
     )
-    return 1 if run.diverged else 0
+    return 1 if summary["diverged"] else 0
 
 
 def _check_count(field: str, value: Any, minimum: int = 1) -> None:
@@ -209,42 +166,25 @@ def _print_best(name: str, summary: dict[str, Any] | None) -> None:
     )
 
 
-def _tune_errors() -> tuple[type[BaseException], ...]:
-    from gradhpo.data import DatasetNotFoundError
-    from models import ModelConfigError
-
-    return (ModelConfigError, DatasetNotFoundError)
+_TUNE_ERRORS: tuple[type[BaseException], ...] = (ModelConfigError, DatasetNotFoundError)
 
 
 def _quiet_optuna() -> None:
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happened
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from gradhpo.search.tune import prepare_study, run_study
-
     _quiet_optuna()
-
     _check_count("--trials", args.trials)
     _check_count("--epochs", args.epochs)
     if args.timeout is not None and not args.timeout > 0:
         raise UserError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
-    raw = load_yaml(args.config)
-    if args.epochs is not None:
-        raw.setdefault("training", {})["epochs"] = args.epochs
-    if args.device is not None:
-        raw.setdefault("training", {})["device"] = args.device
-    if args.out is not None:
-        raw.setdefault("output", {})["dir"] = str(args.out)
-    if args.name is not None:
-        raw["name"] = args.name
+    raw = _apply_overrides(load_yaml(args.config), args)
     if args.trials is not None and isinstance(raw.get("search"), dict):
         raw["search"]["trials"] = args.trials
     try:
         study, config, space, folds = prepare_study(raw=raw)
-    except _tune_errors() as exc:
+    except _TUNE_ERRORS as exc:
         raise UserError(str(exc)) from exc
     print(
         f"{study.name}: study in {study.directory} (optuna-dashboard sqlite:///{study.directory / 'study.db'})"
@@ -270,19 +210,11 @@ def _print_pbt(name: str, best: dict[str, Any]) -> None:
 
 
 def _cmd_pbt(args: argparse.Namespace) -> int:
-    from gradhpo.pbt.tune import prepare_pbt, run_pbt
-
     _quiet_optuna()
-    raw = load_yaml(args.config)
-    if args.out is not None:
-        raw.setdefault("output", {})["dir"] = str(args.out)
-    if args.name is not None:
-        raw["name"] = args.name
-    if args.device is not None:
-        raw.setdefault("training", {})["device"] = args.device
+    raw = _apply_overrides(load_yaml(args.config), args)
     try:
         manager, config, population = prepare_pbt(raw)
-    except _tune_errors() as exc:
+    except _TUNE_ERRORS as exc:
         raise UserError(str(exc)) from exc
     print(f"{config['name']}: PBT run in {manager.db.directory}")
     best = run_pbt(manager, config, population, progress=not args.no_progress)
@@ -291,17 +223,13 @@ def _cmd_pbt(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from gradhpo.search.tune import prepare_study, run_study
-
     _quiet_optuna()
     if (args.dir / "pbt.db").is_file():
-        from gradhpo.pbt.tune import prepare_pbt, run_pbt
-
         if args.trials is not None:
             raise UserError("--trials: not used by a PBT run")
         try:
             manager, config, population = prepare_pbt(resume_dir=args.dir)
-        except _tune_errors() as exc:
+        except _TUNE_ERRORS as exc:
             raise UserError(str(exc)) from exc
         print(f"{config['name']}: resuming the PBT run in {args.dir}")
         best = run_pbt(manager, config, population, progress=not args.no_progress)
@@ -314,7 +242,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         raise UserError(f"study directory not found: {str(args.dir)!r}")
     try:
         study, config, space, folds = prepare_study(resume_dir=args.dir)
-    except _tune_errors() as exc:
+    except _TUNE_ERRORS as exc:
         raise UserError(str(exc)) from exc
     finished = len(study.finished_trials())
     recovered = study.recover_stale_trials()
@@ -334,13 +262,9 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from gradhpo.report import write_report
-
     if not args.dir.is_dir():
         raise UserError(f"study directory not found: {str(args.dir)!r}")
     if (args.dir / "pbt.db").is_file():
-        from gradhpo.report import write_pbt_report
-
         result = write_pbt_report(args.dir, args.out)
         print(f"{args.dir.name}: PBT report; wrote " + ", ".join(str(f) for f in result["files"]))
         return 0

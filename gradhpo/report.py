@@ -28,6 +28,7 @@ import optuna  # noqa: E402
 
 from gradhpo.config import ConfigError  # noqa: E402
 from gradhpo.files import atomic_write, write_text  # noqa: E402
+from gradhpo.pbt.store import PBTDatabase  # noqa: E402
 from gradhpo.search.study import is_retried  # noqa: E402
 
 __all__ = ["write_report", "trial_rows"]
@@ -260,8 +261,6 @@ def write_pbt_report(
     """PBT run report: ``scores.csv``, ``best_score.png`` (the population's best and mean
     score per step), ``lineage.png`` (members over steps, an arrow source -> copier for each
     exploit) and ``hyperparameters.png`` (each member's explored values over steps)."""
-    from gradhpo.pbt.store import PBTDatabase
-
     directory = Path(directory)
     db = PBTDatabase(directory)
     try:

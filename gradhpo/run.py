@@ -29,31 +29,24 @@ from torch import nn
 
 from gradhpo.data import Augment, BatchIterator, DataSplits, load_dataset
 from gradhpo.files import write_torch
+from gradhpo.hyper.optimizers import (
+    OPTIMIZER_HYPERPARAMETERS,
+    check_hyper_value,
+    check_hyperparameter_update,
+    optimizer_config,
+    torch_optimizer,
+)
 from gradhpo.hyper.tuner import HyperTuner, TunerReport
 from models import build_model
 
 __all__ = [
     "TrainingRun",
-    "OPTIMIZER_HYPERPARAMETERS",
     "RUN_CONFIG_KEYS",
-    "check_hyperparameter_update",
     "TUNER_KEYS",
     "resolve_device",
     "swapped_rng",
 ]
 
-#: Continuous hyperparameters each optimizer exposes through ``TrainingRun.hyperparameters``.
-OPTIMIZER_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
-    "sgd": ("lr", "weight_decay", "momentum"),
-    "adam": ("lr", "weight_decay", "beta1", "beta2", "eps"),
-    "adamw": ("lr", "weight_decay", "beta1", "beta2", "eps"),
-}
-_OPTIMIZER_FLAGS: dict[str, tuple[str, ...]] = {"sgd": ("nesterov",), "adam": (), "adamw": ()}
-_DEFAULT_HYPERS: dict[str, dict[str, float]] = {
-    "sgd": {"lr": 0.1, "weight_decay": 0.0, "momentum": 0.0},
-    "adam": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-    "adamw": {"lr": 1e-3, "weight_decay": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-}
 #: Keys of ``TrainingRun(tuner=...)``; all but ``hypers`` have defaults (_TUNER_DEFAULTS).
 TUNER_KEYS = (
     "hypers",
@@ -128,89 +121,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def _check_hyper_value(name: str, value: Any, label: str | None = None) -> float:
-    """Validate one hyperparameter value; ``label`` is the field name used in messages."""
-    label = label or name
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"hyperparameter {label!r} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"hyperparameter {label!r} must be finite, got {value!r}")
-    if name in ("lr", "eps") and value <= 0:
-        raise ValueError(f"hyperparameter {label!r} must be > 0, got {value!r}")
-    if name == "weight_decay" and value < 0:
-        raise ValueError(f"hyperparameter {label!r} must be >= 0, got {value!r}")
-    if name in ("momentum", "beta1", "beta2") and not 0.0 <= value < 1.0:
-        raise ValueError(f"hyperparameter {label!r} must be in [0, 1), got {value!r}")
-    return value
-
-
-def check_hyperparameter_update(
-    spec: Mapping[str, Any], names: tuple[str, ...], values: Mapping[str, Any]
-) -> dict[str, float]:
-    """Validate new values for an optimizer's hyperparameters: only ``names`` are known, each
-    value is checked by :func:`_check_hyper_value`, Nesterov needs momentum > 0. Shared by
-    :class:`TrainingRun` and :class:`gradhpo.pbt.BatchedPopulation`."""
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {unknown} for optimizer "
-            f"{spec['name']!r}; known: {list(names)}"
-        )
-    checked = {name: _check_hyper_value(name, v) for name, v in values.items()}
-    if spec.get("nesterov") and checked.get("momentum", 1.0) == 0:
-        raise ValueError("hyperparameter 'momentum' must be > 0 with Nesterov, got 0.0")
-    return checked
-
-
-def _optimizer_spec(optimizer: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate an optimizer config and fill in defaults; returns a plain dict."""
-    if not isinstance(optimizer, Mapping):
-        raise TypeError(f"optimizer must be a mapping, got {optimizer!r}")
-    name = optimizer.get("name", "sgd")
-    if name not in OPTIMIZER_HYPERPARAMETERS:
-        raise ValueError(
-            f"optimizer.name: unknown optimizer {name!r}; choose one of {sorted(OPTIMIZER_HYPERPARAMETERS)}"
-        )
-    allowed = {"name", *OPTIMIZER_HYPERPARAMETERS[name], *_OPTIMIZER_FLAGS[name]}
-    unknown = sorted(set(optimizer) - allowed)
-    if unknown:
-        raise ValueError(
-            f"optimizer: unknown key(s) {unknown} for {name!r}; allowed: {sorted(allowed)}"
-        )
-    spec: dict[str, Any] = {"name": name}
-    for key, default in _DEFAULT_HYPERS[name].items():
-        spec[key] = _check_hyper_value(key, optimizer.get(key, default), f"optimizer.{key}")
-    if name == "sgd":
-        nesterov = optimizer.get("nesterov", False)
-        if not isinstance(nesterov, bool):
-            raise TypeError(f"optimizer.nesterov must be true or false, got {nesterov!r}")
-        if nesterov and spec["momentum"] == 0:
-            raise ValueError("optimizer.nesterov: Nesterov momentum needs momentum > 0, got 0")
-        spec["nesterov"] = nesterov
-    return spec
-
-
-def _make_optimizer(params: list[nn.Parameter], spec: Mapping[str, Any]) -> torch.optim.Optimizer:
-    name = spec["name"]
-    if name == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=spec["lr"],
-            momentum=spec["momentum"],
-            weight_decay=spec["weight_decay"],
-            nesterov=spec["nesterov"],
-        )
-    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    return cls(
-        params,
-        lr=spec["lr"],
-        betas=(spec["beta1"], spec["beta2"]),
-        eps=spec["eps"],
-        weight_decay=spec["weight_decay"],
-    )
-
-
 class TrainingRun:
     """One model trained on one data set by one optimizer.
 
@@ -258,7 +168,7 @@ class TrainingRun:
         self.seed = seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
-        self.optimizer_spec = _optimizer_spec(optimizer or {"name": "sgd"})
+        self.optimizer_spec = optimizer_config(optimizer or {"name": "sgd"})
 
         data_spec, splits = self._resolve_data(data)
         self.data = splits.to(self.device)
@@ -289,7 +199,7 @@ class TrainingRun:
         self.tuner: HyperTuner | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         if tuner is None:
-            self.optimizer = _make_optimizer(list(self.model.parameters()), self.optimizer_spec)
+            self.optimizer = torch_optimizer(list(self.model.parameters()), self.optimizer_spec)
         else:
             self.tuner, self._tuner_settings = self._make_tuner(tuner)
         self.loss_fn = nn.CrossEntropyLoss()
@@ -523,7 +433,7 @@ class TrainingRun:
                 raise ValueError(
                     f"unknown hyperparameter(s) {unknown}; known: {list(self.hyperparameter_names)}"
                 )
-            checked = {name: _check_hyper_value(name, v) for name, v in rest.items()}
+            checked = {name: check_hyper_value(name, v) for name, v in rest.items()}
             try:
                 self.tuner.hypers.set_values(tuned)
             except KeyError as exc:

@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gradhpo.logging import TensorBoardLogger
 from gradhpo.run import TrainingRun
+from gradhpo.tensorboard_logger import TensorBoardLogger
 
 __all__ = ["train_epochs", "EarlyStopping"]
 

@@ -5,7 +5,7 @@ An executor runs ``n`` workers, each a call ``fn(*args)`` that returns a small p
 result, and restarts a worker that dies (killed process, lost Ray worker) up to
 ``max_failures`` times in all. Study drivers are such workers: each opens the shared study
 (SQLite) and runs trials until the study holds the requested number (see
-:func:`gradhpo.execution.study.study_worker`); a restarted driver recovers the trial its dead
+:func:`gradhpo.search.drivers.study_worker`); a restarted driver recovers the trial its dead
 predecessor left RUNNING and continues it from its last checkpoint.
 
 Threads: two torch processes with default threads on 2 cores ran ~100x slower than one here,

@@ -7,7 +7,11 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+import torch
 
 __all__ = [
     "EXECUTORS",
@@ -74,8 +78,6 @@ class SerialExecutor(Executor):
 
 
 def _init_worker(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
@@ -107,8 +109,6 @@ class ProcessExecutor(Executor):
         self._pool: Any = None
 
     def _get_pool(self) -> Any:
-        from concurrent.futures import ProcessPoolExecutor
-
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
@@ -119,9 +119,6 @@ class ProcessExecutor(Executor):
         return self._pool
 
     def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
-        from concurrent.futures import wait
-        from concurrent.futures.process import BrokenProcessPool
-
         results: dict[int, Any] = {}
         todo = list(range(len(args_list)))
         while todo:

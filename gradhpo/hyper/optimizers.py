@@ -42,7 +42,14 @@ from typing import Any, ClassVar
 import torch
 
 __all__ = [
+    "DEFAULT_HYPERPARAMETERS",
     "INNER_OPTIMIZERS",
+    "OPTIMIZER_FLAGS",
+    "OPTIMIZER_HYPERPARAMETERS",
+    "check_hyper_value",
+    "check_hyperparameter_update",
+    "optimizer_config",
+    "torch_optimizer",
     "SGD",
     "Adam",
     "AdamW",
@@ -374,6 +381,109 @@ class AdamW(Adam):
         weight_decay: float = 1e-2,
     ) -> None:
         super().__init__(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+
+
+# ----------------------------------------------------------------- optimizer configs
+# The plain-data form of an optimizer that TrainingRun, BatchedPopulation and configs use.
+
+#: Continuous hyperparameters each optimizer exposes through ``TrainingRun.hyperparameters``.
+OPTIMIZER_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
+    "sgd": ("lr", "weight_decay", "momentum"),
+    "adam": ("lr", "weight_decay", "beta1", "beta2", "eps"),
+    "adamw": ("lr", "weight_decay", "beta1", "beta2", "eps"),
+}
+OPTIMIZER_FLAGS: dict[str, tuple[str, ...]] = {"sgd": ("nesterov",), "adam": (), "adamw": ()}
+DEFAULT_HYPERPARAMETERS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 0.1, "weight_decay": 0.0, "momentum": 0.0},
+    "adam": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+    "adamw": {"lr": 1e-3, "weight_decay": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+}
+
+def check_hyper_value(name: str, value: Any, label: str | None = None) -> float:
+    """Validate one hyperparameter value; ``label`` is the field name used in messages."""
+    label = label or name
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"hyperparameter {label!r} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"hyperparameter {label!r} must be finite, got {value!r}")
+    if name in ("lr", "eps") and value <= 0:
+        raise ValueError(f"hyperparameter {label!r} must be > 0, got {value!r}")
+    if name == "weight_decay" and value < 0:
+        raise ValueError(f"hyperparameter {label!r} must be >= 0, got {value!r}")
+    if name in ("momentum", "beta1", "beta2") and not 0.0 <= value < 1.0:
+        raise ValueError(f"hyperparameter {label!r} must be in [0, 1), got {value!r}")
+    return value
+
+
+def check_hyperparameter_update(
+    spec: Mapping[str, Any], names: tuple[str, ...], values: Mapping[str, Any]
+) -> dict[str, float]:
+    """Validate new values for an optimizer's hyperparameters: only ``names`` are known, each
+    value is checked by :func:`check_hyper_value`, Nesterov needs momentum > 0. Shared by
+    :class:`TrainingRun` and :class:`gradhpo.pbt.BatchedPopulation`."""
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {unknown} for optimizer "
+            f"{spec['name']!r}; known: {list(names)}"
+        )
+    checked = {name: check_hyper_value(name, v) for name, v in values.items()}
+    if spec.get("nesterov") and checked.get("momentum", 1.0) == 0:
+        raise ValueError("hyperparameter 'momentum' must be > 0 with Nesterov, got 0.0")
+    return checked
+
+
+def optimizer_config(optimizer: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate an optimizer config (``{"name": "sgd"|"adam"|"adamw", <hyperparameters>,
+    "nesterov": bool}``) and fill in the defaults; returns a plain dict. Every mistake is a
+    ``ValueError``/``TypeError`` naming ``optimizer.<field>`` and the value."""
+    if not isinstance(optimizer, Mapping):
+        raise TypeError(f"optimizer must be a mapping, got {optimizer!r}")
+    name = optimizer.get("name", "sgd")
+    if name not in OPTIMIZER_HYPERPARAMETERS:
+        raise ValueError(
+            f"optimizer.name: unknown optimizer {name!r}; choose one of {sorted(OPTIMIZER_HYPERPARAMETERS)}"
+        )
+    allowed = {"name", *OPTIMIZER_HYPERPARAMETERS[name], *OPTIMIZER_FLAGS[name]}
+    unknown = sorted(set(optimizer) - allowed)
+    if unknown:
+        raise ValueError(
+            f"optimizer: unknown key(s) {unknown} for {name!r}; allowed: {sorted(allowed)}"
+        )
+    spec: dict[str, Any] = {"name": name}
+    for key, default in DEFAULT_HYPERPARAMETERS[name].items():
+        spec[key] = check_hyper_value(key, optimizer.get(key, default), f"optimizer.{key}")
+    if name == "sgd":
+        nesterov = optimizer.get("nesterov", False)
+        if not isinstance(nesterov, bool):
+            raise TypeError(f"optimizer.nesterov must be true or false, got {nesterov!r}")
+        if nesterov and spec["momentum"] == 0:
+            raise ValueError("optimizer.nesterov: Nesterov momentum needs momentum > 0, got 0")
+        spec["nesterov"] = nesterov
+    return spec
+
+
+def torch_optimizer(params: list[torch.nn.Parameter], spec: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The torch.optim twin of an :func:`optimizer_config` (same arithmetic as the inner
+    optimizers, step for step up to rounding)."""
+    name = spec["name"]
+    if name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=spec["lr"],
+            momentum=spec["momentum"],
+            weight_decay=spec["weight_decay"],
+            nesterov=spec["nesterov"],
+        )
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls(
+        params,
+        lr=spec["lr"],
+        betas=(spec["beta1"], spec["beta2"]),
+        eps=spec["eps"],
+        weight_decay=spec["weight_decay"],
+    )
 
 
 # name -> (class, preset keyword arguments, overridable by the caller)

@@ -7,7 +7,7 @@
   reference-counted checkpoints.
 * :mod:`~gradhpo.pbt.batched`: :class:`BatchedPopulation`, same-architecture members trained
   together in one vectorized step (``torch.func.vmap``).
-* :mod:`~gradhpo.pbt.tune`: config-driven runs (``gradhpo pbt``).
+* :mod:`~gradhpo.jobs.pbt`: config-driven runs (``gradhpo pbt``).
 """
 
 from __future__ import annotations

@@ -38,15 +38,14 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from gradhpo.data import BatchIterator, DataSplits, Split, load_dataset
-from gradhpo.run import (
+from gradhpo.hyper.optimizers import (
     OPTIMIZER_HYPERPARAMETERS,
-    _check_hyper_value,
-    _make_optimizer,
-    _optimizer_spec,
+    check_hyper_value,
     check_hyperparameter_update,
-    resolve_device,
-    swapped_rng,
+    optimizer_config,
+    torch_optimizer,
 )
+from gradhpo.run import resolve_device, swapped_rng
 from models import build_model
 
 __all__ = ["BatchedPopulation"]
@@ -119,7 +118,7 @@ class BatchedPopulation:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.n_members = n_members
         self.seeds = self._check_seeds(seeds, n_members)
-        self.optimizer_spec = _optimizer_spec(optimizer or {"name": "sgd"})
+        self.optimizer_spec = optimizer_config(optimizer or {"name": "sgd"})
         self.hyperparameter_names: tuple[str, ...] = OPTIMIZER_HYPERPARAMETERS[
             self.optimizer_spec["name"]
         ]
@@ -268,7 +267,7 @@ class BatchedPopulation:
             else:
                 items = [given] * n
             values[name] = [
-                _check_hyper_value(name, v, f"hypers.{name}[{j}]") for j, v in enumerate(items)
+                check_hyper_value(name, v, f"hypers.{name}[{j}]") for j, v in enumerate(items)
             ]
         if self.optimizer_spec.get("nesterov"):
             for j, mu in enumerate(values["momentum"]):
@@ -518,7 +517,7 @@ class BatchedPopulation:
         they match this torch version's ``state_dict`` format)."""
         if self._group_template is None:
             dummies = [nn.Parameter(torch.zeros(1)) for _ in self._param_names]
-            opt = _make_optimizer(dummies, self.optimizer_spec)
+            opt = torch_optimizer(dummies, self.optimizer_spec)
             self._group_template = opt.state_dict()["param_groups"][0]
         group = copy.deepcopy(self._group_template)
         hp = self.get_hyperparameters(i)

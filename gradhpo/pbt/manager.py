@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from gradhpo.files import write_torch
 from gradhpo.pbt.store import PBTDatabase
@@ -137,9 +138,6 @@ def member_task(
     ``stream_path``: restore that fully first, then take ``state_path``'s weights keeping the
     stream, as an exploit does), apply ``values``, train ``steps`` and score (``steps`` 0: no
     training, no score), write the state to ``out_path`` atomically."""
-
-    import torch
-
     member = factory(index, dict(values))
     if stream_path is not None:
         member.load_state_dict(torch.load(stream_path, map_location="cpu", weights_only=True))

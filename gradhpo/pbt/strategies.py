@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import optuna
 
+from gradhpo.search.samplers import make_sampler
 from gradhpo.search.space import Parameter
 
 __all__ = ["rank", "truncation", "tournament", "perturb", "resample", "explore", "sampler_proposal"]
@@ -137,8 +138,6 @@ def sampler_proposal(
 ) -> dict[str, Any]:
     """New values proposed by an Optuna sampler fitted on the population's history
     (``(values, score)`` of every member at every evaluation)."""
-    from gradhpo.search.samplers import make_sampler
-
     study = optuna.create_study(
         direction="maximize" if maximize else "minimize",
         sampler=make_sampler({"name": sampler}, seed=seed),

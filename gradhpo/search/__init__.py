@@ -4,7 +4,7 @@
 * :mod:`~gradhpo.search.samplers`: samplers/pruners by name; sampler state across restarts.
 * :mod:`~gradhpo.search.evolution`: regularized (aging) evolution sampler.
 * :mod:`~gradhpo.search.study`: :class:`Study`, a persistent Optuna study in a directory.
-* :mod:`~gradhpo.search.tune`: config-driven studies (``gradhpo tune`` / ``resume``).
+* :mod:`~gradhpo.jobs.tune`: config-driven studies (``gradhpo tune`` / ``resume``).
 
 Python API for your own objective (define-by-run, as in Optuna)::
 

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from gradhpo.logging import TensorBoardLogger
 from gradhpo.run import TrainingRun
+from gradhpo.tensorboard_logger import TensorBoardLogger
 from gradhpo.training import EarlyStopping, train_epochs
 
 if TYPE_CHECKING:

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from gradhpo.execution import ProcessExecutor, SerialExecutor, WorkerFailed, make_executor
-from gradhpo.execution.study import run_objective_study
-from gradhpo.execution.toys import die_once, quadratic
 from gradhpo.search import create_study, load_study
+from gradhpo.search.drivers import run_objective_study
+from gradhpo.testing.objectives import die_once, quadratic
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

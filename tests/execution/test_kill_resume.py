@@ -17,19 +17,19 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from gradhpo.execution.toys import slow_epochs
 from gradhpo.pbt.manager import PopulationBasedTraining
 from gradhpo.pbt.store import PBTDatabase
-from gradhpo.pbt.toy import QuarticMember
 from gradhpo.search import create_study, load_study
 from gradhpo.search.space import SearchSpace
+from gradhpo.testing.objectives import slow_epochs
+from gradhpo.testing.quartic import QuarticMember
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 STUDY_DRIVER = textwrap.dedent(
     """
     import sys, optuna
-    from gradhpo.execution.toys import slow_epochs
+    from gradhpo.testing.objectives import slow_epochs
     from gradhpo.search import load_study
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     load_study(sys.argv[1]).optimize(slow_epochs, n_trials=int(sys.argv[2]))
@@ -103,7 +103,7 @@ PBT_DRIVER = textwrap.dedent(
     import math, sys, time
     import numpy as np
     from gradhpo.pbt.manager import PopulationBasedTraining
-    from gradhpo.pbt.toy import QuarticMember
+    from gradhpo.testing.quartic import QuarticMember
     from gradhpo.search.space import SearchSpace
 
     class Slow(QuarticMember):

@@ -18,8 +18,8 @@ import pytest
 from gradhpo.pbt.manager import PopulationBasedTraining
 from gradhpo.pbt.store import PBTDatabase
 from gradhpo.pbt.strategies import explore, perturb, rank, resample, tournament, truncation
-from gradhpo.pbt.toy import QuarticMember
 from gradhpo.search.space import SearchSpace
+from gradhpo.testing.quartic import QuarticMember
 
 LR = SearchSpace.from_config(
     {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 10.0, "log": True}}
@@ -196,7 +196,7 @@ SCRIPT = textwrap.dedent(
     import math, sys, time
     import numpy as np
     from gradhpo.pbt.manager import PopulationBasedTraining
-    from gradhpo.pbt.toy import QuarticMember
+    from gradhpo.testing.quartic import QuarticMember
     from gradhpo.search.space import SearchSpace
 
     class Slow(QuarticMember):

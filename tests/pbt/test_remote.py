@@ -15,8 +15,8 @@ import yaml
 from gradhpo.execution import ProcessExecutor, SerialExecutor
 from gradhpo.pbt.manager import PopulationBasedTraining
 from gradhpo.pbt.store import PBTDatabase
-from gradhpo.pbt.toy import QuarticFactory
 from gradhpo.search.space import SearchSpace
+from gradhpo.testing.quartic import QuarticFactory
 
 LR = SearchSpace.from_config(
     {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 10.0, "log": True}}

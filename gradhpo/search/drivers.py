@@ -1,4 +1,5 @@
-"""Study drivers as executor workers.
+"""Study drivers as executor workers (a user objective on a shared study; the config-driven
+worker is :func:`gradhpo.jobs.tune.config_study_worker`).
 
 Each worker opens the study directory itself (SQLite storage shared by all) and runs trials
 until the study holds ``n_trials`` finished ones; :meth:`gradhpo.search.Study.optimize` counts
@@ -22,33 +23,20 @@ from typing import Any
 
 import optuna
 
-from gradhpo.execution.executors import Executor, make_executor
+from gradhpo.execution import Executor, make_executor
+from gradhpo.search.samplers import reseed_sampler
+from gradhpo.search.study import load_study
 
-__all__ = ["config_study_worker", "objective_worker", "run_config_study", "run_objective_study"]
+__all__ = ["distinct_sampler", "objective_worker", "run_objective_study"]
 
 
-def _distinct_sampler(study: Any, worker: int, workers: int) -> None:
+def distinct_sampler(study: Any, worker: int, workers: int) -> None:
     """Drivers of one study restore the same saved sampler state (whichever driver saved it
     last); left alone, two drivers with a seeded sampler would propose the same points. A
     single worker keeps the saved state (it reproduces a serial run); with several, worker k
     reseeds the sampler deterministically from k."""
     if workers > 1:
-        from gradhpo.search.samplers import reseed_sampler
-
         reseed_sampler(study.sampler, 1_000_003 * (worker + 1))
-
-
-def config_study_worker(
-    directory: str, n_trials: int, timeout: float | None, worker: int = 0, workers: int = 1
-) -> dict[str, Any]:
-    """Worker: continue the config-driven study in ``directory`` to ``n_trials``."""
-    from gradhpo.search.tune import prepare_study, run_trials
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study, config, space, folds = prepare_study(resume_dir=directory)
-    _distinct_sampler(study, worker, workers)
-    ran = run_trials(study, config, space, folds, trials=n_trials, timeout=timeout, progress=False)
-    return {"pid": os.getpid(), "trials": ran}
 
 
 def objective_worker(
@@ -61,27 +49,11 @@ def objective_worker(
 ) -> dict[str, Any]:
     """Worker: run a user objective (a picklable, module-level function) on the study in
     ``directory`` to ``n_trials``."""
-    from gradhpo.search.study import load_study
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = load_study(directory)
-    _distinct_sampler(study, worker, workers)
+    distinct_sampler(study, worker, workers)
     ran = study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,))
     return {"pid": os.getpid(), "trials": ran}
-
-
-def run_config_study(
-    directory: str | os.PathLike[str],
-    executor: Executor | str | None,
-    *,
-    workers: int,
-    n_trials: int,
-    timeout: float | None = None,
-) -> list[dict[str, Any]]:
-    """Run ``workers`` drivers of a config-driven study on ``executor``."""
-    ex = make_executor(executor)
-    args = [(str(directory), n_trials, timeout, k, workers) for k in range(workers)]
-    return ex.run(config_study_worker, args)
 
 
 def run_objective_study(

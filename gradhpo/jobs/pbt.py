@@ -27,20 +27,25 @@ hypergradient between exploits (the hybrid mode).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
 
 from gradhpo.config import ConfigError, check_executor, check_int, run_config_of, with_section
 from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
+from gradhpo.execution import make_executor
 from gradhpo.files import write_text
-from gradhpo.logging import TensorBoardLogger
+from gradhpo.pbt.batched import BatchedPopulation
 from gradhpo.pbt.manager import BatchedGroup, BatchedMember, PopulationBasedTraining, RunMember
 from gradhpo.run import TrainingRun
 from gradhpo.search.space import SearchSpace
+from gradhpo.tensorboard_logger import TensorBoardLogger
+from models import ModelConfigError
 
 __all__ = ["PBT_DEFAULTS", "validate_pbt_config", "prepare_pbt", "run_pbt"]
 
@@ -149,8 +154,6 @@ _DATA_CACHE: dict[str, DataSplits] = {}
 
 def _worker_data(config: Mapping[str, Any]) -> DataSplits:
     """The data set of a config, loaded once per worker process."""
-    import json
-
     key = json.dumps(config["data"], sort_keys=True)
     if key not in _DATA_CACHE:
         data = dict(config["data"])
@@ -182,8 +185,6 @@ class _Population:
         """Member ``index`` of the one BatchedPopulation (built at the first call): member i
         has seed ``training.seed + i`` like the unbatched members."""
         if self.group is None:
-            from gradhpo.pbt.batched import BatchedPopulation
-
             n = self.config["pbt"]["population"]
             population = BatchedPopulation(
                 self.base["model"],
@@ -250,8 +251,6 @@ def prepare_pbt(
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"data: {exc}") from exc
     population = _Population(config, space, splits)
-    from models import ModelConfigError
-
     for label, params in space.corner_params():
         try:
             population.factory(0, {k: v for k, v in params.items()}).apply(params)
@@ -303,8 +302,6 @@ def run_pbt(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the population to the end, then evaluate the best member on the test set."""
-    from tqdm import tqdm
-
     executor_spec = config["pbt"]["executor"]
     remote = executor_spec is not None and executor_spec["name"] != "serial"
     resumed = manager.start(build=not remote)
@@ -317,8 +314,6 @@ def run_pbt(
         disable=not progress or None,
     ) as bar:
         if remote:
-            from gradhpo.execution import make_executor
-
             with make_executor(executor_spec) as executor:
                 best = manager.run(progress=bar, executor=executor)
         else:

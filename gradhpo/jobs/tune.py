@@ -34,12 +34,22 @@ from typing import Any
 import optuna
 import torch
 import yaml
+from tqdm import tqdm
 
-from gradhpo.config import ConfigError, check_executor, check_int, run_config_of, with_section
+from gradhpo.config import (
+    ConfigError,
+    check_executor,
+    check_int,
+    load_yaml,
+    run_config_of,
+    with_section,
+)
 from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
+from gradhpo.execution import Executor, make_executor
 from gradhpo.files import write_json, write_text
-from gradhpo.logging import TensorBoardLogger
-from gradhpo.run import TrainingRun
+from gradhpo.run import TrainingRun, resolve_device
+from gradhpo.search.drivers import distinct_sampler
+from gradhpo.search.samplers import make_pruner, make_sampler
 from gradhpo.search.space import SearchSpace
 from gradhpo.search.study import (
     RESUME_FROM,
@@ -48,7 +58,9 @@ from gradhpo.search.study import (
     is_retried,
     load_study,
 )
+from gradhpo.tensorboard_logger import TensorBoardLogger
 from gradhpo.training import EarlyStopping, train_epochs
+from models import ModelConfigError
 
 __all__ = [
     "SEARCH_DEFAULTS",
@@ -198,8 +210,6 @@ class ConfigObjective:
         loggers = [TensorBoardLogger(self.tb_root / f"trial_{trial.number:04d}" / n) for n in names]
         bar = None
         if self.progress:
-            from tqdm import tqdm
-
             bar = tqdm(
                 total=self.epochs,
                 initial=start_epoch,
@@ -372,8 +382,6 @@ def prepare_study(
         with cfg_file.open(encoding="utf-8") as fh:
             raw = yaml.safe_load(fh)
     elif raw is None:
-        from gradhpo.config import load_yaml
-
         raw = load_yaml(config_path)  # type: ignore[arg-type]
     config, space = validate_tune_config(raw)
     try:
@@ -411,17 +419,11 @@ def _preflight(config: Mapping[str, Any], space: SearchSpace, data: DataSplits) 
     """Build a run (on the CPU, no training) at the base point and at every corner value of
     every parameter, so an unknown model, a bad choice or an optimizer/tuner mismatch is a
     config error now rather than a failed trial later. Also builds the sampler and pruner."""
-    from models import ModelConfigError
-
     s = config["search"]
-    from gradhpo.search.samplers import make_pruner, make_sampler
-
     make_sampler(s["sampler"], space, seed=s["seed"])
     make_pruner(s["pruner"], max_resource=config["training"]["epochs"])
     base = {**run_config_of(config), "device": "cpu"}
     try:
-        from gradhpo.run import resolve_device
-
         resolve_device(config["training"]["device"])
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"training.device: {exc}") from exc
@@ -446,8 +448,6 @@ def run_trials(
     """Run (or continue) trials in this process until the study holds ``trials`` finished
     ones; returns the numbers of the trials this call finished. Failed trials are recorded
     with their error and the study goes on."""
-    from tqdm import tqdm
-
     s = config["search"]
     n_trials = trials if trials is not None else s["trials"]
     timeout = timeout if timeout is not None else s["timeout"]
@@ -497,9 +497,6 @@ def run_study(
     if executor.get("name", "serial") == "serial" and executor.get("workers", 1) == 1:
         run_trials(study, config, space, folds, trials=trials, timeout=timeout, progress=progress)
     else:
-        from gradhpo.execution import make_executor
-        from gradhpo.execution.study import run_config_study
-
         spec = {k: v for k, v in executor.items() if k != "workers"}
         workers = executor.get("workers", 1)
         with make_executor(
@@ -507,6 +504,7 @@ def run_study(
         ) as ex:
             run_config_study(
                 study.directory,
+                config,
                 ex,
                 workers=workers,
                 n_trials=trials if trials is not None else s["trials"],
@@ -516,3 +514,39 @@ def run_study(
     if summary is not None:
         summary["seconds"] = time.perf_counter() - start
     return summary
+
+
+def config_study_worker(
+    directory: str,
+    config: Mapping[str, Any],
+    n_trials: int,
+    timeout: float | None,
+    worker: int = 0,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Executor worker: one driver of the config-driven study in ``directory``, run to
+    ``n_trials`` finished trials. ``config`` is the driver's already validated and
+    pre-flighted config (plain data, so it pickles): the worker only opens the study and
+    loads its data."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = SearchSpace.from_config(config["search"]["space"])
+    study = load_study(directory, search_space=space)
+    distinct_sampler(study, worker, workers)
+    folds = load_folds(config)
+    ran = run_trials(study, config, space, folds, trials=n_trials, timeout=timeout, progress=False)
+    return {"pid": os.getpid(), "trials": ran}
+
+
+def run_config_study(
+    directory: str | os.PathLike[str],
+    config: Mapping[str, Any],
+    executor: Executor | str | None,
+    *,
+    workers: int,
+    n_trials: int,
+    timeout: float | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``workers`` drivers of a config-driven study on ``executor``."""
+    ex = make_executor(executor)
+    args = [(str(directory), dict(config), n_trials, timeout, k, workers) for k in range(workers)]
+    return ex.run(config_study_worker, args)

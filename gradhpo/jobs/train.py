@@ -1,0 +1,82 @@
+"""``gradhpo train``: one model from a config, as prepare -> run -> summary.
+
+:func:`prepare_train` validates the whole config and builds the run before anything is
+written, so a bad config leaves no file behind; :func:`run_train` trains it, writes
+``<output.dir>/<name>/{config.yaml, checkpoint.pt, metrics.json}`` (each atomically) and
+TensorBoard events under ``<output.tensorboard_dir>/<name>``, and returns the summary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from gradhpo.config import ConfigError, run_config_of, validate_train_config
+from gradhpo.data import DatasetNotFoundError
+from gradhpo.files import write_json, write_text
+from gradhpo.run import TrainingRun
+from gradhpo.tensorboard_logger import TensorBoardLogger
+from gradhpo.training import train_epochs
+from models import ModelConfigError
+
+__all__ = ["build_run", "prepare_train", "run_train"]
+
+
+def build_run(run_config: Mapping[str, Any], data: Any = None) -> TrainingRun:
+    """Build a TrainingRun; the user's mistakes (model, data, optimizer, tuner) become one
+    :class:`ConfigError` whose message names the field and the value."""
+    try:
+        return TrainingRun.from_config(run_config, data=data)
+    except (ModelConfigError, DatasetNotFoundError) as exc:
+        raise ConfigError(str(exc)) from exc
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc
+
+
+def prepare_train(raw: Mapping[str, Any]) -> tuple[dict[str, Any], TrainingRun]:
+    """Validate a train config and build its run; nothing is written."""
+    config = validate_train_config(raw)
+    return config, build_run(run_config_of(config))
+
+
+def run_train(
+    config: Mapping[str, Any], run: TrainingRun, *, progress: bool = True
+) -> dict[str, Any]:
+    """Train for ``training.epochs``, evaluate on the test set once at the end, save the
+    checkpoint and the metrics; returns the summary written to ``metrics.json``."""
+    training, output = config["training"], config["output"]
+    run_dir = Path(output["dir"]) / config["name"]
+    write_text(run_dir / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False))
+    start = time.perf_counter()
+    with TensorBoardLogger(Path(output["tensorboard_dir"]) / config["name"]) as tb:
+        with tqdm(
+            total=training["epochs"],
+            desc=config["name"],
+            unit="epoch",
+            disable=not progress or None,
+        ) as bar:
+            history = train_epochs(run, training["epochs"], logger=tb, progress=bar)
+        test = (
+            run.evaluate("test") if not run.diverged else {"loss": math.nan, "accuracy": 0.0}
+        )
+        tb.hparams({**run.hyperparameters, **config["model"]}, {"test_accuracy": test["accuracy"]})
+    elapsed = time.perf_counter() - start
+    checkpoint = run.save(run_dir / "checkpoint.pt")
+    summary = {
+        "name": config["name"],
+        "hyperparameters": run.hyperparameters,
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "steps": run.global_step,
+        "seconds": elapsed,
+        "diverged": run.diverged,
+        "history": history,
+    }
+    write_json(run_dir / "metrics.json", summary)
+    return {**summary, "checkpoint": str(checkpoint), "device": str(run.device)}
