@@ -15,12 +15,10 @@ the runs start from (log 1.1 = 0.095 vs log 100 = 4.6), and the untuned control 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from gradhpo.run import TrainingRun
 
@@ -52,13 +50,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("gradhpo_data")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Small models: one thread is faster and does not fight other processes for the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tuned_lrs(data_dir: Path, init: float, hyper_lr: float) -> list[float]:

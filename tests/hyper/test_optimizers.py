@@ -28,14 +28,7 @@ Tensor = torch.Tensor
 # helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: extra intra-op threads only add overhead, and on a busy machine
-    spinning OpenMP workers made the conv tests ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(dtype: torch.dtype) -> nn.Module:

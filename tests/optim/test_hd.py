@@ -28,13 +28,7 @@ from gradhpo.optim import MAX_LR, SGDHD, SGDNHD, AdamHD, AdamWHD, HypergradientO
 Tensor = torch.Tensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models; other jobs share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,13 +13,7 @@ from torch import nn
 from gradhpo.hyper.tuner import HyperTuner
 from gradhpo.optim import OnlineHyperTuner
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_with_dropout() -> nn.Module:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -50,12 +49,7 @@ def cnn(norm: str = "batch", **extra: Any) -> dict[str, Any]:
     return {"name": "cnn", "depth": 2, "width": 8, "norm": norm, **extra}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
