@@ -7,8 +7,10 @@
 * ``digits``, ``mnist1d`` and ``synthetic`` need no files and no network. ``mnist``,
   ``fashion_mnist``, ``cifar10`` and ``svhn`` are read by small parsers of their own from
   torchvision's on-disk layout under ``data_dir``; ``download=True`` asks torchvision to fetch
-  the files there first. CIFAR pickles are read with a restricted unpickler that only rebuilds
-  numpy arrays.
+  the files there first. ``fashion_mnist`` missing from ``data_dir`` is also looked for in the
+  folder of the Debian package ``dataset-fashion-mnist`` (:data:`SYSTEM_DATA_DIRS`), so it
+  works offline once that package is installed. CIFAR pickles are read with a restricted
+  unpickler that only rebuilds numpy arrays.
 * :class:`BatchIterator` slices tensors that already live on the target device, one
   ``randperm`` per epoch, and can be checkpointed with ``state_dict()`` for a bit-identical
   continuation. :class:`Augment` is a vectorized random-crop + horizontal-flip.
@@ -44,6 +46,7 @@ __all__ = [
     "BatchIterator",
     "DataSplits",
     "DatasetNotFoundError",
+    "SYSTEM_DATA_DIRS",
     "Split",
     "default_data_dir",
     "kfold_indices",
@@ -62,6 +65,19 @@ DATASETS: tuple[str, ...] = (
 )
 
 Device = torch.device | str | int
+
+#: Folders of system packages searched, in order, for a data set's files when they are not in
+#: ``data_dir``; they hold the files flat (no torchvision sub-folders). Looked up at every load,
+#: so tests can point it elsewhere. Debian's ``dataset-fashion-mnist`` installs the four gzipped
+#: IDX files of Fashion-MNIST in ``/usr/share/datasets/fashion-mnist``.
+SYSTEM_DATA_DIRS: dict[str, tuple[Path, ...]] = {
+    "fashion_mnist": (Path("/usr/share/datasets/fashion-mnist"),),
+}
+
+#: How to install the files of :data:`SYSTEM_DATA_DIRS`, named in the not-found message.
+_SYSTEM_INSTALL: dict[str, str] = {
+    "fashion_mnist": "apt-get install -y dataset-fashion-mnist",
+}
 
 
 # ---------------------------------------------------------------------------------- containers
@@ -113,7 +129,8 @@ class DataSplits:
 class DatasetNotFoundError(FileNotFoundError):
     """The files of a data set are not on disk (and ``download`` was False).
 
-    The message is one line: the data set, the missing paths and how to get them.
+    The message is one line: the data set, the missing paths and how to get them; ``install``
+    (when given) is a system command that puts the files in a folder searched by default.
     """
 
     def __init__(
@@ -122,11 +139,13 @@ class DatasetNotFoundError(FileNotFoundError):
         expected: Sequence[str | os.PathLike[str]],
         data_dir: str | os.PathLike[str],
         note: str = "",
+        install: str = "",
     ) -> None:
         self.dataset = dataset
         self.expected = tuple(str(p) for p in expected)
         self.data_dir = str(data_dir)
         self.note = note
+        self.install = install
         message = f"data set {dataset!r} not found: expected {', '.join(self.expected)}"
         if note:
             message += f" ({note})"
@@ -135,10 +154,12 @@ class DatasetNotFoundError(FileNotFoundError):
             "download=True) fetches them with torchvision, needs internet) or place the files "
             "there in torchvision's on-disk layout"
         )
+        if install:
+            message += f"; or install them system-wide with `{install}`"
         super().__init__(message)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.dataset, self.expected, self.data_dir, self.note))
+        return (type(self), (self.dataset, self.expected, self.data_dir, self.note, self.install))
 
 
 def default_data_dir() -> Path:
@@ -330,20 +351,41 @@ _IDX_FILES = {
 }
 
 
+def _idx_folder(name: str, root: Path, folder: str, download: bool) -> Path:
+    """The folder to read the IDX files of ``name`` from.
+
+    ``root/<folder>/raw`` when it holds all four files, else the first folder of
+    :data:`SYSTEM_DATA_DIRS` that does; else torchvision downloads into ``root`` (only with
+    ``download``), else :class:`DatasetNotFoundError` lists what is missing in every place.
+    """
+    raw_dir = root / folder / "raw"
+    places = [raw_dir, *SYSTEM_DATA_DIRS.get(name, ())]
+    for place in places:
+        if all(_exists_maybe_gz(place / f) for pair in _IDX_FILES.values() for f in pair):
+            return place
+    note = "the .gz versions of these files are accepted too"
+    if len(places) > 1:
+        note += "; looked in " + " and ".join(str(p) for p in places)
+    missing = [
+        place / f
+        for place in places
+        for pair in _IDX_FILES.values()
+        for f in pair
+        if not _exists_maybe_gz(place / f)
+    ]
+    if download:
+        paths = [raw_dir / f for pair in _IDX_FILES.values() for f in pair]
+        _ensure_files(name, root, download, paths, _exists_maybe_gz, note=note)
+        return raw_dir
+    raise DatasetNotFoundError(name, missing, root, note, _SYSTEM_INSTALL.get(name, ""))
+
+
 def _mnist_like(name: str, folder: str) -> Callable[[Path, bool], _Raw]:
-    """Loader of MNIST or Fashion-MNIST (``name``) from ``root/<folder>/raw``."""
+    """Loader of MNIST or Fashion-MNIST (``name``) from ``root/<folder>/raw`` or, when the
+    files are not there, from the data set's folders in :data:`SYSTEM_DATA_DIRS`."""
 
     def load(root: Path, download: bool) -> _Raw:
-        raw_dir = root / folder / "raw"
-        paths = [raw_dir / f for pair in _IDX_FILES.values() for f in pair]
-        _ensure_files(
-            name,
-            root,
-            download,
-            paths,
-            _exists_maybe_gz,
-            note="the .gz versions of these files are accepted too",
-        )
+        raw_dir = _idx_folder(name, root, folder, download)
         out: list[torch.Tensor] = []
         for images_name, labels_name in _IDX_FILES.values():
             images = _read_idx(raw_dir / images_name, 3)

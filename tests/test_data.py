@@ -36,6 +36,9 @@ from gradhpo.data import (
 )
 
 OFFLINE = ("digits", "synthetic", "mnist1d")
+#: The real system folders, saved before any test points them elsewhere.
+REAL_SYSTEM_DATA_DIRS = dict(gd.SYSTEM_DATA_DIRS)
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -62,6 +65,15 @@ def assert_splits_equal(a: DataSplits, b: DataSplits) -> None:
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims = [0, *range(2, x.ndim)]
     return x.double().mean(dims), x.double().std(dims, correction=0)
+
+
+@pytest.fixture(autouse=True)
+def _no_system_data(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
+    """Every test sees an empty system folder, whatever this machine has installed, so that
+    files missing from ``data_dir`` are missing everywhere; tests of the system folder point
+    :data:`gradhpo.data.SYSTEM_DATA_DIRS` at their own (or back at the real one)."""
+    absent = tmp_path_factory.getbasetemp() / "no-system-data"
+    monkeypatch.setattr(gd, "SYSTEM_DATA_DIRS", {"fashion_mnist": (absent,)})
 
 
 @pytest.fixture(scope="module")
@@ -497,6 +509,105 @@ def test_download_calls_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     calls.clear()
     load_dataset("mnist", data_dir=tmp_path, download=True)  # files present: no call
     assert calls == []
+
+
+# --------------------------------------------------- Fashion-MNIST from the system folder
+def write_flat_fashion(folder: Path, *, seed: int = 5, n_train: int = 12, n_test: int = 4):
+    """Writes the four gzipped IDX files flat into ``folder``, as Debian's package has them."""
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        y = np.arange(n, dtype=np.uint8) % 10
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", x, gz=True)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", y, gz=True)
+        parts[prefix] = (x, y)
+    return parts
+
+
+def use_system_folder(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    monkeypatch.setattr(gd, "SYSTEM_DATA_DIRS", {"fashion_mnist": (folder,)})
+
+
+def test_fashion_mnist_from_system_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    system, data = tmp_path / "system", tmp_path / "data"
+    parts = write_flat_fashion(system)
+    use_system_folder(monkeypatch, system)
+    d = load_dataset("fashion_mnist", data_dir=data, normalize=False, val_fraction=0.25)
+    assert (len(d.train), len(d.val), len(d.test)) == (9, 3, 4)
+    x_test, y_test = parts["t10k"]
+    assert d.test.y.tolist() == y_test.tolist()
+    assert torch.equal(d.test.x, torch.from_numpy(x_test[:, None] / 255.0).float())
+    assert not data.exists()  # nothing written into data_dir, nothing downloaded
+
+
+def test_fashion_mnist_data_dir_wins_over_system_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parts = write_mnist(tmp_path / "data", "FashionMNIST", gz=True)
+    write_flat_fashion(tmp_path / "system", n_test=7)
+    use_system_folder(monkeypatch, tmp_path / "system")
+    d = load_dataset("fashion_mnist", data_dir=tmp_path / "data")
+    assert d.test.y.tolist() == parts["t10k"][1].tolist()
+    # an incomplete data_dir is passed over for a complete system folder
+    (tmp_path / "data" / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte.gz").unlink()
+    assert len(load_dataset("fashion_mnist", data_dir=tmp_path / "data").test) == 7
+
+
+def test_fashion_mnist_system_folder_needs_no_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("torchvision was asked to download")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", refuse)
+    write_flat_fashion(tmp_path / "system")
+    use_system_folder(monkeypatch, tmp_path / "system")
+    d = load_dataset("fashion_mnist", data_dir=tmp_path / "data", download=True)
+    assert len(d.test) == 4
+
+
+def test_fashion_mnist_missing_everywhere_names_both_places(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system = tmp_path / "system"
+    write_flat_fashion(system)
+    (system / "t10k-labels-idx1-ubyte.gz").unlink()  # incomplete: not used
+    use_system_folder(monkeypatch, system)
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("fashion_mnist", data_dir=tmp_path / "data")
+    message = str(info.value)
+    assert str(tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte") in message
+    assert str(system / "t10k-labels-idx1-ubyte") in message
+    assert str(system / "train-images-idx3-ubyte") not in message  # that one is there
+    assert f"looked in {tmp_path / 'data' / 'FashionMNIST' / 'raw'} and {system}" in message
+    assert "apt-get install -y dataset-fashion-mnist" in message
+    assert "download=True" in message and "\n" not in message
+    assert str(pickle.loads(pickle.dumps(info.value))) == message
+    assert not (tmp_path / "data").exists()
+
+
+def test_system_folder_constant_is_the_debian_one() -> None:
+    assert REAL_SYSTEM_DATA_DIRS == {"fashion_mnist": (DEBIAN_FASHION_MNIST,)}
+
+
+@pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.is_dir(),
+    reason=f"{DEBIAN_FASHION_MNIST} is absent (apt-get install -y dataset-fashion-mnist)",
+)
+def test_fashion_mnist_real_debian_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gd, "SYSTEM_DATA_DIRS", REAL_SYSTEM_DATA_DIRS)
+    d = load_dataset("fashion_mnist", data_dir=tmp_path, normalize=False)
+    assert d.input_shape == (1, 28, 28) and d.num_classes == 10
+    assert len(d.train) + len(d.val) + len(d.test) == 70000 and len(d.test) == 10000
+    for split in (d.train, d.val, d.test):
+        assert split.x.shape[1:] == (1, 28, 28)
+        assert torch.bincount(split.y, minlength=10).tolist().count(0) == 0
+        assert 0.0 <= float(split.x.min()) and float(split.x.max()) <= 1.0
+    assert torch.bincount(d.test.y).tolist() == [1000] * 10  # the official test set
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("protocol,bytes_keys", [(2, True), (4, False), (5, True)])
