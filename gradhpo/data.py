@@ -11,6 +11,8 @@
   folder of the Debian package ``dataset-fashion-mnist`` (:data:`SYSTEM_DATA_DIRS`), so it
   works offline once that package is installed. CIFAR pickles are read with a restricted
   unpickler that only rebuilds numpy arrays.
+* ``train_size`` keeps a seeded, class-stratified subset of the train split (val and test are
+  untouched), for tuning on less data.
 * :class:`BatchIterator` slices tensors that already live on the target device, one
   ``randperm`` per epoch, and can be checkpointed with ``state_dict()`` for a bit-identical
   continuation. :class:`Augment` is a vectorized random-crop + horizontal-flip.
@@ -640,6 +642,57 @@ def _count(n: int, fraction: float) -> int:
     return int(math.floor(n * fraction + 0.5))
 
 
+def _stratified_counts(class_counts: Sequence[int], size: int) -> list[int]:
+    """How many samples of each class a stratified subset of ``size`` keeps.
+
+    Each class's exact share ``size * n_c / n`` is rounded by largest remainders (ties go to
+    the lower class index), so the counts add up to ``size``; then every class left at 0 (one
+    with a share below 1) takes one sample from the class furthest above its share (ties: the
+    larger count, then the lower index). Needs ``len(class_counts) <= size <= sum``, all
+    counts >= 1. Exact integer arithmetic, so the result never depends on float rounding.
+    """
+    n = sum(class_counts)
+    counts = [size * n_c // n for n_c in class_counts]
+    by_remainder = sorted(
+        range(len(class_counts)), key=lambda c: (-(size * class_counts[c] % n), c)
+    )
+    for c in by_remainder[: size - sum(counts)]:
+        counts[c] += 1  # the remainder is > 0 here, so counts[c] <= class_counts[c]
+    for c in range(len(counts)):
+        if counts[c] == 0:
+            # surplus over the exact share, times n: counts[d] * n - size * n_d
+            donor = max(
+                (d for d in range(len(counts)) if counts[d] >= 2),
+                key=lambda d: (counts[d] * n - size * class_counts[d], counts[d], -d),
+            )
+            counts[donor] -= 1
+            counts[c] = 1
+    return counts
+
+
+def _stratified_subset(y: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted indices into ``y`` of a seeded subset of ``size`` with the class proportions of
+    ``y`` (see :func:`_stratified_counts`): the first samples of each class in one random
+    permutation drawn from ``generator``."""
+    classes, class_counts = torch.unique(y, return_counts=True)
+    counts = _stratified_counts([int(c) for c in class_counts], size)
+    perm = torch.randperm(len(y), generator=generator)
+    labels = y[perm]
+    chosen = [perm[labels == c][:k] for c, k in zip(classes.tolist(), counts, strict=True)]
+    return torch.sort(torch.cat(chosen)).values
+
+
+def _check_train_size(value: Any, y_train: torch.Tensor) -> int:
+    """``train_size`` as an int in [classes in the train split, train split size]."""
+    n, n_classes = len(y_train), len(torch.unique(y_train))
+    if not _is_int(value) or not n_classes <= value <= n:
+        raise ValueError(
+            f"train_size must be an integer in [{n_classes}, {n}] (at least one sample per "
+            f"class of the train split, at most all {n} of its samples) or None, got {value!r}"
+        )
+    return int(value)
+
+
 def _channel_standardize(splits: Sequence[torch.Tensor]) -> None:
     """Standardizes every tensor in place with per-channel (dim 1) stats of the first one."""
     train = splits[0]
@@ -661,6 +714,7 @@ def load_dataset(
     n_folds: int | None = None,
     fold: int | None = None,
     normalize: bool = True,
+    train_size: int | None = None,
 ) -> DataSplits:
     """Loads data set ``name`` and splits it by a permutation seeded with ``seed``.
 
@@ -680,6 +734,14 @@ def load_dataset(
         normalize: scale to [0, 1] (image data) then standardize each channel with the mean
             and std of the train split. With False, images stay in [0, 1] and mnist1d /
             synthetic features stay as generated.
+        train_size: keep only this many samples of the train split (None keeps all), chosen
+            after the train / val / test split (also per fold) by a permutation that continues
+            the ``seed``'s generator, stratified by class: each class keeps its share, rounded
+            by largest remainders, and at least one sample; they stay in train-split order.
+            Val and test are unchanged, bit for bit: the standardization statistics are those
+            of the whole train split, computed before the subset is taken, so the subset's
+            own mean and std are only close to 0 and 1. Must be an integer between the number
+            of classes in the train split and its size.
 
     Raises:
         ValueError: bad arguments, or a corrupt data file (the message names it).
@@ -703,6 +765,8 @@ def load_dataset(
             raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}")
         if not _is_int(fold) or not 0 <= fold < n_folds:
             raise ValueError(f"fold must be an integer in [0, {n_folds}), got {fold!r}")
+    if train_size is not None and (not _is_int(train_size) or train_size < 1):
+        raise ValueError(f"train_size must be an integer >= 1 or None, got {train_size!r}")
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
 
     raw = _LOADERS[name](root, download)
@@ -736,6 +800,9 @@ def load_dataset(
     if normalize:
         _channel_standardize(xs)
     ys = [raw.y[train_idx], raw.y[val_idx], y_test.clone()]
+    if train_size is not None:
+        keep = _stratified_subset(ys[0], _check_train_size(train_size, ys[0]), gen)
+        xs[0], ys[0] = xs[0][keep], ys[0][keep]
     train, val, test = (Split(x.contiguous(), y.contiguous()) for x, y in zip(xs, ys, strict=True))
     return DataSplits(
         name=name,

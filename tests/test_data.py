@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import random
+import re
 import shlex
 import struct
 from collections import Counter
@@ -331,6 +332,106 @@ def test_load_dataset_rejects_bad_arguments(kwargs: dict[str, Any], match: str) 
     kwargs = {"name": "digits", **kwargs}
     with pytest.raises(ValueError, match=match):
         load_dataset(kwargs.pop("name"), **kwargs)
+
+
+# ------------------------------------------------------------------------------ train_size
+@pytest.mark.parametrize(
+    "class_counts,size,expected",
+    [
+        ([50, 30, 20], 10, [5, 3, 2]),  # exact shares
+        ([5, 3, 2], 5, [3, 1, 1]),  # shares 2.5, 1.5, 1: the tie goes to the lower class
+        ([10, 10, 10], 4, [2, 1, 1]),
+        ([10, 10, 10], 30, [10, 10, 10]),  # everything
+        ([70, 20, 10], 7, [5, 1, 1]),  # shares 4.9, 1.4, 0.7: largest remainders 0.9, 0.7
+        ([91, 1, 1, 1, 1, 1, 1, 1, 1, 1], 10, [1] * 10),  # nine shares of 0.1 raised to 1
+        ([1, 1, 98], 50, [1, 1, 48]),  # shares 0.5, 0.5, 49: the big class gives one
+    ],
+)
+def test_stratified_counts_largest_remainder(
+    class_counts: list[int], size: int, expected: list[int]
+) -> None:
+    assert gd._stratified_counts(class_counts, size) == expected
+
+
+def test_stratified_counts_properties() -> None:
+    """Sum is exact, every class has 1..n_c samples, each count is within 1 of its share
+    (unless raised to the minimum of 1), over many random class layouts."""
+    rng = random.Random(0)
+    for _ in range(300):
+        class_counts = [rng.randint(1, 60) for _ in range(rng.randint(1, 12))]
+        n = sum(class_counts)
+        size = rng.randint(len(class_counts), n)
+        counts = gd._stratified_counts(class_counts, size)
+        assert sum(counts) == size
+        assert all(1 <= k <= n_c for k, n_c in zip(counts, class_counts, strict=True))
+        raised = sum(1 for n_c in class_counts if size * n_c < n)
+        if raised == 0:
+            assert all(
+                abs(k - size * n_c / n) < 1 for k, n_c in zip(counts, class_counts, strict=True)
+            )
+
+
+def test_train_size_keeps_class_proportions_of_the_train_split() -> None:
+    full = load_dataset("digits", seed=3)
+    sub = load_dataset("digits", seed=3, train_size=100)
+    assert len(sub.train) == 100
+    full_counts = torch.bincount(full.train.y, minlength=10)
+    sub_counts = torch.bincount(sub.train.y, minlength=10)
+    assert sub_counts.tolist() == gd._stratified_counts(full_counts.tolist(), 100)
+    shares = 100 * full_counts.double() / len(full.train)
+    assert bool(((sub_counts - shares).abs() < 1).all())
+    # a subset of the train split, in its order, with the same (whole-train) standardization
+    assert not samples(sub.train) - samples(full.train)
+    positions = [
+        full.train.x.reshape(len(full.train), -1).tolist().index(r)
+        for r in sub.train.x.reshape(100, -1).tolist()[:5]
+    ]
+    assert positions == sorted(positions)
+    # val and test are bit-identical to a load without train_size
+    for name in ("val", "test"):
+        a, b = getattr(full, name), getattr(sub, name)
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y), name
+    assert sub.input_shape == full.input_shape and sub.num_classes == full.num_classes
+
+
+def test_train_size_is_deterministic_and_seeded() -> None:
+    a = load_dataset("digits", seed=1, train_size=200)
+    assert_splits_equal(a, load_dataset("digits", seed=1, train_size=200))
+    # another seed: another split, and another subset of it
+    assert not torch.equal(a.train.y, load_dataset("digits", seed=2, train_size=200).train.y)
+    whole = load_dataset("digits", seed=1)
+    assert_splits_equal(whole, load_dataset("digits", seed=1, train_size=len(whole.train)))
+
+
+def test_train_size_gives_every_class_one_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A class with a share below one sample still gets one; the big class gives it up."""
+    y = torch.tensor([0] * 180 + [1] * 10 + [2] * 10)
+    x = torch.arange(len(y), dtype=torch.float32).reshape(-1, 1, 1, 1)
+    raw = gd._Raw(x, y, x[:3].clone(), y[:3].clone(), 1.0, 3)
+    monkeypatch.setitem(gd._LOADERS, "synthetic", lambda root, download: raw)
+    d = load_dataset("synthetic", val_fraction=0.0, train_size=10, normalize=False)
+    assert torch.bincount(d.train.y, minlength=3).tolist() == [8, 1, 1]
+    assert len(d.val) == 0 and torch.equal(d.test.y, y[:3])
+
+
+def test_train_size_applies_to_each_fold() -> None:
+    folds = [load_dataset("digits", n_folds=3, fold=i, train_size=60) for i in range(3)]
+    assert [len(d.train) for d in folds] == [60, 60, 60]
+    assert all(set(d.train.y.tolist()) == set(range(10)) for d in folds)
+    plain = load_dataset("digits", n_folds=3, fold=1)
+    assert torch.equal(folds[1].val.x, plain.val.x)
+
+
+@pytest.mark.parametrize("value", [0, -3, True, False, 2.5, 100.0, "100", 9, 1259, 10**6])
+def test_train_size_bad_values(value: Any) -> None:
+    """digits' train split has 1258 samples of 10 classes: 10..1258 is the valid range."""
+    with pytest.raises(ValueError, match=rf"train_size.*got {re.escape(repr(value))}$"):
+        load_dataset("digits", train_size=value)
+
+
+def test_train_size_bounds_are_inclusive() -> None:
+    assert len(load_dataset("digits", train_size=10).train) == 10
+    assert len(load_dataset("digits", train_size=1258).train) == 1258
 
 
 def test_datasets_tuple() -> None:
