@@ -7,8 +7,12 @@
 * ``digits``, ``mnist1d`` and ``synthetic`` need no files and no network. ``mnist``,
   ``fashion_mnist``, ``cifar10`` and ``svhn`` are read by small parsers of their own from
   torchvision's on-disk layout under ``data_dir``; ``download=True`` asks torchvision to fetch
-  the files there first. CIFAR pickles are read with a restricted unpickler that only rebuilds
-  numpy arrays.
+  the files there first. ``fashion_mnist`` missing from ``data_dir`` is also looked for in the
+  folder of the Debian package ``dataset-fashion-mnist`` (:data:`SYSTEM_DATA_DIRS`), so it
+  works offline once that package is installed. CIFAR pickles are read with a restricted
+  unpickler that only rebuilds numpy arrays.
+* ``train_size`` keeps a seeded, class-stratified subset of the train split (val and test are
+  untouched), for tuning on less data.
 * :class:`BatchIterator` slices tensors that already live on the target device, one
   ``randperm`` per epoch, and can be checkpointed with ``state_dict()`` for a bit-identical
   continuation. :class:`Augment` is a vectorized random-crop + horizontal-flip.
@@ -44,6 +48,7 @@ __all__ = [
     "BatchIterator",
     "DataSplits",
     "DatasetNotFoundError",
+    "SYSTEM_DATA_DIRS",
     "Split",
     "default_data_dir",
     "kfold_indices",
@@ -62,6 +67,19 @@ DATASETS: tuple[str, ...] = (
 )
 
 Device = torch.device | str | int
+
+#: Folders of system packages searched, in order, for a data set's files when they are not in
+#: ``data_dir``; they hold the files flat (no torchvision sub-folders). Looked up at every load,
+#: so tests can point it elsewhere. Debian's ``dataset-fashion-mnist`` installs the four gzipped
+#: IDX files of Fashion-MNIST in ``/usr/share/datasets/fashion-mnist``.
+SYSTEM_DATA_DIRS: dict[str, tuple[Path, ...]] = {
+    "fashion_mnist": (Path("/usr/share/datasets/fashion-mnist"),),
+}
+
+#: How to install the files of :data:`SYSTEM_DATA_DIRS`, named in the not-found message.
+_SYSTEM_INSTALL: dict[str, str] = {
+    "fashion_mnist": "apt-get install -y dataset-fashion-mnist",
+}
 
 
 # ---------------------------------------------------------------------------------- containers
@@ -113,7 +131,8 @@ class DataSplits:
 class DatasetNotFoundError(FileNotFoundError):
     """The files of a data set are not on disk (and ``download`` was False).
 
-    The message is one line: the data set, the missing paths and how to get them.
+    The message is one line: the data set, the missing paths and how to get them; ``install``
+    (when given) is a system command that puts the files in a folder searched by default.
     """
 
     def __init__(
@@ -122,11 +141,13 @@ class DatasetNotFoundError(FileNotFoundError):
         expected: Sequence[str | os.PathLike[str]],
         data_dir: str | os.PathLike[str],
         note: str = "",
+        install: str = "",
     ) -> None:
         self.dataset = dataset
         self.expected = tuple(str(p) for p in expected)
         self.data_dir = str(data_dir)
         self.note = note
+        self.install = install
         message = f"data set {dataset!r} not found: expected {', '.join(self.expected)}"
         if note:
             message += f" ({note})"
@@ -135,10 +156,12 @@ class DatasetNotFoundError(FileNotFoundError):
             "download=True) fetches them with torchvision, needs internet) or place the files "
             "there in torchvision's on-disk layout"
         )
+        if install:
+            message += f"; or install them system-wide with `{install}`"
         super().__init__(message)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.dataset, self.expected, self.data_dir, self.note))
+        return (type(self), (self.dataset, self.expected, self.data_dir, self.note, self.install))
 
 
 def default_data_dir() -> Path:
@@ -320,20 +343,41 @@ _IDX_FILES = {
 }
 
 
+def _idx_folder(name: str, root: Path, folder: str, download: bool) -> Path:
+    """The folder to read the IDX files of ``name`` from.
+
+    ``root/<folder>/raw`` when it holds all four files, else the first folder of
+    :data:`SYSTEM_DATA_DIRS` that does; else torchvision downloads into ``root`` (only with
+    ``download``), else :class:`DatasetNotFoundError` lists what is missing in every place.
+    """
+    raw_dir = root / folder / "raw"
+    places = [raw_dir, *SYSTEM_DATA_DIRS.get(name, ())]
+    for place in places:
+        if all(_exists_maybe_gz(place / f) for pair in _IDX_FILES.values() for f in pair):
+            return place
+    note = "the .gz versions of these files are accepted too"
+    if len(places) > 1:
+        note += "; looked in " + " and ".join(str(p) for p in places)
+    missing = [
+        place / f
+        for place in places
+        for pair in _IDX_FILES.values()
+        for f in pair
+        if not _exists_maybe_gz(place / f)
+    ]
+    if download:
+        paths = [raw_dir / f for pair in _IDX_FILES.values() for f in pair]
+        _ensure_files(name, root, download, paths, _exists_maybe_gz, note=note)
+        return raw_dir
+    raise DatasetNotFoundError(name, missing, root, note, _SYSTEM_INSTALL.get(name, ""))
+
+
 def _mnist_like(name: str, folder: str) -> Callable[[Path, bool], _Raw]:
-    """Loader of MNIST or Fashion-MNIST (``name``) from ``root/<folder>/raw``."""
+    """Loader of MNIST or Fashion-MNIST (``name``) from ``root/<folder>/raw`` or, when the
+    files are not there, from the data set's folders in :data:`SYSTEM_DATA_DIRS`."""
 
     def load(root: Path, download: bool) -> _Raw:
-        raw_dir = root / folder / "raw"
-        paths = [raw_dir / f for pair in _IDX_FILES.values() for f in pair]
-        _ensure_files(
-            name,
-            root,
-            download,
-            paths,
-            _exists_maybe_gz,
-            note="the .gz versions of these files are accepted too",
-        )
+        raw_dir = _idx_folder(name, root, folder, download)
         out: list[torch.Tensor] = []
         for images_name, labels_name in _IDX_FILES.values():
             images = _read_idx(raw_dir / images_name, 3)
@@ -588,6 +632,57 @@ def _count(n: int, fraction: float) -> int:
     return int(math.floor(n * fraction + 0.5))
 
 
+def _stratified_counts(class_counts: Sequence[int], size: int) -> list[int]:
+    """How many samples of each class a stratified subset of ``size`` keeps.
+
+    Each class's exact share ``size * n_c / n`` is rounded by largest remainders (ties go to
+    the lower class index), so the counts add up to ``size``; then every class left at 0 (one
+    with a share below 1) takes one sample from the class furthest above its share (ties: the
+    larger count, then the lower index). Needs ``len(class_counts) <= size <= sum``, all
+    counts >= 1. Exact integer arithmetic, so the result never depends on float rounding.
+    """
+    n = sum(class_counts)
+    counts = [size * n_c // n for n_c in class_counts]
+    by_remainder = sorted(
+        range(len(class_counts)), key=lambda c: (-(size * class_counts[c] % n), c)
+    )
+    for c in by_remainder[: size - sum(counts)]:
+        counts[c] += 1  # the remainder is > 0 here, so counts[c] <= class_counts[c]
+    for c in range(len(counts)):
+        if counts[c] == 0:
+            # surplus over the exact share, times n: counts[d] * n - size * n_d
+            donor = max(
+                (d for d in range(len(counts)) if counts[d] >= 2),
+                key=lambda d: (counts[d] * n - size * class_counts[d], counts[d], -d),
+            )
+            counts[donor] -= 1
+            counts[c] = 1
+    return counts
+
+
+def _stratified_subset(y: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted indices into ``y`` of a seeded subset of ``size`` with the class proportions of
+    ``y`` (see :func:`_stratified_counts`): the first samples of each class in one random
+    permutation drawn from ``generator``."""
+    classes, class_counts = torch.unique(y, return_counts=True)
+    counts = _stratified_counts([int(c) for c in class_counts], size)
+    perm = torch.randperm(len(y), generator=generator)
+    labels = y[perm]
+    chosen = [perm[labels == c][:k] for c, k in zip(classes.tolist(), counts, strict=True)]
+    return torch.sort(torch.cat(chosen)).values
+
+
+def _check_train_size(value: Any, y_train: torch.Tensor) -> int:
+    """``train_size`` as an int in [classes in the train split, train split size]."""
+    n, n_classes = len(y_train), len(torch.unique(y_train))
+    if not _is_int(value) or not n_classes <= value <= n:
+        raise ValueError(
+            f"train_size must be an integer in [{n_classes}, {n}] (at least one sample per "
+            f"class of the train split, at most all {n} of its samples) or None, got {value!r}"
+        )
+    return int(value)
+
+
 def _channel_standardize(splits: Sequence[torch.Tensor]) -> None:
     """Standardizes every tensor in place with per-channel (dim 1) stats of the first one."""
     train = splits[0]
@@ -609,6 +704,7 @@ def load_dataset(
     n_folds: int | None = None,
     fold: int | None = None,
     normalize: bool = True,
+    train_size: int | None = None,
 ) -> DataSplits:
     """Loads data set ``name`` and splits it by a permutation seeded with ``seed``.
 
@@ -628,6 +724,14 @@ def load_dataset(
         normalize: scale to [0, 1] (image data) then standardize each channel with the mean
             and std of the train split. With False, images stay in [0, 1] and mnist1d /
             synthetic features stay as generated.
+        train_size: keep only this many samples of the train split (None keeps all), chosen
+            after the train / val / test split (also per fold) by a permutation that continues
+            the ``seed``'s generator, stratified by class: each class keeps its share, rounded
+            by largest remainders, and at least one sample; they stay in train-split order.
+            Val and test are unchanged, bit for bit: the standardization statistics are those
+            of the whole train split, computed before the subset is taken, so the subset's
+            own mean and std are only close to 0 and 1. Must be an integer between the number
+            of classes in the train split and its size.
 
     Raises:
         ValueError: bad arguments, or a corrupt data file (the message names it).
@@ -651,6 +755,8 @@ def load_dataset(
             raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}")
         if not _is_int(fold) or not 0 <= fold < n_folds:
             raise ValueError(f"fold must be an integer in [0, {n_folds}), got {fold!r}")
+    if train_size is not None and (not _is_int(train_size) or train_size < 1):
+        raise ValueError(f"train_size must be an integer >= 1 or None, got {train_size!r}")
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
 
     raw = _LOADERS[name](root, download)
@@ -684,6 +790,9 @@ def load_dataset(
     if normalize:
         _channel_standardize(xs)
     ys = [raw.y[train_idx], raw.y[val_idx], y_test.clone()]
+    if train_size is not None:
+        keep = _stratified_subset(ys[0], _check_train_size(train_size, ys[0]), gen)
+        xs[0], ys[0] = xs[0][keep], ys[0][keep]
     train, val, test = (Split(x.contiguous(), y.contiguous()) for x, y in zip(xs, ys, strict=True))
     return DataSplits(
         name=name,

@@ -83,7 +83,16 @@ RUN_CONFIG_KEYS = (
     "eval_batch_size",
     "tuner",
 )
-_DATA_KEYS = ("name", "seed", "val_fraction", "test_fraction", "data_dir", "n_folds", "fold")
+_DATA_KEYS = (
+    "name",
+    "seed",
+    "val_fraction",
+    "test_fraction",
+    "data_dir",
+    "n_folds",
+    "fold",
+    "train_size",
+)
 
 
 @contextmanager

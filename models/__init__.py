@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from ._common import ACTIVATIONS, ModelConfigError, count_parameters
-from .cnn import CNN, CNN_DEFAULTS, POOLINGS, L2Pool, build_cnn, build_cnn1d
+from .cnn import CNN, CNN_DEFAULTS, CNN_HEADS, POOLINGS, L2Pool, build_cnn, build_cnn1d
 from .mlp import MLP, MLP_DEFAULTS, build_mlp
 from .resnet import RESNET_DEFAULTS, BasicBlock, ResNet, build_resnet
 
@@ -58,6 +58,7 @@ __all__ = [
     "BasicBlock",
     "CNN",
     "CNN_DEFAULTS",
+    "CNN_HEADS",
     "L2Pool",
     "MLP",
     "MLP_DEFAULTS",

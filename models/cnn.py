@@ -2,11 +2,15 @@
 
 One implementation, :class:`CNN`, serves both through its ``dim`` argument.
 Each block is conv -> norm -> activation -> downsample; the blocks are followed
-by global average pooling, dropout and a linear classifier.
+by a head: global average pooling (``head="gap"``, the default) or the flattened
+last feature map (``head="flatten"``, as in the classic 2-conv Fashion-MNIST
+CNNs), then an optional hidden dense layer (``head_width`` units with the
+family's activation), dropout and a linear classifier.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,6 +35,7 @@ from ._common import (
 
 POOLINGS: tuple[str, ...] = ("max", "avg", "l2", "stride", "none")
 CNN_NORMS: tuple[str, ...] = ("batch", "group", "none")
+CNN_HEADS: tuple[str, ...] = ("gap", "flatten")
 CNN_DEFAULTS: dict[str, Any] = {
     "depth": 2,
     "width": 32,
@@ -40,6 +45,8 @@ CNN_DEFAULTS: dict[str, Any] = {
     "groups": 8,
     "activation": "relu",
     "dropout": 0.0,
+    "head": "gap",
+    "head_width": 0,
 }
 """Config knobs of "cnn" / "cnn1d" and their defaults."""
 
@@ -74,6 +81,15 @@ class L2Pool(nn.Module):
         return f"dim={self.dim}, kernel_size={self.kernel_size}, eps={self.eps}"
 
 
+def _block_output_size(size: int, pooling: str) -> int:
+    """Spatial size after one block: pools by 2 floor, a stride-2 'same' conv rounds up."""
+    if pooling in _SHRINKING_POOLINGS:
+        return size // 2
+    if pooling == "stride":
+        return -(-size // 2)
+    return size
+
+
 def _make_downsample(pooling: str, dim: int) -> nn.Module | None:
     """Return the pooling module for a block, or None for "stride"/"none"."""
     if pooling == "max":
@@ -89,6 +105,11 @@ class CNN(nn.Module):
     """Conv classifier over inputs of shape (B, C, L) (``dim=1``) or (B, C, H, W) (``dim=2``).
 
     Knobs are validated here, so a bad argument raises :class:`ModelConfigError`.
+    ``input_size`` is the spatial size of the input, ``(L,)`` or ``(H, W)``: ``head="flatten"``
+    needs it to size the first dense layer, and when given, a depth that pools a side down to
+    zero is rejected here. ``head_width`` > 0 adds a hidden dense layer (with ``activation``)
+    between the pooled or flattened features and the classifier, with either head; dropout
+    acts just before the classifier.
     """
 
     def __init__(
@@ -105,6 +126,9 @@ class CNN(nn.Module):
         groups: int = 8,
         activation: str = "relu",
         dropout: float = 0.0,
+        head: str = "gap",
+        head_width: int = 0,
+        input_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if dim not in _CONVS:
@@ -125,9 +149,19 @@ class CNN(nn.Module):
             check_groups_divide(groups, widths)
         check_choice("activation", activation, tuple(ACTIVATIONS))
         dropout = check_float("dropout", dropout, 0.0, 1.0)
+        check_choice("head", head, CNN_HEADS)
+        head_width = check_int("head_width", head_width, 0)
+        spatial = None if input_size is None else check_int_list("input_size", input_size, dim, 1)
+        if spatial is not None:
+            check_spatial_size(spatial, depth, pooling, (in_channels, *spatial))
+        elif head == "flatten":
+            raise ModelConfigError(
+                "head='flatten' needs input_size (the input's spatial size), got input_size=None"
+            )
 
         self.dim = dim
         self.pooling = pooling
+        self.head = head
         stride = 2 if pooling == "stride" else 1
         blocks = []
         channels = in_channels
@@ -150,14 +184,28 @@ class CNN(nn.Module):
             blocks.append(nn.Sequential(layers))
             channels = out_channels
         self.features = nn.Sequential(*blocks)
+        features = channels
+        if head == "flatten" and spatial is not None:  # input_size is required for "flatten"
+            for _ in widths:
+                spatial = [_block_output_size(size, pooling) for size in spatial]
+            features = channels * math.prod(spatial)
+        self.hidden: nn.Module = nn.Identity()
+        if head_width > 0:
+            self.hidden = nn.Sequential(
+                OrderedDict(linear=nn.Linear(features, head_width), act=make_activation(activation))
+            )
+            features = head_width
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.classifier = nn.Linear(channels, num_classes)
+        self.classifier = nn.Linear(features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits of shape (B, num_classes)."""
         h = self.features(x)
-        h = h.flatten(2).mean(dim=-1)  # global average pooling
-        return self.classifier(self.dropout(h))
+        if self.head == "flatten":  # a config string, fixed at build time, not a tensor value
+            h = h.flatten(1)
+        else:
+            h = h.flatten(2).mean(dim=-1)  # global average pooling
+        return self.classifier(self.dropout(self.hidden(h)))
 
 
 def check_spatial_size(
@@ -186,9 +234,7 @@ def _build(
     settings = read_config(config, CNN_DEFAULTS, family)
     layout = "(C, H, W)" if dim == 2 else "(C, L)"
     shape = check_input_shape(input_shape, dim + 1, family, layout)
-    model = CNN(shape[0], num_classes, dim=dim, **settings)
-    check_spatial_size(shape[1:], settings["depth"], settings["pooling"], shape)
-    return model
+    return CNN(shape[0], num_classes, dim=dim, input_size=shape[1:], **settings)
 
 
 def build_cnn(config: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int) -> CNN:

@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import random
+import re
 import shlex
 import struct
 from collections import Counter
@@ -36,6 +37,9 @@ from gradhpo.data import (
 )
 
 OFFLINE = ("digits", "synthetic", "mnist1d")
+#: The real system folders, saved before any test points them elsewhere.
+REAL_SYSTEM_DATA_DIRS = dict(gd.SYSTEM_DATA_DIRS)
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -62,6 +66,15 @@ def assert_splits_equal(a: DataSplits, b: DataSplits) -> None:
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims = [0, *range(2, x.ndim)]
     return x.double().mean(dims), x.double().std(dims, correction=0)
+
+
+@pytest.fixture(autouse=True)
+def _no_system_data(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
+    """Every test sees an empty system folder, whatever this machine has installed, so that
+    files missing from ``data_dir`` are missing everywhere; tests of the system folder point
+    :data:`gradhpo.data.SYSTEM_DATA_DIRS` at their own (or back at the real one)."""
+    absent = tmp_path_factory.getbasetemp() / "no-system-data"
+    monkeypatch.setattr(gd, "SYSTEM_DATA_DIRS", {"fashion_mnist": (absent,)})
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +334,106 @@ def test_load_dataset_rejects_bad_arguments(kwargs: dict[str, Any], match: str) 
         load_dataset(kwargs.pop("name"), **kwargs)
 
 
+# ------------------------------------------------------------------------------ train_size
+@pytest.mark.parametrize(
+    "class_counts,size,expected",
+    [
+        ([50, 30, 20], 10, [5, 3, 2]),  # exact shares
+        ([5, 3, 2], 5, [3, 1, 1]),  # shares 2.5, 1.5, 1: the tie goes to the lower class
+        ([10, 10, 10], 4, [2, 1, 1]),
+        ([10, 10, 10], 30, [10, 10, 10]),  # everything
+        ([70, 20, 10], 7, [5, 1, 1]),  # shares 4.9, 1.4, 0.7: largest remainders 0.9, 0.7
+        ([91, 1, 1, 1, 1, 1, 1, 1, 1, 1], 10, [1] * 10),  # nine shares of 0.1 raised to 1
+        ([1, 1, 98], 50, [1, 1, 48]),  # shares 0.5, 0.5, 49: the big class gives one
+    ],
+)
+def test_stratified_counts_largest_remainder(
+    class_counts: list[int], size: int, expected: list[int]
+) -> None:
+    assert gd._stratified_counts(class_counts, size) == expected
+
+
+def test_stratified_counts_properties() -> None:
+    """Sum is exact, every class has 1..n_c samples, each count is within 1 of its share
+    (unless raised to the minimum of 1), over many random class layouts."""
+    rng = random.Random(0)
+    for _ in range(300):
+        class_counts = [rng.randint(1, 60) for _ in range(rng.randint(1, 12))]
+        n = sum(class_counts)
+        size = rng.randint(len(class_counts), n)
+        counts = gd._stratified_counts(class_counts, size)
+        assert sum(counts) == size
+        assert all(1 <= k <= n_c for k, n_c in zip(counts, class_counts, strict=True))
+        raised = sum(1 for n_c in class_counts if size * n_c < n)
+        if raised == 0:
+            assert all(
+                abs(k - size * n_c / n) < 1 for k, n_c in zip(counts, class_counts, strict=True)
+            )
+
+
+def test_train_size_keeps_class_proportions_of_the_train_split() -> None:
+    full = load_dataset("digits", seed=3)
+    sub = load_dataset("digits", seed=3, train_size=100)
+    assert len(sub.train) == 100
+    full_counts = torch.bincount(full.train.y, minlength=10)
+    sub_counts = torch.bincount(sub.train.y, minlength=10)
+    assert sub_counts.tolist() == gd._stratified_counts(full_counts.tolist(), 100)
+    shares = 100 * full_counts.double() / len(full.train)
+    assert bool(((sub_counts - shares).abs() < 1).all())
+    # a subset of the train split, in its order, with the same (whole-train) standardization
+    assert not samples(sub.train) - samples(full.train)
+    positions = [
+        full.train.x.reshape(len(full.train), -1).tolist().index(r)
+        for r in sub.train.x.reshape(100, -1).tolist()[:5]
+    ]
+    assert positions == sorted(positions)
+    # val and test are bit-identical to a load without train_size
+    for name in ("val", "test"):
+        a, b = getattr(full, name), getattr(sub, name)
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y), name
+    assert sub.input_shape == full.input_shape and sub.num_classes == full.num_classes
+
+
+def test_train_size_is_deterministic_and_seeded() -> None:
+    a = load_dataset("digits", seed=1, train_size=200)
+    assert_splits_equal(a, load_dataset("digits", seed=1, train_size=200))
+    # another seed: another split, and another subset of it
+    assert not torch.equal(a.train.y, load_dataset("digits", seed=2, train_size=200).train.y)
+    whole = load_dataset("digits", seed=1)
+    assert_splits_equal(whole, load_dataset("digits", seed=1, train_size=len(whole.train)))
+
+
+def test_train_size_gives_every_class_one_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A class with a share below one sample still gets one; the big class gives it up."""
+    y = torch.tensor([0] * 180 + [1] * 10 + [2] * 10)
+    x = torch.arange(len(y), dtype=torch.float32).reshape(-1, 1, 1, 1)
+    raw = gd._Raw(x, y, x[:3].clone(), y[:3].clone(), 1.0, 3)
+    monkeypatch.setitem(gd._LOADERS, "synthetic", lambda root, download: raw)
+    d = load_dataset("synthetic", val_fraction=0.0, train_size=10, normalize=False)
+    assert torch.bincount(d.train.y, minlength=3).tolist() == [8, 1, 1]
+    assert len(d.val) == 0 and torch.equal(d.test.y, y[:3])
+
+
+def test_train_size_applies_to_each_fold() -> None:
+    folds = [load_dataset("digits", n_folds=3, fold=i, train_size=60) for i in range(3)]
+    assert [len(d.train) for d in folds] == [60, 60, 60]
+    assert all(set(d.train.y.tolist()) == set(range(10)) for d in folds)
+    plain = load_dataset("digits", n_folds=3, fold=1)
+    assert torch.equal(folds[1].val.x, plain.val.x)
+
+
+@pytest.mark.parametrize("value", [0, -3, True, False, 2.5, 100.0, "100", 9, 1259, 10**6])
+def test_train_size_bad_values(value: Any) -> None:
+    """digits' train split has 1258 samples of 10 classes: 10..1258 is the valid range."""
+    with pytest.raises(ValueError, match=rf"train_size.*got {re.escape(repr(value))}$"):
+        load_dataset("digits", train_size=value)
+
+
+def test_train_size_bounds_are_inclusive() -> None:
+    assert len(load_dataset("digits", train_size=10).train) == 10
+    assert len(load_dataset("digits", train_size=1258).train) == 1258
+
+
 def test_datasets_tuple() -> None:
     assert DATASETS == (
         "digits",
@@ -497,6 +610,105 @@ def test_download_calls_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     calls.clear()
     load_dataset("mnist", data_dir=tmp_path, download=True)  # files present: no call
     assert calls == []
+
+
+# --------------------------------------------------- Fashion-MNIST from the system folder
+def write_flat_fashion(folder: Path, *, seed: int = 5, n_train: int = 12, n_test: int = 4):
+    """Writes the four gzipped IDX files flat into ``folder``, as Debian's package has them."""
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        y = np.arange(n, dtype=np.uint8) % 10
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", x, gz=True)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", y, gz=True)
+        parts[prefix] = (x, y)
+    return parts
+
+
+def use_system_folder(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    monkeypatch.setattr(gd, "SYSTEM_DATA_DIRS", {"fashion_mnist": (folder,)})
+
+
+def test_fashion_mnist_from_system_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    system, data = tmp_path / "system", tmp_path / "data"
+    parts = write_flat_fashion(system)
+    use_system_folder(monkeypatch, system)
+    d = load_dataset("fashion_mnist", data_dir=data, normalize=False, val_fraction=0.25)
+    assert (len(d.train), len(d.val), len(d.test)) == (9, 3, 4)
+    x_test, y_test = parts["t10k"]
+    assert d.test.y.tolist() == y_test.tolist()
+    assert torch.equal(d.test.x, torch.from_numpy(x_test[:, None] / 255.0).float())
+    assert not data.exists()  # nothing written into data_dir, nothing downloaded
+
+
+def test_fashion_mnist_data_dir_wins_over_system_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parts = write_mnist(tmp_path / "data", "FashionMNIST", gz=True)
+    write_flat_fashion(tmp_path / "system", n_test=7)
+    use_system_folder(monkeypatch, tmp_path / "system")
+    d = load_dataset("fashion_mnist", data_dir=tmp_path / "data")
+    assert d.test.y.tolist() == parts["t10k"][1].tolist()
+    # an incomplete data_dir is passed over for a complete system folder
+    (tmp_path / "data" / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte.gz").unlink()
+    assert len(load_dataset("fashion_mnist", data_dir=tmp_path / "data").test) == 7
+
+
+def test_fashion_mnist_system_folder_needs_no_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("torchvision was asked to download")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", refuse)
+    write_flat_fashion(tmp_path / "system")
+    use_system_folder(monkeypatch, tmp_path / "system")
+    d = load_dataset("fashion_mnist", data_dir=tmp_path / "data", download=True)
+    assert len(d.test) == 4
+
+
+def test_fashion_mnist_missing_everywhere_names_both_places(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system = tmp_path / "system"
+    write_flat_fashion(system)
+    (system / "t10k-labels-idx1-ubyte.gz").unlink()  # incomplete: not used
+    use_system_folder(monkeypatch, system)
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("fashion_mnist", data_dir=tmp_path / "data")
+    message = str(info.value)
+    assert str(tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte") in message
+    assert str(system / "t10k-labels-idx1-ubyte") in message
+    assert str(system / "train-images-idx3-ubyte") not in message  # that one is there
+    assert f"looked in {tmp_path / 'data' / 'FashionMNIST' / 'raw'} and {system}" in message
+    assert "apt-get install -y dataset-fashion-mnist" in message
+    assert "download=True" in message and "\n" not in message
+    assert str(pickle.loads(pickle.dumps(info.value))) == message
+    assert not (tmp_path / "data").exists()
+
+
+def test_system_folder_constant_is_the_debian_one() -> None:
+    assert REAL_SYSTEM_DATA_DIRS == {"fashion_mnist": (DEBIAN_FASHION_MNIST,)}
+
+
+@pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.is_dir(),
+    reason=f"{DEBIAN_FASHION_MNIST} is absent (apt-get install -y dataset-fashion-mnist)",
+)
+def test_fashion_mnist_real_debian_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gd, "SYSTEM_DATA_DIRS", REAL_SYSTEM_DATA_DIRS)
+    d = load_dataset("fashion_mnist", data_dir=tmp_path, normalize=False)
+    assert d.input_shape == (1, 28, 28) and d.num_classes == 10
+    assert len(d.train) + len(d.val) + len(d.test) == 70000 and len(d.test) == 10000
+    for split in (d.train, d.val, d.test):
+        assert split.x.shape[1:] == (1, 28, 28)
+        assert torch.bincount(split.y, minlength=10).tolist().count(0) == 0
+        assert 0.0 <= float(split.x.min()) and float(split.x.max()) <= 1.0
+    assert torch.bincount(d.test.y).tolist() == [1000] * 10  # the official test set
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("protocol,bytes_keys", [(2, True), (4, False), (5, True)])

@@ -13,7 +13,9 @@ from torch import nn
 
 from models import (
     ACTIVATIONS,
+    CNN,
     CNN_DEFAULTS,
+    CNN_HEADS,
     MLP_DEFAULTS,
     MODEL_NAMES,
     POOLINGS,
@@ -50,6 +52,8 @@ CNN_KNOBS: dict[str, list[Any]] = {
     "groups": [2, 4],
     "activation": list(ACTIVATIONS),
     "dropout": [0.0, 0.5],
+    "head": list(CNN_HEADS),
+    "head_width": [0, 16],
 }
 KNOB_VALUES: dict[str, dict[str, list[Any]]] = {
     "cnn": CNN_KNOBS,
@@ -170,6 +174,10 @@ def test_cnn_defaults_are_as_documented() -> None:
     assert len(_modules(model, nn.ReLU)) == 2
     assert len(_modules(model, nn.MaxPool2d)) == 2
     assert not _modules(model, nn.Dropout)
+    assert model.head == "gap" and _modules(model, nn.Linear) == [model.classifier]
+    assert model.classifier.in_features == 32
+    # the default head adds no parameter or buffer: checkpoints of earlier versions still load
+    assert not any(key.startswith("hidden") for key in model.state_dict())
 
 
 # --------------------------------------------------------------------------- knobs change the model
@@ -406,6 +414,117 @@ def test_cnn_l2_gradient_finite_on_zeros() -> None:
         assert torch.isfinite(param.grad).all(), name
 
 
+# --------------------------------------------------------------------------- head
+
+
+def _fmnist_cnn(**knobs: Any) -> nn.Module:
+    """The 2-conv, width-32 Fashion-MNIST CNN with some knobs overridden."""
+    config = {"name": "cnn", "depth": 2, "width": 32, "pooling": "max", "norm": "batch"}
+    return build_model({**config, **knobs}, (1, 28, 28), 10)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "expected"),
+    [
+        # convs 1*32*9 + 32*32*9 (no bias under BatchNorm) + 2 BatchNorms of 2*32 = 9632
+        ({"head": "gap"}, 9632 + 32 * 10 + 10),  # 9,962
+        ({"head": "gap", "head_width": 128}, 9632 + 32 * 128 + 128 + 128 * 10 + 10),  # 15,434
+        # 28 -> 14 -> 7: 32 * 7 * 7 = 1568 flattened features
+        ({"head": "flatten"}, 9632 + 1568 * 10 + 10),  # 25,322
+        ({"head": "flatten", "head_width": 128}, 9632 + 1568 * 128 + 128 + 128 * 10 + 10),
+        # a third block pools 7 -> 3: 32 * 3 * 3 = 288 features, under 100k parameters in all
+        ({"head": "flatten", "head_width": 128, "depth": 3}, 9632 + 9280 + 288 * 128 + 128 + 1290),
+    ],
+)
+def test_head_parameter_counts_on_fashion_mnist(knobs: dict[str, Any], expected: int) -> None:
+    """Parameter counts of the Fashion-MNIST CNNs, by hand; the 2-conv flatten head with 128
+    hidden units has 211,754 parameters, 200,832 of them in its hidden layer; with depth 3
+    it stays under 100k (57,194)."""
+    assert count_parameters(_fmnist_cnn(**knobs)) == expected
+    if knobs.get("depth") == 3:
+        assert expected == 57194 < 100_000
+    if knobs == {"head": "flatten", "head_width": 128}:
+        assert expected == 211754
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "knobs"),
+    [
+        ("cnn", (1, 28, 28), {"pooling": "max"}),
+        ("cnn", (3, 15, 9), {"pooling": "avg", "depth": 3}),  # odd sides: floor per block
+        ("cnn", (3, 15, 9), {"pooling": "stride", "depth": 3}),  # stride-2 convs: ceil
+        ("cnn", (2, 7, 5), {"pooling": "none", "kernel_size": 5}),
+        ("cnn", (1, 17, 17), {"pooling": "l2", "kernel_size": 1}),
+        ("cnn1d", (1, 40), {"pooling": "max"}),
+        ("cnn1d", (2, 41), {"pooling": "stride", "depth": 3}),
+    ],
+)
+@pytest.mark.parametrize("head_width", [0, 12])
+def test_flatten_head_sizes_its_dense_layer(
+    name: str, shape: tuple[int, ...], knobs: dict[str, Any], head_width: int
+) -> None:
+    """The first dense layer takes exactly the flattened last feature map, in 1-D and 2-D."""
+    config = {**BASE[name], **knobs, "head": "flatten", "head_width": head_width}
+    model = build_model(config, shape, NUM_CLASSES).eval()
+    x = torch.randn(BATCH, *shape)
+    flat = model.features(x).flatten(1).shape[1]
+    first = model.hidden.linear if head_width else model.classifier
+    assert first.in_features == flat
+    assert model.classifier.in_features == (head_width or flat)
+    assert model(x).shape == (BATCH, NUM_CLASSES)
+
+
+def test_flatten_head_keeps_positions_gap_does_not() -> None:
+    """A flatten head sees where features are (a shifted input changes its output); a
+    global-average head over 'none' pooling with 1x1 convs cannot tell the positions apart."""
+    x = torch.randn(1, 1, 6, 6)
+    rolled = torch.roll(x, shifts=(2, 3), dims=(2, 3))
+    knobs = {"depth": 1, "kernel_size": 1, "pooling": "none", "norm": "none"}
+    gap = _cnn((1, 6, 6), **knobs, head="gap").eval()
+    flat = _cnn((1, 6, 6), **knobs, head="flatten").eval()
+    torch.testing.assert_close(gap(x), gap(rolled))
+    assert not torch.allclose(flat(x), flat(rolled))
+
+
+@pytest.mark.parametrize("head", CNN_HEADS)
+def test_head_width_adds_hidden_layer_with_activation_then_dropout(head: str) -> None:
+    """head_width adds Linear -> the family's activation, then dropout, then the classifier."""
+    model = _cnn((1, 16, 16), head=head, head_width=24, activation="gelu", dropout=0.3)
+    assert [name for name, _ in model.named_children()] == [
+        "features",
+        "hidden",
+        "dropout",
+        "classifier",
+    ]
+    assert isinstance(model.hidden.linear, nn.Linear) and model.hidden.linear.out_features == 24
+    assert type(model.hidden.act) is nn.GELU and model.classifier.in_features == 24
+    assert len(_modules(model, nn.Dropout)) == 1 and model.dropout.p == 0.3
+    # the hidden activation runs: zero its input weights, and the classifier sees gelu(bias)
+    model.eval()
+    with torch.no_grad():
+        model.hidden.linear.weight.zero_()
+        model.hidden.linear.bias.fill_(-1.0)
+        expected = model.classifier(nn.functional.gelu(torch.full((2, 24), -1.0)))
+    torch.testing.assert_close(model(torch.randn(2, 1, 16, 16)), expected)
+    # in train mode dropout acts on the hidden layer's output: the classifier gets 0 or
+    # gelu(-1) / (1 - p), both (dropout before the hidden layer would leave it constant)
+    seen: list[torch.Tensor] = []
+    model.classifier.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    model.train()(torch.randn(4, 1, 16, 16))
+    kept = nn.functional.gelu(torch.tensor(-1.0)) / 0.7
+    values = seen[0].flatten()
+    assert bool(((values == 0) | torch.isclose(values, kept)).all())
+    assert bool((values == 0).any()) and bool((values != 0).any())
+
+
+def test_cnn_class_flatten_needs_input_size() -> None:
+    with pytest.raises(ModelConfigError, match=r"head='flatten' needs input_size.*None"):
+        CNN(1, NUM_CLASSES, head="flatten")
+    model = CNN(1, NUM_CLASSES, head="flatten", input_size=(8, 8), width=4, norm="none")
+    assert model.classifier.in_features == 4 * 2 * 2
+    assert CNN(1, NUM_CLASSES).classifier.in_features == 32  # gap needs no input_size
+
+
 # --------------------------------------------------------------------------- torch.func
 
 
@@ -413,6 +532,18 @@ FUNC_CASES = [
     pytest.param("cnn", {"norm": "batch"}, (3, 16, 16), id="cnn-batch"),
     pytest.param("cnn", {"norm": "group", "pooling": "l2"}, (3, 16, 16), id="cnn-group-l2"),
     pytest.param("cnn1d", {"norm": "batch", "pooling": "stride"}, (2, 40), id="cnn1d-batch-stride"),
+    pytest.param(
+        "cnn",
+        {"norm": "batch", "head": "flatten", "head_width": 16},
+        (1, 12, 12),
+        id="cnn-batch-flatten-hidden",
+    ),
+    pytest.param(
+        "cnn1d",
+        {"norm": "group", "head": "flatten", "activation": "tanh"},
+        (2, 40),
+        id="cnn1d-group-flatten",
+    ),
     pytest.param("resnet", {"norm": "batch"}, (3, 16, 16), id="resnet-batch"),
     pytest.param("resnet", {"norm": "group", "activation": "gelu"}, (3, 16, 16), id="resnet-group"),
     pytest.param("mlp", {"norm": "batch", "activation": "tanh"}, (1, 8, 8), id="mlp-batch"),
@@ -510,6 +641,12 @@ VMAP_CASES = [
     pytest.param("cnn", {"norm": "none", "pooling": "l2"}, (3, 16, 16), id="cnn-none-l2"),
     pytest.param("cnn", {"norm": "batch", "pooling": "stride"}, (3, 16, 16), id="cnn-batch-eval"),
     pytest.param("cnn1d", {"norm": "group", "pooling": "avg"}, (2, 40), id="cnn1d-group"),
+    pytest.param(
+        "cnn",
+        {"norm": "batch", "head": "flatten", "head_width": 16},
+        (3, 16, 16),
+        id="cnn-flatten-hidden",
+    ),
     pytest.param("resnet", {"norm": "group"}, (3, 16, 16), id="resnet-group"),
     pytest.param("mlp", {"norm": "layer"}, (1, 8, 8), id="mlp-layer"),
 ]
@@ -649,6 +786,34 @@ BAD_CONFIGS = [
         id="resnet-groups",
     ),
     pytest.param({"name": "cnn", "groups": 0}, (3, 32, 32), ["groups=0"], id="cnn-zero-groups"),
+    pytest.param(
+        {"name": "cnn", "head": "mean"}, (3, 32, 32), ["head=", "'mean'", "'gap'"], id="cnn-head"
+    ),
+    pytest.param({"name": "cnn1d", "head": None}, (1, 40), ["head=None"], id="cnn1d-head-none"),
+    pytest.param(
+        {"name": "cnn", "head": "Flatten"}, (3, 32, 32), ["head='Flatten'"], id="cnn-head-case"
+    ),
+    pytest.param(
+        {"name": "cnn", "head_width": -1}, (3, 32, 32), ["head_width=-1"], id="cnn-head-width-neg"
+    ),
+    pytest.param(
+        {"name": "cnn1d", "head": "flatten", "head_width": 1.5},
+        (1, 40),
+        ["head_width=1.5"],
+        id="cnn1d-head-width-float",
+    ),
+    pytest.param(
+        {"name": "cnn", "head_width": True},
+        (3, 32, 32),
+        ["head_width=True"],
+        id="cnn-head-width-bool",
+    ),
+    pytest.param(
+        {"name": "cnn", "head": "flatten", "depth": 4},
+        (1, 8, 8),
+        ["depth=4", "'max'", "(1, 8, 8)"],
+        id="cnn-flatten-too-deep",
+    ),
     pytest.param(
         {"name": "cnn", "depth": 5, "pooling": "max"},
         (1, 8, 8),

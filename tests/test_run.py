@@ -111,6 +111,14 @@ def test_from_checkpoint_rebuilds_named_data(tmp_path) -> None:
     assert_same_state(params_of(run), params_of(resumed))
 
 
+def test_data_train_size_is_accepted_and_rebuilt_from_checkpoint(tmp_path) -> None:
+    run = make_run({"name": "synthetic", "train_size": 30})
+    assert len(run.data.train) == 30 and len(run.data.val) == 24
+    path = run.save(tmp_path / "run.pt")
+    resumed = TrainingRun.from_checkpoint(path, device="cpu")
+    assert torch.equal(resumed.data.train.x, run.data.train.x)
+
+
 def test_checkpoint_needs_data_when_user_supplied(synthetic: DataSplits, tmp_path) -> None:
     path = make_run(synthetic).save(tmp_path / "run.pt")
     with pytest.raises(ValueError, match="pass data="):
