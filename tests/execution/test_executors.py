@@ -27,6 +27,7 @@ def _check_exactly(study, n: int) -> None:
     assert all(t.state.name == "COMPLETE" for t in done)
 
 
+@pytest.mark.slow
 def test_four_driver_processes_on_one_sqlite_study_give_exactly_n_trials(tmp_path: Path) -> None:
     create_study(tmp_path / "s", sampler="random", pruner=None, direction="minimize", seed=0)
     with ProcessExecutor(4, threads_per_worker=1) as executor:
@@ -103,6 +104,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow
 def test_config_study_on_two_processes(tmp_path: Path, monkeypatch, capsys) -> None:
     from gradhpo.cli import main
 
@@ -160,6 +162,7 @@ def ray_executor(tmp_path: Path, monkeypatch):
         executor.close()
 
 
+@pytest.mark.slow
 def test_ray_study_matches_serial_and_survives_a_killed_worker(
     tmp_path: Path, monkeypatch, ray_executor
 ) -> None:

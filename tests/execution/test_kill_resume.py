@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pytest
 
 from gradhpo.pbt.manager import PopulationBasedTraining
 from gradhpo.pbt.store import PBTDatabase
@@ -60,6 +61,7 @@ def _kill_when(cmd: list[str], db: Path, query: str, at_least: int, rng: random.
             proc.kill()
 
 
+@pytest.mark.slow
 def test_study_survives_kills_at_random_points(tmp_path: Path) -> None:
     rng = random.Random(7)
     create_study(tmp_path / "s", sampler="tpe", pruner=None, direction="minimize", seed=0)
@@ -140,6 +142,7 @@ def _pbt(directory: Path, mode: str) -> PopulationBasedTraining:
     )
 
 
+@pytest.mark.slow
 def test_pbt_survives_kills_at_random_points(tmp_path: Path) -> None:
     rng = random.Random(11)
     reference = _pbt(tmp_path / "ref", "sync")

@@ -84,6 +84,7 @@ def test_sweep_repairs_a_pin_left_by_a_killed_step(tmp_path: Path) -> None:
     _references_consistent(pbt.db)
 
 
+@pytest.mark.slow
 def test_ray_members_match_in_process_training(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     pytest.importorskip("ray")
@@ -100,6 +101,7 @@ def test_ray_members_match_in_process_training(tmp_path: Path, monkeypatch) -> N
     assert _trace(remote) == _trace(local)
 
 
+@pytest.mark.slow
 def test_cli_pbt_on_processes(tmp_path: Path, monkeypatch, capsys) -> None:
     from gradhpo.cli import main
 
