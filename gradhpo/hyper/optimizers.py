@@ -31,6 +31,18 @@ floating-point rounding; see each class for the few documented differences.
 State layout: a flat dict ``{f"{slot}/{param_name}": tensor, ..., "step": tensor}`` where
 ``"step"`` is a 0-d tensor counting the updates done so far, with the dtype and device of
 the (first) parameter.
+
+Hyperparameters carried in the state (optax's ``inject_hyperparams``): ``init(params,
+hypers={...})`` adds one float64 0-d entry ``"hyper/<name>"`` per hyperparameter of the
+optimizer. ``update`` then reads them from the state, so they can be changed between steps
+(PBT), checkpointed with the state and stacked per member (:class:`BatchedPopulation` vmaps
+``update`` over (N,) hyperparameters). A value in ``hp`` still takes precedence (that is how
+the hypergradient engine passes differentiable values), then the state, then ``defaults``.
+
+This module is also the home of an optimizer's plain-data config (:func:`optimizer_config`:
+``{"name": "sgd", "lr": 0.1, ...}``, what configs, :class:`~gradhpo.run.TrainingRun` and
+PBT speak) and of its torch.optim twin (:func:`torch_optimizer`, and :func:`to_torch_state` /
+:func:`from_torch_state` between the two state formats).
 """
 
 from __future__ import annotations
@@ -48,7 +60,10 @@ __all__ = [
     "OPTIMIZER_HYPERPARAMETERS",
     "check_hyper_value",
     "check_hyperparameter_update",
+    "from_torch_state",
+    "inner_optimizer",
     "optimizer_config",
+    "to_torch_state",
     "torch_optimizer",
     "SGD",
     "Adam",
@@ -66,6 +81,7 @@ State = dict[str, Tensor]
 HyperValues = Mapping[str, Mapping[str, Tensor]]
 
 STEP_KEY = "step"
+HYPER_PREFIX = "hyper/"
 
 
 def _check(condition: bool, message: str) -> None:
@@ -83,6 +99,25 @@ def _as_float(name: str, value: Any) -> float:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
+class _Shared(Mapping[str, Tensor]):
+    """A per-parameter mapping that gives one value for every parameter name."""
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.value
+
+    def get(self, key: str, default: Any = None) -> Tensor:  # type: ignore[override]
+        return self.value
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
 class InnerOptimizer:
     """Base class: a differentiable optimizer as ``init``/``update`` pure functions.
 
@@ -94,6 +129,8 @@ class InnerOptimizer:
     name: ClassVar[str] = "base"
     hyper_names: ClassVar[tuple[str, ...]] = ()
     slots: ClassVar[tuple[str, ...]] = ()
+    #: Per-parameter 0-d boolean state entries (e.g. whether SGD's momentum buffer exists).
+    flags: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **defaults: float) -> None:
         self.defaults: dict[str, float] = dict(defaults)
@@ -107,17 +144,35 @@ class InnerOptimizer:
 
     # -- state -----------------------------------------------------------------------------
 
-    def init(self, params: Params) -> State:
-        """Fresh state: zero buffers shaped like each parameter, and ``step = 0``."""
+    def init(self, params: Params, hypers: Mapping[str, float] | None = None) -> State:
+        """Fresh state: zero buffers shaped like each parameter, and ``step = 0``.
+
+        With ``hypers`` (a mapping, possibly empty), the state also carries every
+        hyperparameter of the optimizer as a float64 0-d tensor ``"hyper/<name>"``: the given
+        value, else the constructor's default."""
         state: State = {}
+        first = next(iter(params.values()), None)
+        device = first.device if first is not None else None
         for slot in self.slots:
             for pname, p in params.items():
                 state[f"{slot}/{pname}"] = torch.zeros_like(p)
-        first = next(iter(params.values()), None)
+        for flag in self.flags:
+            for pname, p in params.items():
+                state[f"{flag}/{pname}"] = torch.zeros((), dtype=torch.bool, device=p.device)
         if first is None:
             state[STEP_KEY] = torch.zeros(())
         else:
             state[STEP_KEY] = torch.zeros((), dtype=first.dtype, device=first.device)
+        if hypers is not None:
+            unknown = sorted(set(hypers) - set(self.hyper_names))
+            if unknown:
+                raise ValueError(
+                    f"hypers: unknown hyperparameter(s) {unknown} for {self.name!r}; "
+                    f"known: {list(self.hyper_names)}"
+                )
+            for name in self.hyper_names:
+                value = _as_float(name, hypers.get(name, self.defaults[name]))
+                state[HYPER_PREFIX + name] = torch.tensor(value, dtype=torch.float64, device=device)
         return state
 
     # -- hyperparameters ---------------------------------------------------------------------
@@ -125,8 +180,9 @@ class InnerOptimizer:
     def hyper(self, hp: HyperValues | None, name: str, param_name: str, like: Tensor) -> Tensor:
         """Value of hyperparameter ``name`` for parameter ``param_name``.
 
-        ``hp[name][param_name]`` if given (returned as is, so gradients flow to it), else a
-        constant tensor of ``defaults[name]`` with the dtype and device of ``like``.
+        ``hp[name][param_name]`` if given (returned as is, so gradients flow to it; within
+        :meth:`update` this includes the values carried in the state), else a constant
+        tensor of ``defaults[name]`` with the dtype and device of ``like``.
         """
         value = self._lookup(hp, name, param_name)
         if value is not None:
@@ -184,11 +240,19 @@ class InnerOptimizer:
         step = state[STEP_KEY]
         new_params: Params = {}
         new_state: State = {}
+        carried = {
+            name: state[HYPER_PREFIX + name]
+            for name in self.hyper_names
+            if HYPER_PREFIX + name in state
+        }
+        if carried:
+            # Carried values act as given ones for every parameter; hp still comes first.
+            hp = {**{name: _Shared(v) for name, v in carried.items()}, **(hp or {})}
         for pname, p in params.items():
             if pname not in grads:
                 raise KeyError(f"grads has no entry for parameter {pname!r}")
             slots = {}
-            for slot in self.slots:
+            for slot in (*self.slots, *self.flags):
                 key = f"{slot}/{pname}"
                 if key not in state:
                     raise KeyError(f"state has no entry {key!r}; build it with init()")
@@ -198,6 +262,8 @@ class InnerOptimizer:
             for slot, value in new_slots.items():
                 new_state[f"{slot}/{pname}"] = value
         new_state[STEP_KEY] = step + 1
+        for name, value in carried.items():
+            new_state[HYPER_PREFIX + name] = value
         return new_params, new_state
 
     def _update_one(
@@ -218,25 +284,22 @@ class SGD(InnerOptimizer):
     Per tensor, with ``g`` the gradient (``torch.optim.SGD``'s arithmetic)::
 
         g = g + weight_decay * p
-        b = g                                   on the first step (step == 0)
+        b = g                                   at the first step with momentum != 0
         b = momentum * b + (1 - dampening) * g  afterwards
         g = g + momentum * b  if nesterov  else  b
         p = p - lr * g
 
-    The first-step rule is expressed with ``torch.where`` on the step counter. Hyperparameters:
-    ``lr``, ``weight_decay``, ``momentum`` (``dampening`` and ``nesterov`` are fixed).
-
-    When ``momentum`` is the constant 0 and not tuned, the momentum term is skipped (as in
-    torch.optim) and the buffer just records ``g`` (what the formula gives for momentum 0 and
-    no dampening, so the state is the same as with a tuned momentum of 0). When it is tuned, the momentum formula is
-    always applied: a tuned value of exactly 0 with ``dampening > 0`` then gives
-    ``(1 - dampening) * g`` after the first step, where torch.optim (which special-cases
-    ``momentum == 0``) would use ``g``.
+    A step with momentum 0 is plain SGD and leaves the buffer alone. This is torch.optim's
+    rule (it creates the buffer at the first step with momentum != 0), kept per parameter in
+    the boolean state entry ``momentum_started/<param>`` and applied with ``torch.where``, so
+    momentum switched on mid-run (PBT) starts exactly as in torch. Hyperparameters: ``lr``,
+    ``weight_decay``, ``momentum`` (``dampening`` and ``nesterov`` are fixed).
     """
 
     name: ClassVar[str] = "sgd"
     hyper_names: ClassVar[tuple[str, ...]] = ("lr", "weight_decay", "momentum")
     slots: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
+    flags: ClassVar[tuple[str, ...]] = ("momentum_started",)
 
     def __init__(
         self,
@@ -273,15 +336,26 @@ class SGD(InnerOptimizer):
         lr = self.hyper(hp, "lr", pname, p)
         if not self._is_const_zero(hp, "weight_decay", pname):
             g = g + self.hyper(hp, "weight_decay", pname, p) * p
-        buf = slots["momentum_buffer"]
-        if not self._is_const_zero(hp, "momentum", pname):
-            mu = self.hyper(hp, "momentum", pname, p)
-            later = mu * buf + (1.0 - self.dampening) * g
-            buf = torch.where(step == 0, g, later)
-            g = g + mu * buf if self.nesterov else buf
-        else:
-            buf = g
-        return p - lr * g, {"momentum_buffer": buf}
+        buf, started = slots["momentum_buffer"], slots["momentum_started"]
+        if self._is_const_zero(hp, "momentum", pname):
+            # No momentum term; like torch.optim, no buffer is started.
+            return p - lr * g, {"momentum_buffer": buf, "momentum_started": started}
+        mu = self.hyper(hp, "momentum", pname, p)
+        candidate = torch.where(started, mu * buf + (1.0 - self.dampening) * g, g)
+        direction = g + mu * candidate if self.nesterov else candidate
+        if not self._is_tuned(hp, "momentum", pname):  # a constant > 0: always on
+            return p - lr * direction, {
+                "momentum_buffer": candidate,
+                "momentum_started": torch.ones_like(started),
+            }
+        # A value that may be 0 at this step (tuned, or carried in the state and changed by
+        # PBT): where it is 0 the step is plain SGD and the buffer is left as it was.
+        on = mu != 0
+        direction = torch.where(on, direction, g)
+        return p - lr * direction, {
+            "momentum_buffer": torch.where(on, candidate, buf),
+            "momentum_started": started | on.any(),
+        }
 
 
 class Adam(InnerOptimizer):
@@ -522,3 +596,91 @@ def make_optimizer(name: str, **kwargs: Any) -> InnerOptimizer:
             f"it takes {', '.join(allowed)}"
         )
     return cls(**{**preset, **kwargs})
+
+
+# ----------------------------------------------------------------- torch.optim state format
+def _param_group(spec: Mapping[str, Any], hypers: Mapping[str, float], n_params: int) -> dict:
+    """torch.optim's param group for ``spec`` with ``hypers`` (keys taken from a real
+    optimizer, so they match this torch version's ``state_dict`` format)."""
+    dummies = [torch.nn.Parameter(torch.zeros(1)) for _ in range(max(n_params, 1))]
+    group = torch_optimizer(dummies, {**spec, **hypers}).state_dict()["param_groups"][0]
+    group["params"] = list(range(n_params))
+    return group
+
+
+def to_torch_state(
+    spec: Mapping[str, Any], state: Mapping[str, Tensor], param_names: list[str]
+) -> dict[str, Any]:
+    """The torch.optim ``state_dict()`` of an :func:`optimizer_config` ``spec`` whose inner
+    optimizer state (carrying its hyperparameters, see :meth:`InnerOptimizer.init`) is
+    ``state``. SGD's buffers appear where torch would have created them (momentum started),
+    Adam's slots once it has stepped, as in torch."""
+    hypers = {
+        name: float(state[HYPER_PREFIX + name])
+        for name in OPTIMIZER_HYPERPARAMETERS[spec["name"]]
+    }
+    per_param: dict[int, dict[str, Tensor]] = {}
+    if spec["name"] == "sgd":
+        for k, name in enumerate(param_names):
+            if bool(state[f"momentum_started/{name}"]):
+                per_param[k] = {"momentum_buffer": state[f"momentum_buffer/{name}"].clone()}
+    else:
+        step = float(state[STEP_KEY])
+        if step > 0:
+            for k, name in enumerate(param_names):
+                per_param[k] = {
+                    "step": torch.tensor(step),
+                    "exp_avg": state[f"exp_avg/{name}"].clone(),
+                    "exp_avg_sq": state[f"exp_avg_sq/{name}"].clone(),
+                }
+    group = _param_group(spec, hypers, len(param_names))
+    return {"state": per_param, "param_groups": [group]}
+
+
+def from_torch_state(
+    spec: Mapping[str, Any], torch_state: Mapping[str, Any], params: Mapping[str, Tensor]
+) -> State:
+    """The inner-optimizer state (hyperparameters carried, from the first param group) of a
+    torch.optim ``state_dict()`` for ``params`` (names in the optimizer's parameter order);
+    ``{}`` or an empty ``state`` means a fresh optimizer. Inverse of :func:`to_torch_state`."""
+    names = list(params)
+    per_param = dict(torch_state.get("state", {})) if torch_state else {}
+    groups = torch_state.get("param_groups") if torch_state else None
+    hypers = {k: float(v) for k, v in spec.items() if k in OPTIMIZER_HYPERPARAMETERS[spec["name"]]}
+    if groups:
+        group = groups[0]
+        for name in OPTIMIZER_HYPERPARAMETERS[spec["name"]]:
+            if name in ("beta1", "beta2"):
+                hypers[name] = float(group["betas"][0 if name == "beta1" else 1])
+            else:
+                hypers[name] = float(group[name])
+    inner = make_optimizer(spec["name"], **_inner_kwargs(spec))
+    state = inner.init(dict(params), hypers=hypers)
+    if spec["name"] == "sgd":
+        present = [per_param.get(k, {}).get("momentum_buffer") is not None for k in range(len(names))]
+        if any(present) and not all(present):
+            raise ValueError("optimizer state has momentum buffers for only some parameters")
+        for k, name in enumerate(names):
+            if present[k]:
+                state[f"momentum_buffer/{name}"] = per_param[k]["momentum_buffer"].to(params[name]).clone()
+                state[f"momentum_started/{name}"] = torch.ones_like(state[f"momentum_started/{name}"])
+        return state
+    present = [k in per_param for k in range(len(names))]
+    if any(present) and not all(present):
+        raise ValueError("optimizer state has Adam slots for only some parameters")
+    if names and all(present):
+        for k, name in enumerate(names):
+            for slot in ("exp_avg", "exp_avg_sq"):
+                state[f"{slot}/{name}"] = per_param[k][slot].to(params[name]).clone()
+        state[STEP_KEY] = torch.full_like(state[STEP_KEY], float(per_param[0]["step"]))
+    return state
+
+
+def _inner_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of the inner optimizer for an :func:`optimizer_config`."""
+    return {k: v for k, v in spec.items() if k != "name"}
+
+
+def inner_optimizer(spec: Mapping[str, Any]) -> InnerOptimizer:
+    """The inner optimizer of an :func:`optimizer_config` (its values as the defaults)."""
+    return make_optimizer(spec["name"], **_inner_kwargs(spec))

@@ -34,16 +34,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from gradhpo.data import BatchIterator, DataSplits, Split, load_dataset
 from gradhpo.hyper.optimizers import (
+    HYPER_PREFIX,
     OPTIMIZER_HYPERPARAMETERS,
     check_hyper_value,
     check_hyperparameter_update,
+    from_torch_state,
+    inner_optimizer,
     optimizer_config,
-    torch_optimizer,
+    to_torch_state,
 )
 from gradhpo.run import resolve_device, swapped_rng
 from models import build_model
@@ -51,7 +53,7 @@ from models import build_model
 __all__ = ["BatchedPopulation"]
 
 Tensor = torch.Tensor
-_FORMAT = "gradhpo.BatchedPopulation/1"
+_FORMAT = "gradhpo.BatchedPopulation/2"
 
 
 def _is_int(value: Any) -> bool:
@@ -170,11 +172,14 @@ class BatchedPopulation:
             self.buffers[name] = stacked.to(self.device).contiguous()
         del modules
 
-        self._hypers: dict[str, Tensor] = {
-            name: torch.tensor(values, dtype=torch.float64, device=self.device)
-            for name, values in hyper_values.items()
-        }
+        # One optimizer arithmetic: the inner optimizer of gradhpo.hyper, vmapped over the
+        # members, with each member's hyperparameters carried in its (stacked) state.
+        self._inner = inner_optimizer(self.optimizer_spec)
         self._opt_state = self._fresh_optimizer_state()
+        for name, values in hyper_values.items():
+            self._opt_state[HYPER_PREFIX + name] = torch.tensor(
+                values, dtype=torch.float64, device=self.device
+            )
         self._step = torch.zeros(n_members, dtype=torch.int64, device=self.device)
         self._diverged = torch.zeros(n_members, dtype=torch.bool, device=self.device)
 
@@ -219,8 +224,8 @@ class BatchedPopulation:
             return functional_call(template, (params, buffers), (x,))
 
         self._train_fn = vmap(grad_and_value(train_loss, has_aux=True), randomness="different")
+        self._update_fn = vmap(self._inner.update)
         self._eval_fn = vmap(eval_logits, in_dims=(0, 0, None), randomness="different")
-        self._group_template: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ validation helpers
     @staticmethod
@@ -298,93 +303,19 @@ class BatchedPopulation:
         return int(i)
 
     # ------------------------------------------------------------------ optimizer state
-    def _fresh_optimizer_state(self) -> dict[str, Any]:
-        """Zero slots. ``has_buffer`` (SGD) / ``step`` (Adam) say whether torch.optim would
-        have state for the member yet: SGD creates its momentum buffer (a copy of the
-        gradient) at the first step with momentum != 0, Adam counts its own steps for the
-        bias corrections. Tracking this per member keeps exports to TrainingRun exact."""
-        zeros = {name: torch.zeros_like(p) for name, p in self.params.items()}
-        n = self.n_members
-        if self.optimizer_spec["name"] == "sgd":
-            return {
-                "momentum_buffer": zeros,
-                "has_buffer": torch.zeros(n, dtype=torch.bool, device=self.device),
-            }
+    def _fresh_optimizer_state(self) -> dict[str, Tensor]:
+        """The inner optimizer's fresh state, one row per member."""
+        one = self._inner.init(
+            {name: p[0] for name, p in self.params.items()}, hypers=self.optimizer_spec_hypers
+        )
         return {
-            "exp_avg": zeros,
-            "exp_avg_sq": {name: torch.zeros_like(p) for name, p in self.params.items()},
-            "step": torch.zeros(n, dtype=torch.int64, device=self.device),
+            k: v.unsqueeze(0).repeat(self.n_members, *([1] * v.ndim)).contiguous()
+            for k, v in one.items()
         }
 
-    def _update(
-        self, grads: dict[str, Tensor], active: Tensor
-    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """One optimizer step for all members with torch.optim's arithmetic.
-
-        Written for stacked tensors rather than reusing :mod:`gradhpo.hyper.optimizers` under
-        vmap: hyperparameters here are plain (N,) tensors, Adam's bias corrections are
-        computed in float64 like torch.optim's Python doubles, and SGD's momentum buffer
-        follows torch's "created at first use" rule, which the differentiable core does not
-        model. Members that are not ``active`` keep everything as it was (``torch.where``).
-        """
-        h = self._hypers
-        dt = self.dtype
-        lr = h["lr"].to(dt)
-        wd = h["weight_decay"].to(dt)
-        state = self._opt_state
-        new_params: dict[str, Tensor] = {}
-        if self.optimizer_spec["name"] == "sgd":
-            mu = h["momentum"].to(dt)
-            use_momentum = h["momentum"] != 0
-            has_buf = state["has_buffer"]
-            nesterov = self.optimizer_spec["nesterov"]
-            new_bufs: dict[str, Tensor] = {}
-            for name, p in self.params.items():
-                g = grads[name] + _per_member(wd, p) * p
-                buf = state["momentum_buffer"][name]
-                mu_b = _per_member(mu, p)
-                candidate = torch.where(_per_member(has_buf, p), mu_b * buf + g, g)
-                direction = g + mu_b * candidate if nesterov else candidate
-                direction = torch.where(_per_member(use_momentum, p), direction, g)
-                keep_buf = _per_member(use_momentum & active, p)
-                new_bufs[name] = torch.where(keep_buf, candidate, buf)
-                new_params[name] = p - _per_member(lr, p) * direction
-            new_state = {
-                "momentum_buffer": new_bufs,
-                "has_buffer": has_buf | (use_momentum & active),
-            }
-        else:
-            decoupled = self.optimizer_spec["name"] == "adamw"
-            t = (state["step"] + 1).to(torch.float64)
-            beta1, beta2 = h["beta1"], h["beta2"]
-            step_size = (h["lr"] / (1.0 - beta1**t)).to(dt)
-            bc2_sqrt = torch.sqrt(1.0 - beta2**t).to(dt)
-            one_minus_b1 = (1.0 - beta1).to(dt)
-            b2 = beta2.to(dt)
-            one_minus_b2 = (1.0 - beta2).to(dt)
-            eps = h["eps"].to(dt)
-            decay = (1.0 - h["lr"] * h["weight_decay"]).to(dt)
-            exp_avg: dict[str, Tensor] = {}
-            exp_avg_sq: dict[str, Tensor] = {}
-            for name, p in self.params.items():
-                g = grads[name]
-                if decoupled:
-                    p = p * _per_member(decay, p)
-                else:
-                    g = g + _per_member(wd, p) * p
-                m = torch.lerp(state["exp_avg"][name], g, _per_member(one_minus_b1, p))
-                v = state["exp_avg_sq"][name] * _per_member(b2, p) + _per_member(
-                    one_minus_b2, p
-                ) * (g * g)
-                denom = v.sqrt() / _per_member(bc2_sqrt, p) + _per_member(eps, p)
-                new_params[name] = p - _per_member(step_size, p) * (m / denom)
-                exp_avg[name], exp_avg_sq[name] = m, v
-            new_state = {
-                "exp_avg": exp_avg,
-                "exp_avg_sq": exp_avg_sq,
-                "step": state["step"] + active.to(torch.int64),
-            }
-        return new_params, new_state
+    @property
+    def optimizer_spec_hypers(self) -> dict[str, float]:
+        return {name: float(self.optimizer_spec[name]) for name in self.hyperparameter_names}
 
     # ------------------------------------------------------------------ RNG
     def _own_rng(self) -> Any:
@@ -419,10 +350,10 @@ class BatchedPopulation:
                 grads, (loss, new_buffers) = self._train_fn(self.params, self.buffers, xb, yb)
                 finite = torch.isfinite(loss)
                 active = finite & ~self._diverged
-                new_params, new_state = self._update(grads, active)
+                new_params, new_state = self._update_fn(self.params, grads, self._opt_state)
                 self.params = _select(active, new_params, self.params)
                 self.buffers = _select(active, new_buffers, self.buffers)
-                self._opt_state = _select_state(active, new_state, self._opt_state)
+                self._opt_state = _select(active, new_state, self._opt_state)
                 self._step = self._step + active.to(torch.int64)
                 self._diverged = self._diverged | ~finite
                 total = total + torch.where(active, loss.detach().to(torch.float64), 0.0)
@@ -474,12 +405,18 @@ class BatchedPopulation:
     @property
     def hyperparameters(self) -> dict[str, Tensor]:
         """Every hyperparameter as a float64 (N,) CPU tensor (a copy)."""
-        return {name: h.cpu().clone() for name, h in self._hypers.items()}
+        return {
+            name: self._opt_state[HYPER_PREFIX + name].cpu().clone()
+            for name in self.hyperparameter_names
+        }
 
     def get_hyperparameters(self, i: int) -> dict[str, float]:
         """Member ``i``'s hyperparameters, named as ``TrainingRun.hyperparameters``."""
         i = self._member(i)
-        return {name: float(self._hypers[name][i]) for name in self.hyperparameter_names}
+        return {
+            name: float(self._opt_state[HYPER_PREFIX + name][i])
+            for name in self.hyperparameter_names
+        }
 
     def set_hyperparameters(self, i: int, **values: float) -> None:
         """Set some of member ``i``'s hyperparameters; unknown names or bad values raise
@@ -489,7 +426,7 @@ class BatchedPopulation:
             self.optimizer_spec, self.hyperparameter_names, values
         )
         for name, value in checked.items():
-            self._hypers[name][i] = value
+            self._opt_state[HYPER_PREFIX + name][i] = value
 
     # ------------------------------------------------------------------ exploit
     def copy_member(self, src: int, dst: int) -> None:
@@ -505,47 +442,15 @@ class BatchedPopulation:
 
     def _all_stacked(self) -> list[Tensor]:
         """Every stacked (N, ...) tensor of the member's state, for copying rows in place."""
-        tensors = [*self.params.values(), *self.buffers.values(), *self._hypers.values()]
-        for value in self._opt_state.values():
-            tensors.extend(value.values() if isinstance(value, dict) else [value])
+        tensors = [*self.params.values(), *self.buffers.values(), *self._opt_state.values()]
         tensors += [self._step, self._diverged]
         return tensors
 
     # ------------------------------------------------------------------ member export
-    def _param_group(self, i: int) -> dict[str, Any]:
-        """torch.optim's param group for member ``i`` (keys taken from a real optimizer, so
-        they match this torch version's ``state_dict`` format)."""
-        if self._group_template is None:
-            dummies = [nn.Parameter(torch.zeros(1)) for _ in self._param_names]
-            opt = torch_optimizer(dummies, self.optimizer_spec)
-            self._group_template = opt.state_dict()["param_groups"][0]
-        group = copy.deepcopy(self._group_template)
-        hp = self.get_hyperparameters(i)
-        for name, value in hp.items():
-            if name not in ("beta1", "beta2"):
-                group[name] = value
-        if "beta1" in hp:
-            group["betas"] = (hp["beta1"], hp["beta2"])
-        group["params"] = list(range(len(self._param_names)))
-        return group
-
     def _member_optimizer_state(self, i: int) -> dict[str, Any]:
-        state: dict[int, dict[str, Any]] = {}
-        opt = self._opt_state
-        if self.optimizer_spec["name"] == "sgd":
-            if bool(opt["has_buffer"][i]):
-                for k, name in enumerate(self._param_names):
-                    state[k] = {"momentum_buffer": opt["momentum_buffer"][name][i].clone()}
-        else:
-            step = int(opt["step"][i])
-            if step > 0:
-                for k, name in enumerate(self._param_names):
-                    state[k] = {
-                        "step": torch.tensor(float(step)),
-                        "exp_avg": opt["exp_avg"][name][i].clone(),
-                        "exp_avg_sq": opt["exp_avg_sq"][name][i].clone(),
-                    }
-        return {"state": state, "param_groups": [self._param_group(i)]}
+        """Member ``i``'s optimizer state in torch.optim's format (what TrainingRun holds)."""
+        state = {k: v[i] for k, v in self._opt_state.items()}
+        return to_torch_state(self.optimizer_spec, state, self._param_names)
 
     def member_state_dict(self, i: int) -> dict[str, Any]:
         """Member ``i`` as a ``TrainingRun`` checkpoint: ``{model, optimizer, tuner,
@@ -626,29 +531,13 @@ class BatchedPopulation:
             self._iterators[i].load_state_dict(state["iterator"])
 
     def _load_member_optimizer(self, i: int, opt_state: Mapping[str, Any]) -> None:
-        per_param = dict(opt_state.get("state", {})) if opt_state else {}
-        opt = self._opt_state
-        n_params = len(self._param_names)
-        if self.optimizer_spec["name"] == "sgd":
-            present = [
-                k in per_param and per_param[k].get("momentum_buffer") is not None
-                for k in range(n_params)
-            ]
-            if any(present) and not all(present):
-                raise ValueError("optimizer state has momentum buffers for only some parameters")
-            for k, name in enumerate(self._param_names):
-                buf = opt["momentum_buffer"][name]
-                buf[i] = per_param[k]["momentum_buffer"].to(buf) if present[k] else 0.0
-            opt["has_buffer"][i] = all(present)
-            return
-        present = [k in per_param for k in range(n_params)]
-        if any(present) and not all(present):
-            raise ValueError("optimizer state has Adam slots for only some parameters")
-        for k, name in enumerate(self._param_names):
-            for slot in ("exp_avg", "exp_avg_sq"):
-                target = opt[slot][name]
-                target[i] = per_param[k][slot].to(target) if present[k] else 0.0
-        opt["step"][i] = int(float(per_param[0]["step"])) if all(present) and n_params else 0
+        """Member ``i``'s optimizer state from torch.optim's format; its hyperparameters
+        stay those set from the checkpoint's ``hypers`` (or the member's own)."""
+        like = {name: self.params[name][i] for name in self._param_names}
+        state = from_torch_state(self.optimizer_spec, opt_state, like)
+        for key, value in state.items():
+            if not key.startswith(HYPER_PREFIX):
+                self._opt_state[key][i] = value
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -664,7 +553,6 @@ class BatchedPopulation:
                 "params": self.params,
                 "buffers": self.buffers,
                 "optimizer": self._opt_state,
-                "hypers": self._hypers,
                 "step": self._step,
                 "diverged": self._diverged,
                 "iterators": [it.state_dict() for it in self._iterators],
@@ -688,10 +576,14 @@ class BatchedPopulation:
 
         The population must have been built with the same model, optimizer kind, size, batch
         size and data; a mismatch raises ``ValueError`` naming the field."""
-        required = {"config", "params", "buffers", "optimizer", "hypers", "step", "diverged"}
+        required = {"config", "params", "buffers", "optimizer", "step", "diverged"}
         missing = sorted((required | {"iterators", "rng"}) - set(state))
         if missing:
             raise ValueError(f"population state is missing key(s) {missing}")
+        if state.get("format") != _FORMAT:
+            raise ValueError(
+                f"population state has format {state.get('format')!r}, expected {_FORMAT!r}"
+            )
         config = state["config"]
         mine = self._config()
         for key in ("model", "n_members", "batch_size", "dtype"):
@@ -725,17 +617,7 @@ class BatchedPopulation:
 
         params = stacked(state["params"], self.params, "params")
         buffers = stacked(state["buffers"], self.buffers, "buffers")
-        hypers = stacked(state["hypers"], self._hypers, "hypers")
-        opt: dict[str, Any] = {}
-        for key, ref in self._opt_state.items():
-            if key not in state["optimizer"]:
-                raise ValueError(f"population state 'optimizer' is missing {key!r}")
-            value = state["optimizer"][key]
-            opt[key] = (
-                stacked(value, ref, f"optimizer.{key}")
-                if isinstance(ref, dict)
-                else torch.as_tensor(value).to(device=ref.device, dtype=ref.dtype).clone()
-            )
+        opt = stacked(state["optimizer"], self._opt_state, "optimizer")
         iterators = state["iterators"]
         if len(iterators) != self.n_members:
             raise ValueError(
@@ -743,7 +625,7 @@ class BatchedPopulation:
             )
         for it, it_state in zip(self._iterators, iterators, strict=True):
             it.load_state_dict(it_state)
-        self.params, self.buffers, self._hypers, self._opt_state = params, buffers, hypers, opt
+        self.params, self.buffers, self._opt_state = params, buffers, opt
         self._step = torch.as_tensor(state["step"]).to(self.device, torch.int64).clone()
         self._diverged = torch.as_tensor(state["diverged"]).to(self.device, torch.bool).clone()
         self.seeds = [int(s) for s in config.get("seeds", self.seeds)]
@@ -761,16 +643,6 @@ class BatchedPopulation:
 def _select(mask: Tensor, new: dict[str, Tensor], old: dict[str, Tensor]) -> dict[str, Tensor]:
     """Per member: ``new`` where ``mask`` is true, ``old`` elsewhere."""
     return {k: torch.where(_per_member(mask, old[k]), new[k], old[k]) for k in old}
-
-
-def _select_state(mask: Tensor, new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in old.items():
-        if isinstance(value, dict):
-            out[key] = _select(mask, new[key], value)
-        else:
-            out[key] = torch.where(mask, new[key], value)
-    return out
 
 
 def _cast_splits(splits: DataSplits, dtype: torch.dtype) -> DataSplits:

@@ -378,10 +378,12 @@ def test_init_layout_and_update_is_pure(name):
     opt = make_optimizer(name)
     _, params, batches, loss = _problem(dtype=torch.float32)
     state = opt.init(params)
-    slots = {"sgd": ["momentum_buffer"], "adam": ["exp_avg", "exp_avg_sq"]}[
+    slots = {"sgd": ["momentum_buffer", "momentum_started"], "adam": ["exp_avg", "exp_avg_sq"]}[
         "sgd" if isinstance(opt, SGD) else "adam"
     ]
     assert set(state) == {f"{s}/{k}" for s in slots for k in params} | {"step"}
+    if isinstance(opt, SGD):
+        assert all(state[f"momentum_started/{k}"].dtype == torch.bool for k in params)
     assert state["step"].shape == () and state["step"].dtype == torch.float32
     assert float(state["step"]) == 0.0
     before_p = {k: v.clone() for k, v in params.items()}
@@ -393,7 +395,7 @@ def test_init_layout_and_update_is_pure(name):
     for k in params:
         assert torch.equal(params[k], before_p[k])
         assert new_params[k] is not params[k]
-    assert all(float(v.abs().sum()) == 0.0 for k, v in state.items())
+    assert all(not bool(v.any()) for v in state.values())  # the fresh state is untouched
 
 
 # --------------------------------------------------------------------------------------------
