@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from gradhpo.config import load_yaml, run_config_of, validate_train_config
-from gradhpo.run import TrainingRun
+from gradhpo.config import load_yaml, validate_train_config
+from gradhpo.run.builder import build_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,11 +27,10 @@ def train_once(config: dict, seed: int, device: str, plain: bool) -> tuple[float
     """Returns (seconds, test accuracy) of one full training run."""
     training = config["training"]
     start = time.perf_counter()
-    run_config = run_config_of(config)
-    run_config.update(data={**config["data"], "seed": seed}, seed=seed, device=device)
+    run_config = {**config, "data": {**config["data"], "seed": seed}}
     if plain:
         run_config["tuner"] = None
-    run = TrainingRun.from_config(run_config)
+    run = build_run(run_config, seed=seed, device=device)
     run.step(training["epochs"] * run.steps_per_epoch)
     accuracy = run.evaluate("test")["accuracy"]
     if run.device.type == "cuda":

@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, UserError) as exc:
+    except (ConfigError, UserError, DatasetNotFoundError, ModelConfigError) as exc:
         print(f"gradhpo: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -25,7 +25,6 @@ __all__ = [
     "load_yaml",
     "validate_train_config",
     "with_section",
-    "run_config_of",
     "TRAIN_DEFAULTS",
 ]
 
@@ -42,6 +41,7 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
         "seed": 0,
         "device": "auto",
         "augment": False,
+        "eval_batch_size": 1024,
     },
     "output": {"dir": "runs", "tensorboard_dir": "tensorboard_logs"},
 }
@@ -131,6 +131,7 @@ def validate_train_config(config: Mapping[str, Any]) -> dict[str, Any]:
     check_int("training.seed", training["seed"], 0)
     check_str("training.device", training["device"])
     check_bool("training.augment", training["augment"])
+    check_int("training.eval_batch_size", training["eval_batch_size"], 1)
     check_str("output.dir", resolved["output"]["dir"])
     check_str("output.tensorboard_dir", resolved["output"]["tensorboard_dir"])
     return resolved
@@ -152,21 +153,6 @@ def with_section(
     config = validate_train_config({k: v for k, v in raw.items() if k != section})
     _check_unknown(section, given, tuple(defaults))
     return config, {**defaults, **given}
-
-
-def run_config_of(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The :meth:`gradhpo.run.TrainingRun.from_config` mapping of a validated train config."""
-    training = config["training"]
-    return {
-        "model": config["model"],
-        "data": config["data"],
-        "optimizer": config["optimizer"],
-        "tuner": config["tuner"],
-        "batch_size": training["batch_size"],
-        "seed": training["seed"],
-        "device": training["device"],
-        "augment": training["augment"],
-    }
 
 
 _EXECUTOR_KEYS = {

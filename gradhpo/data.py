@@ -44,6 +44,7 @@ from gradhpo.files import atomic_write
 
 __all__ = [
     "DATASETS",
+    "DATA_KEYS",
     "Augment",
     "BatchIterator",
     "DataSplits",
@@ -52,6 +53,7 @@ __all__ = [
     "Split",
     "default_data_dir",
     "kfold_indices",
+    "load_data",
     "load_dataset",
 ]
 
@@ -977,3 +979,39 @@ class BatchIterator:
         self._generator.set_state(torch.as_tensor(state["generator_state"]).cpu())
         self._perm = perm.to(self.x.device)
         self._position, self._epoch = position, epoch
+
+
+#: Keys of a ``data`` config section (the arguments of :func:`load_dataset` a config may set).
+DATA_KEYS = (
+    "name",
+    "seed",
+    "val_fraction",
+    "test_fraction",
+    "data_dir",
+    "n_folds",
+    "fold",
+    "train_size",
+)
+
+
+def load_data(
+    data: str | Mapping[str, Any] | DataSplits,
+) -> tuple[dict[str, Any] | None, DataSplits]:
+    """The one way from a ``data`` config (a name, a mapping of :data:`DATA_KEYS` or already
+    loaded :class:`DataSplits`) to splits. Returns the reloadable spec (``None`` for
+    user-supplied splits, which cannot be described) and the splits."""
+    if isinstance(data, DataSplits):
+        return None, data
+    if isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, Mapping):
+        raise TypeError(f"data must be a name, a mapping or DataSplits, got {data!r}")
+    unknown = sorted(set(data) - set(DATA_KEYS))
+    if unknown:
+        raise ValueError(f"data: unknown key(s) {unknown}; allowed: {list(DATA_KEYS)}")
+    if "name" not in data:
+        raise ValueError("data.name is required (e.g. 'digits')")
+    spec = {k: (str(v) if k == "data_dir" and v is not None else v) for k, v in data.items()}
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    return spec, load_dataset(spec["name"], **kwargs)
+

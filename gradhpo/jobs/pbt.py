@@ -27,7 +27,6 @@ hypergradient between exploits (the hybrid mode).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,13 +35,13 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from gradhpo.config import ConfigError, check_executor, check_int, run_config_of, with_section
-from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
+from gradhpo.config import ConfigError, check_executor, check_int, with_section
+from gradhpo.data import DataSplits
 from gradhpo.execution import make_executor
 from gradhpo.files import write_text
 from gradhpo.pbt.batched import BatchedPopulation
 from gradhpo.pbt.manager import BatchedGroup, BatchedMember, PopulationBasedTraining, RunMember
-from gradhpo.run import TrainingRun
+from gradhpo.run.builder import build_run, load_job_data
 from gradhpo.search.space import SearchSpace
 from gradhpo.tensorboard_logger import TensorBoardLogger
 from models import ModelConfigError
@@ -149,18 +148,6 @@ def validate_pbt_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchS
     return config, space
 
 
-_DATA_CACHE: dict[str, DataSplits] = {}
-
-
-def _worker_data(config: Mapping[str, Any]) -> DataSplits:
-    """The data set of a config, loaded once per worker process."""
-    key = json.dumps(config["data"], sort_keys=True)
-    if key not in _DATA_CACHE:
-        data = dict(config["data"])
-        _DATA_CACHE[key] = load_dataset(data.pop("name"), **data)
-    return _DATA_CACHE[key]
-
-
 class _Population:
     """Builds members from the config and logs each evaluation to TensorBoard."""
 
@@ -168,7 +155,6 @@ class _Population:
         self.config = config
         self.space = space
         self.data = data
-        self.base = run_config_of(config)
         self.tb_root = Path(config["output"]["tensorboard_dir"]) / config["name"]
         self.loggers: dict[int, TensorBoardLogger] = {}
         self.group: BatchedGroup | None = None
@@ -176,9 +162,12 @@ class _Population:
     def factory(self, index: int, values: dict[str, Any]) -> Any:
         if self.config["pbt"]["batched"]:
             return self._batched_member(index, values)
-        run_config = self.space.apply(self.base, values)
-        run_config["seed"] = int(self.base["seed"]) + index
-        run = TrainingRun.from_config(run_config, data=self.data)
+        run = build_run(
+            self.space.apply(self.config, values),
+            data=self.data,
+            seed=int(self.config["training"]["seed"]) + index,
+            where=f"member {index}",
+        )
         return RunMember(run, self.config["pbt"]["metric"])
 
     def _batched_member(self, index: int, values: dict[str, Any]) -> BatchedMember:
@@ -186,15 +175,7 @@ class _Population:
         has seed ``training.seed + i`` like the unbatched members."""
         if self.group is None:
             n = self.config["pbt"]["population"]
-            population = BatchedPopulation(
-                self.base["model"],
-                self.data,
-                n,
-                optimizer=self.base["optimizer"],
-                batch_size=self.base["batch_size"],
-                seeds=[int(self.base["seed"]) + i for i in range(n)],
-                device=self.base["device"],
-            )
+            population = BatchedPopulation.from_config(self.config, self.data, n)
             self.group = BatchedGroup(population, self.config["pbt"]["metric"])
         member = self.group.member(index)
         member.apply(values)
@@ -229,7 +210,7 @@ class _Population:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self.data is None:
-            self.data = _worker_data(self.config)
+            (self.data,) = load_job_data(self.config, cached=True)
 
 
 def prepare_pbt(
@@ -242,22 +223,15 @@ def prepare_pbt(
         with (resume_dir / "config.yaml").open(encoding="utf-8") as fh:
             raw = yaml.safe_load(fh)
     config, space = validate_pbt_config(raw or {})
-    data = dict(config["data"])
-    name = data.pop("name")
-    try:
-        splits = load_dataset(name, **data)
-    except DatasetNotFoundError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"data: {exc}") from exc
+    (splits,) = load_job_data(config)
     population = _Population(config, space, splits)
     for label, params in space.corner_params():
+        where = "config" if label == "base point" else label.replace("search.space", "pbt.space")
         try:
-            population.factory(0, {k: v for k, v in params.items()}).apply(params)
+            population.factory(0, dict(params)).apply(params)
+        except ConfigError as exc:  # from build_run: report the cause under this corner
+            raise ConfigError(f"{where}: gives an invalid member: {exc.__cause__ or exc}") from exc
         except (ModelConfigError, ValueError, TypeError) as exc:
-            where = (
-                "config" if label == "base point" else label.replace("search.space", "pbt.space")
-            )
             raise ConfigError(f"{where}: gives an invalid member: {exc}") from exc
     directory = resume_dir or Path(config["output"]["dir"]) / config["name"]
     if resume_dir is None and (directory / "pbt.db").exists():

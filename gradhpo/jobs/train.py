@@ -17,32 +17,19 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from gradhpo.config import ConfigError, run_config_of, validate_train_config
-from gradhpo.data import DatasetNotFoundError
+from gradhpo.config import validate_train_config
 from gradhpo.files import write_json, write_text
-from gradhpo.run import TrainingRun
+from gradhpo.run import TrainingRun, train_epochs
+from gradhpo.run.builder import build_run
 from gradhpo.tensorboard_logger import TensorBoardLogger
-from gradhpo.training import train_epochs
-from models import ModelConfigError
 
-__all__ = ["build_run", "prepare_train", "run_train"]
-
-
-def build_run(run_config: Mapping[str, Any], data: Any = None) -> TrainingRun:
-    """Build a TrainingRun; the user's mistakes (model, data, optimizer, tuner) become one
-    :class:`ConfigError` whose message names the field and the value."""
-    try:
-        return TrainingRun.from_config(run_config, data=data)
-    except (ModelConfigError, DatasetNotFoundError) as exc:
-        raise ConfigError(str(exc)) from exc
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"invalid config: {exc}") from exc
+__all__ = ["prepare_train", "run_train"]
 
 
 def prepare_train(raw: Mapping[str, Any]) -> tuple[dict[str, Any], TrainingRun]:
     """Validate a train config and build its run; nothing is written."""
     config = validate_train_config(raw)
-    return config, build_run(run_config_of(config))
+    return config, build_run(config)
 
 
 def run_train(

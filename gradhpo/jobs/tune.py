@@ -41,13 +41,13 @@ from gradhpo.config import (
     check_executor,
     check_int,
     load_yaml,
-    run_config_of,
     with_section,
 )
-from gradhpo.data import DatasetNotFoundError, DataSplits, load_dataset
+from gradhpo.data import DataSplits
 from gradhpo.execution import Executor, make_executor
 from gradhpo.files import write_json, write_text
-from gradhpo.run import TrainingRun, resolve_device
+from gradhpo.run import EarlyStopping, TrainingRun, resolve_device, train_epochs
+from gradhpo.run.builder import build_run, load_job_data
 from gradhpo.search.drivers import distinct_sampler
 from gradhpo.search.samplers import make_pruner, make_sampler
 from gradhpo.search.space import SearchSpace
@@ -59,8 +59,6 @@ from gradhpo.search.study import (
     load_study,
 )
 from gradhpo.tensorboard_logger import TensorBoardLogger
-from gradhpo.training import EarlyStopping, train_epochs
-from models import ModelConfigError
 
 __all__ = [
     "SEARCH_DEFAULTS",
@@ -135,12 +133,7 @@ def validate_tune_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], Search
 
 def load_folds(config: Mapping[str, Any]) -> list[DataSplits]:
     """The data once per study: one DataSplits, or one per cross-validation fold."""
-    data = dict(config["data"])
-    name = data.pop("name")
-    k = config["search"]["cv_folds"]
-    if k is None:
-        return [load_dataset(name, **data)]
-    return [load_dataset(name, n_folds=k, fold=i, **data) for i in range(k)]
+    return load_job_data(config, config["search"]["cv_folds"])
 
 
 class ConfigObjective:
@@ -169,7 +162,6 @@ class ConfigObjective:
         self.metric = self.search["metric"]
         self.maximize = METRICS[self.metric] == "maximize"
         self.epochs = config["training"]["epochs"]
-        self.base = run_config_of(config)
         self.tb_root = Path(config["output"]["tensorboard_dir"]) / study.name
         self.progress = progress
 
@@ -180,8 +172,8 @@ class ConfigObjective:
         return b is None or (a > b if self.maximize else a < b)
 
     def build_runs(self, params: Mapping[str, Any]) -> list[TrainingRun]:
-        run_config = self.space.apply(self.base, params)
-        return [TrainingRun.from_config(run_config, data=fold) for fold in self.folds]
+        run_config = self.space.apply(self.config, params)
+        return [build_run(run_config, data=fold, where="trial") for fold in self.folds]
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
         params = self.space.suggest(trial)
@@ -384,12 +376,7 @@ def prepare_study(
     elif raw is None:
         raw = load_yaml(config_path)  # type: ignore[arg-type]
     config, space = validate_tune_config(raw)
-    try:
-        folds = load_folds(config)
-    except DatasetNotFoundError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"data: {exc}") from exc
+    folds = load_folds(config)
     _preflight(config, space, folds[0])
     s = config["search"]
     if resume_dir is not None:
@@ -422,17 +409,13 @@ def _preflight(config: Mapping[str, Any], space: SearchSpace, data: DataSplits) 
     s = config["search"]
     make_sampler(s["sampler"], space, seed=s["seed"])
     make_pruner(s["pruner"], max_resource=config["training"]["epochs"])
-    base = {**run_config_of(config), "device": "cpu"}
     try:
         resolve_device(config["training"]["device"])
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"training.device: {exc}") from exc
     for label, params in space.corner_params():
-        try:
-            TrainingRun.from_config(space.apply(base, params), data=data)
-        except (ModelConfigError, ValueError, TypeError) as exc:
-            where = "config" if label == "base point" else label
-            raise ConfigError(f"{where}: gives an invalid run: {exc}") from exc
+        where = "config" if label == "base point" else label
+        build_run(space.apply(config, params), data=data, device="cpu", where=where)
 
 
 def run_trials(
@@ -532,7 +515,7 @@ def config_study_worker(
     space = SearchSpace.from_config(config["search"]["space"])
     study = load_study(directory, search_space=space)
     distinct_sampler(study, worker, workers)
-    folds = load_folds(config)
+    folds = load_job_data(config, config["search"]["cv_folds"], cached=True)
     ran = run_trials(study, config, space, folds, trials=n_trials, timeout=timeout, progress=False)
     return {"pid": os.getpid(), "trials": ran}
 

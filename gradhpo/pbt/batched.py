@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
-from gradhpo.data import BatchIterator, DataSplits, Split, load_dataset
+from gradhpo.data import BatchIterator, DataSplits, Split, load_data
 from gradhpo.hyper.optimizers import (
     HYPER_PREFIX,
     OPTIMIZER_HYPERPARAMETERS,
@@ -47,7 +47,7 @@ from gradhpo.hyper.optimizers import (
     optimizer_config,
     to_torch_state,
 )
-from gradhpo.run import resolve_device, swapped_rng
+from gradhpo.run import RUN_FORMAT, resolve_device, swapped_rng, upgrade_run_state
 from models import build_model
 
 __all__ = ["BatchedPopulation"]
@@ -133,7 +133,7 @@ class BatchedPopulation:
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.model_config = dict(model)
-        splits = self._resolve_data(data).to(self.device)
+        splits = load_data(data)[1].to(self.device)
 
         modules = []
         rng_after_first: Tensor | None = None
@@ -227,6 +227,32 @@ class BatchedPopulation:
         self._update_fn = vmap(self._inner.update)
         self._eval_fn = vmap(eval_logits, in_dims=(0, 0, None), randomness="different")
 
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        data: DataSplits | None,
+        n_members: int,
+        *,
+        seeds: Sequence[int] | None = None,
+        device: str | torch.device | None = None,
+    ) -> BatchedPopulation:
+        """A population from a run config in the YAML shape (what
+        :meth:`TrainingRun.from_config` reads): member ``i`` has seed ``training.seed + i``
+        unless ``seeds`` are given, as the members of an unbatched PBT run."""
+        training = config.get("training") or {}
+        base_seed = int(training.get("seed", 0))
+        return cls(
+            config["model"],
+            data if data is not None else config["data"],
+            n_members,
+            optimizer=config.get("optimizer"),
+            batch_size=training.get("batch_size", 64),
+            seeds=seeds if seeds is not None else [base_seed + i for i in range(n_members)],
+            device=device if device is not None else training.get("device", "auto"),
+            eval_batch_size=training.get("eval_batch_size", 1024),
+        )
+
     # ------------------------------------------------------------------ validation helpers
     @staticmethod
     def _check_seeds(seeds: Sequence[int] | None, n: int) -> list[int]:
@@ -281,19 +307,6 @@ class BatchedPopulation:
                         f"hypers.momentum[{j}]: Nesterov momentum needs momentum > 0, got {mu!r}"
                     )
         return values
-
-    @staticmethod
-    def _resolve_data(data: DataSplits | str | Mapping[str, Any]) -> DataSplits:
-        if isinstance(data, DataSplits):
-            return data
-        if isinstance(data, str):
-            return load_dataset(data)
-        if isinstance(data, Mapping):
-            if "name" not in data:
-                raise ValueError("data.name is required (e.g. 'digits')")
-            kwargs = {k: v for k, v in data.items() if k != "name"}
-            return load_dataset(data["name"], **kwargs)
-        raise TypeError(f"data must be DataSplits, a name or a mapping, got {data!r}")
 
     def _member(self, i: Any, field: str = "member") -> int:
         if not _is_int(i) or not 0 <= i < self.n_members:
@@ -469,6 +482,7 @@ class BatchedPopulation:
         if self._cuda_rng_state is not None:
             rng["cuda"] = self._cuda_rng_state.clone()
         return {
+            "format": RUN_FORMAT,
             "model": model_state,
             "optimizer": self._member_optimizer_state(i),
             "tuner": None,
@@ -478,14 +492,16 @@ class BatchedPopulation:
             "rng": rng,
             "iterator": self._iterators[i].state_dict(),
             "config": {
-                "model": copy.deepcopy(self.model_config),
                 "data": None,
+                "model": copy.deepcopy(self.model_config),
                 "optimizer": {**self.optimizer_spec, **hp},
-                "batch_size": self.batch_size,
-                "seed": self.seeds[i],
-                "augment": False,
-                "eval_batch_size": self.eval_batch_size,
                 "tuner": None,
+                "training": {
+                    "batch_size": self.batch_size,
+                    "seed": self.seeds[i],
+                    "augment": False,
+                    "eval_batch_size": self.eval_batch_size,
+                },
             },
             "diverged": bool(self._diverged[i]),
         }
@@ -500,6 +516,8 @@ class BatchedPopulation:
         (``load_iterator=False`` keeps the member's own batch order).
         """
         i = self._member(i)
+        if isinstance(state, Mapping) and "config" in state:
+            state = upgrade_run_state(state)
         if not isinstance(state, Mapping) or "model" not in state:
             raise ValueError("member state must be a mapping with at least a 'model' entry")
         model_state = state["model"]

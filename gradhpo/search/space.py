@@ -280,17 +280,15 @@ class SearchSpace:
 
     @staticmethod
     def apply(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
-        """A deep copy of the run config ``base`` with ``params`` written in."""
+        """A deep copy of the run config ``base`` (the YAML shape) with ``params`` written in
+        at their dotted paths (``model.depth`` -> ``base["model"]["depth"]``)."""
         config = copy.deepcopy(dict(base))
         for path, value in params.items():
             section, key = path.split(".", 1)
             target = config.get(section)
             target = dict(target) if isinstance(target, Mapping) else {}
             target[key] = value
-            if section == "training":
-                config[key] = value  # batch_size/augment are top-level run arguments
-            else:
-                config[section] = target
+            config[section] = target
         return config
 
     def grid(self) -> dict[str, list[Any]]:

@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from gradhpo.run import TrainingRun
+from gradhpo.run import EarlyStopping, TrainingRun, train_epochs
 from gradhpo.tensorboard_logger import TensorBoardLogger
-from gradhpo.training import EarlyStopping, train_epochs
 
 if TYPE_CHECKING:
     from gradhpo.search.study import Study

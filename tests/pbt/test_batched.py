@@ -270,8 +270,8 @@ def test_member_exports_to_training_run_and_model(digits: DataSplits) -> None:
         model=cfg["model"],
         data=digits,
         optimizer=cfg["optimizer"],
-        batch_size=cfg["batch_size"],
-        seed=cfg["seed"],
+        batch_size=cfg["training"]["batch_size"],
+        seed=cfg["training"]["seed"],
         device="cpu",
     )
     run.load_state_dict(loaded)

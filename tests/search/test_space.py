@@ -41,13 +41,18 @@ def test_suggest_is_define_by_run_with_conditions_and_layers() -> None:
     assert seen_depths == {1, 2, 3} and min(seen_dropout.values()) > 0
 
 
-def test_apply_writes_sections_and_run_arguments() -> None:
-    base = {"model": {"name": "cnn", "depth": 2}, "optimizer": {"name": "sgd"}, "batch_size": 64}
+def test_apply_writes_into_the_sections_of_the_run_config() -> None:
+    base = {
+        "model": {"name": "cnn", "depth": 2},
+        "optimizer": {"name": "sgd"},
+        "training": {"batch_size": 64, "seed": 3},
+    }
     out = SearchSpace.apply(
         base, {"model.depth": 3, "model.width": [4, 8, 16], "training.batch_size": 16}
     )
     assert out["model"] == {"name": "cnn", "depth": 3, "width": [4, 8, 16]}
-    assert out["batch_size"] == 16 and "training" not in out
+    assert out["training"] == {"batch_size": 16, "seed": 3}
+    assert base["training"]["batch_size"] == 64  # a copy: the base is untouched
     assert base["model"] == {"name": "cnn", "depth": 2}  # not modified
 
 

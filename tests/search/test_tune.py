@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from gradhpo.cli import main
+from gradhpo.run import EarlyStopping
 from gradhpo.search import create_study, fit_trial, load_study
-from gradhpo.training import EarlyStopping
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

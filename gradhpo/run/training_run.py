@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradhpo.data import Augment, BatchIterator, DataSplits, load_dataset
+from gradhpo.data import Augment, BatchIterator, DataSplits, load_data
 from gradhpo.files import write_torch
 from gradhpo.hyper.optimizers import (
     OPTIMIZER_HYPERPARAMETERS,
@@ -40,9 +40,12 @@ from gradhpo.hyper.tuner import HyperTuner, TunerReport
 from models import build_model
 
 __all__ = [
+    "RUN_FORMAT",
+    "RUN_SECTIONS",
+    "TRAINING_KEYS",
     "TrainingRun",
-    "RUN_CONFIG_KEYS",
     "TUNER_KEYS",
+    "upgrade_run_state",
     "resolve_device",
     "swapped_rng",
 ]
@@ -71,28 +74,14 @@ _TUNER_DEFAULTS: dict[str, Any] = {
     "val_batch_size": 256,
     "max_rejections": 5,
 }
-#: Keys of :meth:`TrainingRun.from_config` (the constructor's arguments).
-RUN_CONFIG_KEYS = (
-    "model",
-    "data",
-    "optimizer",
-    "batch_size",
-    "seed",
-    "device",
-    "augment",
-    "eval_batch_size",
-    "tuner",
-)
-_DATA_KEYS = (
-    "name",
-    "seed",
-    "val_fraction",
-    "test_fraction",
-    "data_dir",
-    "n_folds",
-    "fold",
-    "train_size",
-)
+#: Keys of a run config's ``training`` section that a run reads (``epochs`` is the loop's).
+TRAINING_KEYS = ("epochs", "batch_size", "seed", "device", "augment", "eval_batch_size")
+#: Sections of a run config (the YAML shape) that a run reads; job configs add ``name``,
+#: ``output``, ``search`` or ``pbt``, which a run ignores.
+RUN_SECTIONS = ("data", "model", "optimizer", "tuner", "training")
+_JOB_SECTIONS = ("name", "output", "search", "pbt")
+#: Format tag of :meth:`TrainingRun.state_dict` (2: config in the YAML shape, ``format`` key).
+RUN_FORMAT = "gradhpo.run/2"
 
 
 @contextmanager
@@ -179,18 +168,21 @@ class TrainingRun:
         self.eval_batch_size = eval_batch_size
         self.optimizer_spec = optimizer_config(optimizer or {"name": "sgd"})
 
-        data_spec, splits = self._resolve_data(data)
+        data_spec, splits = load_data(data)
         self.data = splits.to(self.device)
         self.model_config = dict(model)
+        # The run's config in the YAML shape (what from_config reads and checkpoints keep).
         self.config: dict[str, Any] = {
-            "model": dict(model),
             "data": data_spec,
+            "model": dict(model),
             "optimizer": dict(self.optimizer_spec),
-            "batch_size": batch_size,
-            "seed": seed,
-            "augment": augment,
-            "eval_batch_size": eval_batch_size,
             "tuner": None if tuner is None else dict(tuner),
+            "training": {
+                "batch_size": batch_size,
+                "seed": seed,
+                "augment": augment,
+                "eval_batch_size": eval_batch_size,
+            },
         }
 
         # Private random stream of this run (weights init, dropout); see _own_rng.
@@ -281,26 +273,6 @@ class TrainingRun:
         return tuner_obj, settings
 
     # ------------------------------------------------------------------ data and RNG
-    @staticmethod
-    def _resolve_data(
-        data: str | Mapping[str, Any] | DataSplits,
-    ) -> tuple[dict[str, Any] | None, DataSplits]:
-        """Returns the reloadable data spec (None for user-supplied tensors) and the splits."""
-        if isinstance(data, DataSplits):
-            return None, data
-        if isinstance(data, str):
-            data = {"name": data}
-        if not isinstance(data, Mapping):
-            raise TypeError(f"data must be a name, a mapping or DataSplits, got {data!r}")
-        unknown = sorted(set(data) - set(_DATA_KEYS))
-        if unknown:
-            raise ValueError(f"data: unknown key(s) {unknown}; allowed: {list(_DATA_KEYS)}")
-        spec = {k: (str(v) if k == "data_dir" and v is not None else v) for k, v in data.items()}
-        kwargs = {k: v for k, v in spec.items() if k != "name"}
-        if "name" not in spec:
-            raise ValueError("data.name is required (e.g. 'digits')")
-        return spec, load_dataset(spec["name"], **kwargs)
-
     def _own_rng(self) -> Any:
         """Swap this run's random state into torch's global RNG for the duration of a block."""
         return swapped_rng(self)
@@ -473,7 +445,7 @@ class TrainingRun:
         if batch_size == self.batch_size:
             return
         self.batch_size = batch_size
-        self.config["batch_size"] = batch_size
+        self.config["training"]["batch_size"] = batch_size
         self.batches = BatchIterator(
             self.data.train.x,
             self.data.train.y,
@@ -509,6 +481,7 @@ class TrainingRun:
             rng["cuda"] = self._cuda_rng_state.clone()
         return copy.deepcopy(
             {
+                "format": RUN_FORMAT,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
                 "tuner": self.tuner.state_dict() if self.tuner is not None else None,
@@ -525,6 +498,7 @@ class TrainingRun:
         )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = upgrade_run_state(state)
         missing = {"model", "optimizer", "hypers", "step", "rng", "iterator"} - set(state)
         if missing:
             raise ValueError(f"checkpoint is missing key(s) {sorted(missing)}")
@@ -560,7 +534,7 @@ class TrainingRun:
     ) -> TrainingRun:
         """Rebuild a run from :meth:`save`'s file. ``data`` is needed only when the run was
         built from user-supplied :class:`DataSplits` (which the checkpoint does not store)."""
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        state = upgrade_run_state(torch.load(Path(path), map_location="cpu", weights_only=True))
         config = state["config"]
         if data is None and config["data"] is None:
             raise ValueError(
@@ -577,24 +551,65 @@ class TrainingRun:
         *,
         data: DataSplits | None = None,
         device: str | torch.device | None = None,
+        seed: int | None = None,
     ) -> TrainingRun:
-        """Build a run from a mapping of the constructor's arguments (the form of
-        :attr:`config`: ``model``, ``data``, ``optimizer``, ``batch_size``, ``seed``,
-        ``augment``, ``eval_batch_size``, ``tuner``, optionally ``device``).
+        """Build a run from a run config in the YAML shape (:attr:`config`'s form: ``data``,
+        ``model``, ``optimizer``, ``tuner`` and ``training`` with ``batch_size``, ``seed``,
+        ``device``, ``augment``, ``eval_batch_size``); a job's ``name``, ``output``,
+        ``search``, ``pbt`` sections and ``training.epochs`` are ignored.
 
         ``data`` (already loaded splits) takes the place of ``config["data"]`` so that many
-        runs of a study share one copy of the data set; ``device`` overrides the config's."""
-        unknown = sorted(set(config) - set(RUN_CONFIG_KEYS))
+        runs of a job share one copy of the data set; ``device`` and ``seed`` override the
+        config's (a PBT member is the config's seed plus its index)."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"run config must be a mapping, got {config!r}")
+        unknown = sorted(set(config) - set(RUN_SECTIONS) - set(_JOB_SECTIONS))
         if unknown:
             raise ValueError(
-                f"run config: unknown key(s) {unknown}; allowed: {list(RUN_CONFIG_KEYS)}"
+                f"run config: unknown section(s) {unknown}; allowed: {list(RUN_SECTIONS)}"
             )
         if "model" not in config:
             raise ValueError("run config: 'model' is required")
-        kwargs = {k: v for k, v in config.items() if k not in ("data", "device")}
+        training = config.get("training") or {}
+        if not isinstance(training, Mapping):
+            raise TypeError(f"training must be a mapping, got {training!r}")
+        unknown = sorted(set(training) - set(TRAINING_KEYS))
+        if unknown:
+            raise ValueError(f"training: unknown key(s) {unknown}; allowed: {list(TRAINING_KEYS)}")
         if data is None:
             if config.get("data") is None:
                 raise ValueError("run config: 'data' is required (a data set name or mapping)")
             data = config["data"]
-        chosen = device if device is not None else config.get("device", "auto")
-        return cls(data=data, device=chosen, **kwargs)
+        kwargs = {k: v for k, v in training.items() if k not in ("epochs", "device")}
+        if seed is not None:
+            kwargs["seed"] = seed
+        chosen = device if device is not None else training.get("device", "auto")
+        return cls(
+            model=config["model"],
+            data=data,
+            optimizer=config.get("optimizer"),
+            tuner=config.get("tuner"),
+            device=chosen,
+            **kwargs,
+        )
+
+
+def upgrade_run_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A run checkpoint in the current format (:data:`RUN_FORMAT`). Format 1 (before the
+    ``format`` key) kept a flat config (``batch_size``, ``seed``... at the top); it is moved
+    into the ``training`` section. Anything else is refused with the format it has."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"run checkpoint must be a mapping, got {type(state).__name__}")
+    fmt = state.get("format")
+    if fmt == RUN_FORMAT:
+        return dict(state)
+    if fmt is not None:
+        raise ValueError(f"run checkpoint has format {fmt!r}; this gradhpo reads {RUN_FORMAT!r}")
+    config = state.get("config")
+    if isinstance(config, Mapping) and "training" not in config:
+        flat = ("batch_size", "seed", "augment", "eval_batch_size")
+        config = {
+            **{k: v for k, v in config.items() if k not in flat},
+            "training": {k: config[k] for k in flat if k in config},
+        }
+    return {**state, "config": config, "format": RUN_FORMAT}

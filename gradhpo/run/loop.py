@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gradhpo.run import TrainingRun
+from gradhpo.run.training_run import TrainingRun
 from gradhpo.tensorboard_logger import TensorBoardLogger
 
 __all__ = ["train_epochs", "EarlyStopping"]
