@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -29,6 +30,7 @@ import optuna  # noqa: E402
 from gradhpo.config import ConfigError  # noqa: E402
 from gradhpo.files import atomic_write, write_text  # noqa: E402
 from gradhpo.pbt.store import PBTDatabase  # noqa: E402
+from gradhpo.run.loop import METRICS  # noqa: E402
 from gradhpo.search.study import is_retried  # noqa: E402
 
 __all__ = ["write_report", "trial_rows"]
@@ -255,6 +257,20 @@ def write_report(
     return {"best": best, "files": files, "rows": rows}
 
 
+def _pbt_maximize(directory: Path, db: PBTDatabase) -> bool:
+    """Whether the PBT run in ``directory`` maximizes its score: stored by the manager; for
+    runs made before it was, from the config's metric (best = min for a loss)."""
+    stored = db.get_meta("maximize")
+    if stored is not None:
+        return bool(stored)
+    config_file = directory / "config.yaml"
+    if config_file.is_file():
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        metric = (config.get("pbt") or {}).get("metric", "val_accuracy")
+        return METRICS.get(metric, "maximize") == "maximize"
+    return True
+
+
 def write_pbt_report(
     directory: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
 ) -> dict[str, Any]:
@@ -266,6 +282,7 @@ def write_pbt_report(
     try:
         scores, lineage = db.scores(), db.lineage()
         meta_best = db.get_meta("best")
+        maximize = _pbt_maximize(directory, db)
     finally:
         db.close()
     out = Path(out) if out is not None else directory / "report"
@@ -285,7 +302,8 @@ def write_pbt_report(
         if s["score"] is not None and math.isfinite(s["score"]):
             by_step.setdefault(s["step"], []).append(s["score"])
     steps = sorted(by_step)
-    ax.plot(steps, [max(by_step[t]) for t in steps], label="best member")
+    best_of = max if maximize else min
+    ax.plot(steps, [best_of(by_step[t]) for t in steps], label="best member")
     ax.plot(
         steps,
         [sum(by_step[t]) / len(by_step[t]) for t in steps],

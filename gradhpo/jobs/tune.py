@@ -22,7 +22,6 @@ search parameter such as ``optimizer.lr`` then sets their starting value.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -46,8 +45,9 @@ from gradhpo.config import (
 from gradhpo.data import DataSplits
 from gradhpo.execution import Executor, make_executor
 from gradhpo.files import write_json, write_text
-from gradhpo.run import EarlyStopping, TrainingRun, resolve_device, train_epochs
+from gradhpo.run import EarlyStopping, Epoch, TrainingRun, fit, resolve_device
 from gradhpo.run.builder import build_run, load_job_data
+from gradhpo.run.loop import METRICS, worst
 from gradhpo.search.drivers import distinct_sampler
 from gradhpo.search.samplers import make_pruner, make_sampler
 from gradhpo.search.space import SearchSpace
@@ -81,7 +81,6 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "keep_checkpoints": "best",
     "executor": None,
 }
-METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
 
 def validate_tune_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchSpace]:
@@ -165,12 +164,6 @@ class ConfigObjective:
         self.tb_root = Path(config["output"]["tensorboard_dir"]) / study.name
         self.progress = progress
 
-    def _worst(self) -> float:
-        return 0.0 if self.metric == "val_accuracy" else math.inf
-
-    def _better(self, a: float, b: float | None) -> bool:
-        return b is None or (a > b if self.maximize else a < b)
-
     def build_runs(self, params: Mapping[str, Any]) -> list[TrainingRun]:
         run_config = self.space.apply(self.config, params)
         return [build_run(run_config, data=fold, where="trial") for fold in self.folds]
@@ -200,6 +193,42 @@ class ConfigObjective:
         k = len(runs)
         names = [f"fold_{i}" for i in range(k)] if k > 1 else [""]
         loggers = [TensorBoardLogger(self.tb_root / f"trial_{trial.number:04d}" / n) for n in names]
+
+        def checkpoint(epoch: Epoch) -> None:
+            """best_<fold>.pt at the best epoch, last_<fold>.pt and progress.json each epoch
+            (what a retried trial continues from)."""
+            history.append({"epoch": epoch.epoch, "value": epoch.value, "folds": epoch.records})
+            for i, run in enumerate(runs):
+                if epoch.improved:
+                    run.save(tdir / f"best_{i}.pt")
+                run.save(tdir / f"last_{i}.pt")
+            write_json(
+                tdir / "progress.json",
+                {
+                    "epoch": epoch.epoch,
+                    "best": epoch.best,
+                    "history": history,
+                    "early": early.state_dict() if early else None,
+                },
+            )
+
+        def report(epoch: Epoch) -> None:
+            trial.report(epoch.value, epoch.epoch)
+            self.study.heartbeat(trial)
+            if epoch.diverged:
+                trial.set_user_attr("diverged", True)
+            elif not stopping[0] and trial.should_prune():
+                self._finish_logs(loggers, trial, params, runs, epoch.best)
+                raise optuna.TrialPruned(
+                    f"pruned at epoch {epoch.epoch} ({self.metric}={epoch.value:.4f})"
+                )
+
+        stopping = [False]
+
+        def early_stop(epoch: Epoch) -> bool:
+            stopping[0] = early is not None and early(epoch)
+            return stopping[0]
+
         bar = None
         if self.progress:
             bar = tqdm(
@@ -210,50 +239,25 @@ class ConfigObjective:
                 leave=False,
             )
         try:
-            for epoch in range(start_epoch + 1, self.epochs + 1):
-                records = [
-                    train_epochs(run, epoch, start_epoch=epoch - 1, logger=tb)[-1]
-                    for run, tb in zip(runs, loggers, strict=True)
-                ]
-                diverged = any(r.get("diverged") for r in records)
-                values = [r[self.metric] for r in records]
-                value = self._worst() if diverged else sum(values) / k
-                history.append({"epoch": epoch, "value": value, "folds": records})
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix({self.metric: f"{value:.4f}"})
-                if self._better(value, best):
-                    best = value
-                    for i, run in enumerate(runs):
-                        run.save(tdir / f"best_{i}.pt")
-                for i, run in enumerate(runs):
-                    run.save(tdir / f"last_{i}.pt")
-                stop = diverged or (early is not None and early(value))
-                write_json(
-                    tdir / "progress.json",
-                    {
-                        "epoch": epoch,
-                        "best": best,
-                        "history": history,
-                        "early": early.state_dict() if early else None,
-                    },
-                )
-                trial.report(value, epoch)
-                self.study.heartbeat(trial)
-                if diverged:
-                    trial.set_user_attr("diverged", True)
-                if stop:
-                    break
-                if trial.should_prune():
-                    self._finish_logs(loggers, trial, params, runs, best)
-                    raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.metric}={value:.4f})")
+            done = fit(
+                runs,
+                self.epochs,
+                metric=self.metric,
+                start_epoch=start_epoch,
+                best=best,
+                hooks=[early_stop, checkpoint, report],
+                loggers=loggers,
+                progress=bar,
+            )
         finally:
             if bar is not None:
                 bar.close()
+        if done:
+            best = done[-1].best
         trial.set_user_attr("hyperparameters", runs[0].hyperparameters)
         trial.set_user_attr("epochs", len(history))
         self._finish_logs(loggers, trial, params, runs, best)
-        return self._worst() if best is None else best
+        return worst(self.metric) if best is None else best
 
     def _resume(
         self,
@@ -300,7 +304,7 @@ class ConfigObjective:
         flat = {k: (str(v) if isinstance(v, list) else v) for k, v in params.items()}
         for tb, run in zip(loggers, runs, strict=True):
             hp = {**flat, **{f"final/{k}": v for k, v in run.hyperparameters.items()}}
-            tb.hparams(hp, {f"best_{self.metric}": self._worst() if best is None else best})
+            tb.hparams(hp, {f"best_{self.metric}": worst(self.metric) if best is None else best})
             tb.close()
 
 

@@ -383,6 +383,7 @@ class PopulationBasedTraining:
             for i in range(self.population):
                 self.db.set_member(i, 0, None, self.values[i], None)
             self.db.set_meta("rng", self._rng_state())
+            self.db.set_meta("maximize", self.maximize)  # read by the report
         return False
 
     # ------------------------------------------------------------------ exploit / explore

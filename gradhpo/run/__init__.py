@@ -2,11 +2,12 @@
 
 * :mod:`~gradhpo.run.training_run` - :class:`TrainingRun`: model + data + optimizer (+ a
   hypergradient tuner) behind ``step / evaluate / hyperparameters / state_dict``.
-* :mod:`~gradhpo.run.loop` - :func:`train_epochs`, the one epoch loop, and
-  :class:`EarlyStopping`.
+* :mod:`~gradhpo.run.loop` - :func:`fit`, the one training loop (epochs of one or several
+  runs in lockstep, hooks for checkpoints, pruning, early stopping), the metrics' direction.
+* :mod:`~gradhpo.run.builder` - :func:`build_run`, the one builder from a run config.
 """
 
-from gradhpo.run.loop import EarlyStopping, train_epochs
+from gradhpo.run.loop import METRICS, EarlyStopping, Epoch, fit, train_epochs
 from gradhpo.run.training_run import (
     RUN_FORMAT,
     RUN_SECTIONS,
@@ -20,6 +21,9 @@ from gradhpo.run.training_run import (
 
 __all__ = [
     "EarlyStopping",
+    "Epoch",
+    "METRICS",
+    "fit",
     "RUN_FORMAT",
     "RUN_SECTIONS",
     "TRAINING_KEYS",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import optuna
 
-from gradhpo.run import EarlyStopping, TrainingRun, train_epochs
+from gradhpo.run import EarlyStopping, Epoch, TrainingRun, fit
+from gradhpo.run.loop import METRICS, check_metric, worst
 from gradhpo.tensorboard_logger import TensorBoardLogger
 
 if TYPE_CHECKING:
@@ -32,28 +32,32 @@ def fit_trial(
 
     ``study`` (a :class:`gradhpo.search.Study`) keeps the trial's heartbeat fresh;
     ``patience`` stops early after that many epochs without improvement."""
-    if metric not in ("val_accuracy", "val_loss"):
-        raise ValueError(f"metric must be 'val_accuracy' or 'val_loss', got {metric!r}")
-    maximize = metric == "val_accuracy"
-    early = EarlyStopping(patience, mode="max" if maximize else "min") if patience else None
-    best: list[float] = []
+    check_metric(metric)
+    early = (
+        EarlyStopping(patience, mode="max" if METRICS[metric] == "maximize" else "min")
+        if patience
+        else None
+    )
+    live = study is not None and isinstance(trial, optuna.trial.Trial)
 
-    def on_epoch(record: dict[str, Any]) -> bool:
-        value = record[metric]
-        if record.get("diverged"):
-            return True
-        if not best or (value > best[0] if maximize else value < best[0]):
-            best[:] = [value]
-        trial.report(value, record["epoch"])
-        if study is not None and isinstance(trial, optuna.trial.Trial):
-            study.heartbeat(trial)
+    def report(epoch: Epoch) -> None:
+        if epoch.diverged:
+            return
+        trial.report(epoch.value, epoch.epoch)
+        if live:
+            study.heartbeat(trial)  # type: ignore[union-attr]
         if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {record['epoch']} ({metric}={value:.4f})")
-        return bool(early is not None and early(value))
+            raise optuna.TrialPruned(f"pruned at epoch {epoch.epoch} ({metric}={epoch.value:.4f})")
 
-    if study is not None and isinstance(trial, optuna.trial.Trial):
-        study.heartbeat(trial)
-    train_epochs(run, epochs, logger=logger, on_epoch=on_epoch)
-    if not best:
-        return 0.0 if maximize else math.inf
-    return best[0]
+    if live:
+        study.heartbeat(trial)  # type: ignore[union-attr]
+    hooks = [report] if early is None else [report, early]
+    history = fit([run], epochs, metric=metric, hooks=hooks, loggers=[logger])
+    finished = [e for e in history if not e.diverged]
+    if not finished:
+        return worst(metric)
+    return (
+        max(e.value for e in finished)
+        if METRICS[metric] == "maximize"
+        else min(e.value for e in finished)
+    )

@@ -258,3 +258,35 @@ def test_resume_after_killed_process_loses_at_most_one_interval(tmp_path: Path, 
     assert resumed.values == reference.values
     assert len(resumed.db.lineage()) == len(reference.db.lineage())
     _check_references(resumed.db)
+
+
+@pytest.mark.parametrize("maximize", [True, False])
+def test_report_best_member_curve_follows_the_direction(tmp_path: Path, maximize: bool) -> None:
+    """best_score.png's "best member" is the max of the scores for an accuracy and the min
+    for a loss (it was always the max: the worst member, for val_loss)."""
+    import matplotlib.pyplot as plt
+
+    from gradhpo.report import write_pbt_report
+
+    pbt = _toy_pbt(tmp_path / "run", population=4, interval=5, total_steps=10, maximize=maximize)
+    pbt.run()
+    scores = PBTDatabase(tmp_path / "run").scores()
+    plotted: list = []
+    original = plt.Axes.plot
+
+    def spy(self, xs, ys, *args, **kwargs):
+        if kwargs.get("label") == "best member":
+            plotted.append(list(ys))
+        return original(self, xs, ys, *args, **kwargs)
+
+    plt.Axes.plot = spy
+    try:
+        write_pbt_report(tmp_path / "run")
+    finally:
+        plt.Axes.plot = original
+    by_step: dict[int, list[float]] = {}
+    for s in scores:
+        by_step.setdefault(s["step"], []).append(s["score"])
+    pick = max if maximize else min
+    assert plotted == [[pick(by_step[t]) for t in sorted(by_step)]]
+    assert plotted[0] != [(min if maximize else max)(by_step[t]) for t in sorted(by_step)]
