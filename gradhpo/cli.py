@@ -17,6 +17,7 @@ import optuna
 from gradhpo.config import ConfigError, load_yaml
 from gradhpo.data import DatasetNotFoundError
 from gradhpo.jobs.pbt import prepare_pbt, run_pbt
+from gradhpo.jobs.rundir import open_run_dir
 from gradhpo.jobs.train import prepare_train, run_train
 from gradhpo.jobs.tune import prepare_study, run_study
 from gradhpo.report import write_pbt_report, write_report
@@ -47,6 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=None, help="override training.epochs")
     train.add_argument("--device", default=None, help="override training.device (auto, cpu, cuda)")
     train.add_argument("--out", type=Path, default=None, help="override output.dir")
+    train.add_argument("--name", default=None, help="override the run name (run folder)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(func=_cmd_train)
 
@@ -137,7 +139,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     if run.tuner is not None:
         tuned = ", ".join(f"{k}={v:.3g}" for k, v in summary["hyperparameters"].items())
-        print(f"{name}: tuned hyperparameters {tuned} ({run.tuner.rejected_steps} rejected hyper steps)")
+        print(
+            f"{name}: tuned hyperparameters {tuned} ({run.tuner.rejected_steps} rejected hyper steps)"
+        )
     print(
         f"{name}: test accuracy {summary['test_accuracy']:.4f}, test loss "
         f"{summary['test_loss']:.4f} after {summary['steps']} steps in {summary['seconds']:.1f} s "
@@ -224,7 +228,12 @@ def _cmd_pbt(args: argparse.Namespace) -> int:
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     _quiet_optuna()
-    if (args.dir / "pbt.db").is_file():
+    kind, _ = open_run_dir(args.dir)
+    if kind == "train":
+        raise UserError(
+            f"{str(args.dir)!r} holds a finished `gradhpo train` run; nothing to resume"
+        )
+    if kind == "pbt":
         if args.trials is not None:
             raise UserError("--trials: not used by a PBT run")
         try:
@@ -264,7 +273,12 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     if not args.dir.is_dir():
         raise UserError(f"study directory not found: {str(args.dir)!r}")
-    if (args.dir / "pbt.db").is_file():
+    kind, _ = open_run_dir(args.dir)
+    if kind == "train":
+        raise UserError(
+            f"{str(args.dir)!r} holds a `gradhpo train` run; its metrics are in metrics.json"
+        )
+    if kind == "pbt":
         result = write_pbt_report(args.dir, args.out)
         print(f"{args.dir.name}: PBT report; wrote " + ", ".join(str(f) for f in result["files"]))
         return 0

@@ -32,15 +32,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
 from gradhpo.config import ConfigError, check_executor, check_int, with_section
 from gradhpo.data import DataSplits
 from gradhpo.execution import make_executor
-from gradhpo.files import write_text
+from gradhpo.jobs.rundir import create_run_dir, open_run_dir, run_dir_of
 from gradhpo.pbt.batched import BatchedPopulation
 from gradhpo.pbt.manager import BatchedGroup, BatchedMember, PopulationBasedTraining, RunMember
+from gradhpo.pbt.store import PBTDatabase
 from gradhpo.run.builder import build_run, load_job_data
 from gradhpo.search.space import SearchSpace
 from gradhpo.tensorboard_logger import TensorBoardLogger
@@ -220,8 +220,7 @@ def prepare_pbt(
     run directory. Nothing is written before every check has passed."""
     if resume_dir is not None:
         resume_dir = Path(resume_dir)
-        with (resume_dir / "config.yaml").open(encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+        _, raw = open_run_dir(resume_dir, "pbt")
     config, space = validate_pbt_config(raw or {})
     (splits,) = load_job_data(config)
     population = _Population(config, space, splits)
@@ -233,21 +232,15 @@ def prepare_pbt(
             raise ConfigError(f"{where}: gives an invalid member: {exc.__cause__ or exc}") from exc
         except (ModelConfigError, ValueError, TypeError) as exc:
             raise ConfigError(f"{where}: gives an invalid member: {exc}") from exc
-    directory = resume_dir or Path(config["output"]["dir"]) / config["name"]
-    if resume_dir is None and (directory / "pbt.db").exists():
-        raise ConfigError(
-            f"output: {str(directory)!r} already holds a PBT run; continue it with "
-            f"`gradhpo resume {directory}` or choose another name"
-        )
+    directory = resume_dir or run_dir_of(config)
     population.group = None  # the pre-flight population is not the one that trains
     p = config["pbt"]
     steps = p["steps"]
     if steps is None:
         per_epoch = len(splits.train) // min(config["training"]["batch_size"], len(splits.train))
         steps = config["training"]["epochs"] * per_epoch
-    directory.mkdir(parents=True, exist_ok=True)
     if resume_dir is None:
-        write_text(directory / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        create_run_dir(directory, "pbt", config, populate=lambda tmp: PBTDatabase(tmp).close())
     manager = PopulationBasedTraining(
         population.factory,
         space.parameters,

@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
-from gradhpo.config import validate_train_config
-from gradhpo.files import write_json, write_text
+from gradhpo.config import ConfigError, validate_train_config
+from gradhpo.files import write_json
+from gradhpo.jobs.rundir import create_run_dir, run_dir_of
 from gradhpo.run import TrainingRun, train_epochs
 from gradhpo.run.builder import build_run
 from gradhpo.tensorboard_logger import TensorBoardLogger
@@ -29,6 +29,12 @@ __all__ = ["prepare_train", "run_train"]
 def prepare_train(raw: Mapping[str, Any]) -> tuple[dict[str, Any], TrainingRun]:
     """Validate a train config and build its run; nothing is written."""
     config = validate_train_config(raw)
+    directory = run_dir_of(config)
+    if directory.exists():
+        raise ConfigError(
+            f"output: {str(directory)!r} already exists; choose another name (--name) "
+            "so that the first run's checkpoint and curves stay as they are"
+        )
     return config, build_run(config)
 
 
@@ -38,8 +44,7 @@ def run_train(
     """Train for ``training.epochs``, evaluate on the test set once at the end, save the
     checkpoint and the metrics; returns the summary written to ``metrics.json``."""
     training, output = config["training"], config["output"]
-    run_dir = Path(output["dir"]) / config["name"]
-    write_text(run_dir / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False))
+    run_dir = create_run_dir(run_dir_of(config), "train", config)
     start = time.perf_counter()
     with TensorBoardLogger(Path(output["tensorboard_dir"]) / config["name"]) as tb:
         with tqdm(
@@ -49,9 +54,7 @@ def run_train(
             disable=not progress or None,
         ) as bar:
             history = train_epochs(run, training["epochs"], logger=tb, progress=bar)
-        test = (
-            run.evaluate("test") if not run.diverged else {"loss": math.nan, "accuracy": 0.0}
-        )
+        test = run.evaluate("test") if not run.diverged else {"loss": math.nan, "accuracy": 0.0}
         tb.hparams({**run.hyperparameters, **config["model"]}, {"test_accuracy": test["accuracy"]})
     elapsed = time.perf_counter() - start
     checkpoint = run.save(run_dir / "checkpoint.pt")

@@ -32,7 +32,6 @@ from typing import Any
 
 import optuna
 import torch
-import yaml
 from tqdm import tqdm
 
 from gradhpo.config import (
@@ -44,7 +43,8 @@ from gradhpo.config import (
 )
 from gradhpo.data import DataSplits
 from gradhpo.execution import Executor, make_executor
-from gradhpo.files import write_json, write_text
+from gradhpo.files import write_json
+from gradhpo.jobs.rundir import create_run_dir, open_run_dir, run_dir_of
 from gradhpo.run import EarlyStopping, Epoch, TrainingRun, fit, resolve_device
 from gradhpo.run.builder import build_run, load_job_data
 from gradhpo.run.loop import METRICS, worst
@@ -370,13 +370,7 @@ def prepare_study(
     the study directory. Nothing is written before every check has passed."""
     if resume_dir is not None:
         resume_dir = Path(resume_dir)
-        cfg_file = resume_dir / "config.yaml"
-        if not cfg_file.is_file():
-            raise ConfigError(
-                f"{str(resume_dir)!r} is not a gradhpo study directory (no config.yaml)"
-            )
-        with cfg_file.open(encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+        _, raw = open_run_dir(resume_dir, "study")
     elif raw is None:
         raw = load_yaml(config_path)  # type: ignore[arg-type]
     config, space = validate_tune_config(raw)
@@ -386,23 +380,22 @@ def prepare_study(
     if resume_dir is not None:
         study = load_study(resume_dir, search_space=space)
         return study, config, space, folds
-    directory = Path(config["output"]["dir"]) / config["name"]
-    if (directory / "study.db").exists():
-        raise ConfigError(
-            f"output: {str(directory)!r} already holds a study; continue it with "
-            f"`gradhpo resume {directory}` or choose another name"
+    directory = run_dir_of(config)
+
+    def new_study(tmp: Path) -> None:
+        create_study(
+            tmp,
+            name=config["name"],
+            direction=METRICS[s["metric"]],
+            sampler=s["sampler"],
+            pruner=s["pruner"],
+            seed=s["seed"],
+            max_resource=config["training"]["epochs"],
+            search_space=space,
         )
-    study = create_study(
-        directory,
-        name=config["name"],
-        direction=METRICS[s["metric"]],
-        sampler=s["sampler"],
-        pruner=s["pruner"],
-        seed=s["seed"],
-        max_resource=config["training"]["epochs"],
-        search_space=space,
-    )
-    write_text(directory / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    create_run_dir(directory, "study", config, populate=new_study)
+    study = load_study(directory, search_space=space)
     return study, config, space, folds
 
 

@@ -1,0 +1,130 @@
+"""The one run-directory layout: every job (``train``, ``study``, ``pbt``) lives in
+``<output.dir>/<name>/`` with its ``config.yaml`` and a kind marker ``gradhpo.json``
+(``{"kind", "layout", "name"}``) beside what the kind keeps (``checkpoint.pt`` and
+``metrics.json``; ``study.db`` and ``trials/``; ``pbt.db`` and ``checkpoints/``).
+
+A directory comes into existence whole: :func:`create_run_dir` builds it in a hidden sibling
+and renames it into place, so a kill during creation leaves either no run directory or a
+complete one (never a ``study.db`` without its config). :func:`open_run_dir` reads the
+marker and the config and turns every unreadable state into a :class:`ConfigError` that
+names the file and says what to do. Directories made before the marker existed are
+recognised by their files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gradhpo.config import ConfigError
+from gradhpo.files import write_json, write_text
+
+__all__ = ["KINDS", "MARKER", "create_run_dir", "open_run_dir", "run_dir_of"]
+
+MARKER = "gradhpo.json"
+LAYOUT = 1
+#: Kinds of run directories and the file that identifies a directory made before the marker.
+KINDS: dict[str, str] = {"train": "checkpoint.pt", "study": "study.db", "pbt": "pbt.db"}
+_DISPLAY = {"train": "a `gradhpo train` run", "study": "a study", "pbt": "a PBT run"}
+
+
+def run_dir_of(config: Mapping[str, Any]) -> Path:
+    """``<output.dir>/<name>`` of a validated config; the name may not leave ``output.dir``."""
+    name = str(config["name"])
+    if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise ConfigError(f"name: must be a plain folder name inside output.dir, got {name!r}")
+    return Path(config["output"]["dir"]) / name
+
+
+def create_run_dir(
+    directory: Path,
+    kind: str,
+    config: Mapping[str, Any],
+    populate: Callable[[Path], None] | None = None,
+) -> Path:
+    """Create the run directory ``directory`` of ``kind`` with ``config.yaml`` and the
+    marker, after ``populate(tmp)`` has put the kind's own files in (e.g. an empty study
+    database), all in a hidden temporary sibling renamed into place at the end."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    directory = Path(directory)
+    if directory.exists():
+        existing = _kind_or_none(directory)
+        what = _DISPLAY.get(existing or "", "files")
+        hint = (
+            f"; continue it with `gradhpo resume {directory}`"
+            if existing in ("study", "pbt")
+            else ""
+        )
+        raise ConfigError(
+            f"output: {str(directory)!r} already holds {what}{hint} or choose another name"
+        )
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(
+            tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp")
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"output.dir: cannot create {str(directory.parent)!r}: {exc.strerror}"
+        ) from exc
+    try:
+        write_text(tmp / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False))
+        if populate is not None:
+            populate(tmp)
+        write_json(tmp / MARKER, {"kind": kind, "layout": LAYOUT, "name": directory.name})
+        os.rename(tmp, directory)  # fails if another process created it meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _kind_or_none(directory: Path) -> str | None:
+    marker = directory / MARKER
+    if marker.is_file():
+        try:
+            kind = json.loads(marker.read_text(encoding="utf-8")).get("kind")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return kind if kind in KINDS else None
+    for kind, probe in KINDS.items():
+        if (directory / probe).exists():
+            return kind
+    return None
+
+
+def open_run_dir(directory: str | os.PathLike[str], kind: str | None = None) -> tuple[str, dict]:
+    """The kind and the raw config of an existing run directory (``kind`` given: it must be
+    that kind). Every problem is one :class:`ConfigError` naming the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"run directory not found: {str(directory)!r}")
+    found = _kind_or_none(directory)
+    if found is None:
+        raise ConfigError(
+            f"{str(directory)!r} is not a gradhpo run directory (no {MARKER}, study.db or pbt.db)"
+        )
+    if kind is not None and found != kind:
+        raise ConfigError(f"{str(directory)!r} holds a {found} run, not a {kind} run")
+    path = directory / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{str(path)!r} is missing: the run directory is incomplete")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{str(path)!r}: not UTF-8 text ({exc.reason})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{str(path)!r}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{str(path)!r}: cannot read: {exc.strerror}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{str(path)!r}: top level must be a mapping")
+    return found, raw
