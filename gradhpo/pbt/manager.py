@@ -432,9 +432,7 @@ class PopulationBasedTraining:
         independent worker restoring a checkpoint would), gets the new values and its own
         checkpoint file. A process killed before the commit leaves the database at the
         previous step, and a resume redoes exactly this step: the resumed run equals the
-        uninterrupted one. (An earlier version committed the exploit first and the copier's
-        own checkpoint in a second transaction; a kill between the two made the resume load
-        the source's stream — seen once in a fresh-clone CI run.)"""
+        uninterrupted one."""
         trained = list(trained)
         copies = {
             loser: winner
