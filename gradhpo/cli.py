@@ -68,6 +68,11 @@ def _build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--device", default=None, help="override training.device (auto, cpu, cuda)")
     tune.add_argument("--out", type=Path, default=None, help="override output.dir")
     tune.add_argument("--name", default=None, help="override the study name (run folder)")
+    tune.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also train the untuned default for the study's wall-clock time and compare",
+    )
     tune.add_argument("--no-progress", action="store_true", help="hide progress bars")
     tune.set_defaults(func=_cmd_tune)
 
@@ -168,6 +173,14 @@ def _print_best(name: str, summary: dict[str, Any] | None) -> None:
         f"{name}: best {summary.get('metric', 'validation value')} {summary['value']:.4f}, "
         f"test accuracy {summary['test_accuracy']:.4f} (test loss {summary['test_loss']:.4f})"
     )
+    base = summary.get("baseline")
+    if base is not None:
+        print(
+            f"{name}: untuned default (the config's model and optimizer, no search, no tuner) "
+            f"trained for the same {base['seconds']:.0f} s ({base['epochs']} epochs): "
+            f"test accuracy {base['test_accuracy']:.4f}; tuned: {summary['test_accuracy']:.4f} "
+            f"({summary['test_accuracy'] - base['test_accuracy']:+.4f})"
+        )
 
 
 _TUNE_ERRORS: tuple[type[BaseException], ...] = (ModelConfigError, DatasetNotFoundError)
@@ -186,6 +199,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     raw = _apply_overrides(load_yaml(args.config), args)
     if args.trials is not None and isinstance(raw.get("search"), dict):
         raw["search"]["trials"] = args.trials
+    if args.baseline and isinstance(raw.get("search"), dict):
+        raw["search"]["baseline"] = True
     try:
         study, config, space, folds = prepare_study(raw=raw)
     except _TUNE_ERRORS as exc:

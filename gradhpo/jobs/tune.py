@@ -22,6 +22,7 @@ search parameter such as ``optimizer.lr`` then sets their starting value.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -80,6 +81,7 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "seed": None,
     "keep_checkpoints": "best",
     "executor": None,
+    "baseline": False,
 }
 
 
@@ -124,6 +126,8 @@ def validate_tune_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], Search
         raise ConfigError(
             f"search.keep_checkpoints: expected 'best' or 'all', got {s['keep_checkpoints']!r}"
         )
+    if not isinstance(s["baseline"], bool):
+        raise ConfigError(f"search.baseline: expected true or false, got {s['baseline']!r}")
     s["executor"] = check_executor("search.executor", s["executor"])
     space = SearchSpace.from_config(s["space"])
     config["search"] = s
@@ -360,6 +364,37 @@ def evaluate_best(
     return summary
 
 
+def train_baseline(config: Mapping[str, Any], data: DataSplits, seconds: float) -> dict[str, Any]:
+    """The untuned default beside a study: the config's own model and optimizer sections (no
+    search space applied, no hypergradient tuner), trained on the same data for the same
+    wall-clock ``seconds`` as the study (whole epochs, at least one); the epoch with the best
+    validation metric is evaluated on the test set, as the study's best trial is."""
+    metric = config["search"]["metric"]
+    run = build_run({**config, "tuner": None}, data=data, where="baseline")
+    start = time.perf_counter()
+    best_state: dict[str, Any] = {}
+
+    def keep_best(epoch: Epoch) -> bool:
+        if epoch.improved and not epoch.diverged:
+            best_state.update(run.state_dict())
+        return time.perf_counter() - start >= seconds
+
+    history = fit([run], 10**9, metric=metric, hooks=[keep_best])
+    elapsed = time.perf_counter() - start
+    if best_state:
+        run.load_state_dict(best_state)
+    test = run.evaluate("test") if best_state else {"accuracy": 0.0, "loss": math.nan}
+    return {
+        "budget": seconds,
+        "seconds": elapsed,
+        "epochs": len(history),
+        "steps": run.global_step,
+        "value": history[-1].best if history else worst(metric),
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+    }
+
+
 def prepare_study(
     config_path: str | os.PathLike[str] | None = None,
     *,
@@ -493,6 +528,9 @@ def run_study(
     summary = evaluate_best(study, config, folds)
     if summary is not None:
         summary["seconds"] = time.perf_counter() - start
+        if s["baseline"]:
+            summary["baseline"] = train_baseline(config, folds[0], summary["seconds"])
+            study.optuna.set_user_attr("baseline", summary["baseline"])
     return summary
 
 

@@ -385,3 +385,26 @@ def test_python_api_define_by_run_and_ask_tell(tmp_path: Path) -> None:
     values = [t.value for t in study.finished_trials()]
     assert len(values) == 3 and all(0.0 <= v <= 1.0 for v in values)
     assert all(len(t.intermediate_values) == 2 for t in study.finished_trials()[:2])
+
+
+def test_baseline_is_the_untuned_default_at_the_same_wall_clock(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = _set(TINY, "search/trials", 2)
+    assert tune(tmp_path, config, "--baseline") == 0
+    out = capsys.readouterr().out
+    line = [x for x in out.splitlines() if "untuned default" in x]
+    assert len(line) == 1 and "tuned:" in line[0], out
+    study = load_study(tmp_path / "runs" / "tiny")
+    base = study.optuna.user_attrs["baseline"]
+    assert base["epochs"] >= 1 and base["steps"] > 0
+    assert 0.0 <= base["test_accuracy"] <= 1.0
+    # whole epochs until the study's wall-clock seconds are used up
+    assert base["seconds"] >= base["budget"] > 0
+
+
+def test_baseline_must_be_a_boolean(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert tune(tmp_path, _set(TINY, "search/baseline", "yes")) == 2
+    assert "search.baseline: expected true or false, got 'yes'" in capsys.readouterr().err
