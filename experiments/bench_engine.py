@@ -29,6 +29,14 @@ Methods (per problem)
   lr ``per_tensor`` plus, where the model has fewer than 8 parameter tensors, weight decay
   (``per_tensor`` for the 4-tensor MLP, scalar for the 6-tensor CNN, together with a scalar
   L2 penalty); the inner optimizer stays SGD without momentum;
+* ``gradhpo reverse every-M`` (``--every M``, default 4; 1 leaves it out): amortized tuning,
+  what ``HyperTuner(every=M)`` does over M horizons: one reverse-mode hypergradient horizon
+  and M - 1 plain horizons (``gradhpo.hyper.unroll``), tuned steps / total steps = 1/M; its
+  time is reported per horizon of K steps (the run's time / M), so "x plain" is the average
+  cost of a tuned training step;
+* ``gradhpo forward-1 compiled`` / ``gradhpo forward-8 compiled`` (``--compile`` only):
+  forward mode with ``compile=True`` (each step through ``torch.compile``; the compilation
+  happens in the untimed warm-up run);
 * ``higher``: ``higher.innerloop_ctx(model, SGD, copy_initial_weights=True,
   override={"lr": [lr]})`` then ``torch.autograd.grad(val_loss, lr)``;
 * ``bare``: a hand-written unroll: params as a dict, ``torch.func.functional_call``,
@@ -41,8 +49,8 @@ Methods (per problem)
 Every method computes the same quantity. Before timing, each problem is rebuilt tiny and in
 float64 and the hypergradients of every method are compared with gradhpo reverse (relative
 error <= 1e-6; gradhpo's gradients are w.r.t. raw = log lr and are divided by lr); forward-8
-is compared with gradhpo reverse on the same 8 hyperparameters. The script stops (exit
-status 1) if a check fails.
+(and forward-8 compiled) is compared with gradhpo reverse on the same 8 hyperparameters. The
+script stops (exit status 1) if a check fails.
 
 Timing details: each timed run is preceded, outside the clock, by a reset (parameters,
 BatchNorm buffers) and ``gc.collect()``; the garbage collector is disabled while the clock
@@ -55,6 +63,7 @@ Usage (from the repository root)::
     .venv/bin/python experiments/bench_engine.py                     # all problems, 5 rounds
     .venv/bin/python experiments/bench_engine.py --problems a,c --rounds 9
     .venv/bin/python experiments/bench_engine.py --quick --rounds 1  # smoke test, tiny sizes
+    .venv/bin/python experiments/bench_engine.py --compile --every 8  # + compiled forward mode
 
 Output: the tables on stdout; ``results.csv`` (one row per problem and method, with every
 round's time), ``summary.csv`` (the ratios per problem), ``checks.csv`` (the agreement
@@ -95,6 +104,7 @@ from gradhpo.hyper import (  # noqa: E402
     hypergradient,
     make_optimizer,
 )
+from gradhpo.hyper.methods import unroll  # noqa: E402
 from models import build_model  # noqa: E402
 
 OUT_DIR = ROOT / "experiments" / "results" / "bench_engine"
@@ -109,7 +119,16 @@ FORWARD8 = "gradhpo forward-8"
 HIGHER = "higher"
 BARE = "bare"
 TORCHOPT = "torchopt"
-REVERSE8 = "gradhpo reverse-8"  # check only: the reference of forward-8
+REVERSE8 = "gradhpo reverse-8"  # check only: the reference of forward-8 (and compiled)
+FORWARD1C = "gradhpo forward-1 compiled"
+FORWARD8C = "gradhpo forward-8 compiled"
+
+
+AMORTIZED = "gradhpo reverse every-"  # + M
+
+
+def amortized_name(every: int) -> str:
+    return f"{AMORTIZED}{every}"
 
 
 # ----------------------------------------------------------------------------- problems
@@ -233,6 +252,7 @@ class Method:
     hypers: int
     run: Callable[[], dict[str, Tensor] | None]
     prepare: Callable[[], None] = field(default=lambda: None)
+    per: int = 1  # horizons of K steps per run: the reported time is the run's time / per
 
 
 def _eval_loss(model: nn.Module, params_and_buffers: Any, x: Tensor, y: Tensor) -> Tensor:
@@ -257,7 +277,17 @@ def plain_method(ctx: Context) -> Method:
     return Method(PLAIN, 0, run, prepare=lambda: ctx.reset_module(model))
 
 
-def gradhpo_method(ctx: Context, method: str, specs: list[dict[str, Any]], name: str) -> Method:
+def gradhpo_method(
+    ctx: Context,
+    method: str,
+    specs: list[dict[str, Any]],
+    name: str,
+    *,
+    compile: bool = False,
+    every: int = 1,
+) -> Method:
+    """gradhpo's hypergradient; with ``every`` = M > 1, followed by M - 1 plain horizons from
+    its weights (amortized tuning)."""
     model = copy.deepcopy(ctx.model)  # used functionally: never modified
     opt = make_optimizer("sgd", lr=ctx.problem.lr)
     hypers = HyperParameters(specs, ctx.params)
@@ -270,14 +300,18 @@ def gradhpo_method(ctx: Context, method: str, specs: list[dict[str, Any]], name:
     )
 
     def run() -> dict[str, Tensor]:
+        kwargs = {"compile": True} if compile else {}
         result = hypergradient(
-            method, problem, ctx.params, state, ctx.buffers, ctx.batches, objective
+            method, problem, ctx.params, state, ctx.buffers, ctx.batches, objective, **kwargs
         )
+        params, opt_state, buffers = result.params, result.state, result.buffers
+        for _ in range(every - 1):
+            params, opt_state, buffers, _ = unroll(problem, params, opt_state, buffers, ctx.batches)
         if single_lr:  # d/d(raw = log lr) -> d/d lr, as the other libraries report it
             return {"lr": result.grads["lr"] / torch.exp(hypers.raw["lr"].detach())}
         return result.grads
 
-    return Method(name, hypers.numel(), run)
+    return Method(name, hypers.numel(), run, per=every)
 
 
 def higher_method(ctx: Context) -> Method | str:
@@ -361,7 +395,9 @@ def torchopt_method(ctx: Context) -> Method | str:
     return Method(TORCHOPT, 1, run, prepare=prepare)
 
 
-def build_methods(ctx: Context, *, with_reverse8: bool = False) -> tuple[list[Method], list[str]]:
+def build_methods(
+    ctx: Context, *, with_reverse8: bool = False, every: int = 1, compile: bool = False
+) -> tuple[list[Method], list[str]]:
     """The methods of one problem (plain first) and notes on the ones skipped."""
     lr_spec = [{"name": "lr", "init": ctx.problem.lr}]
     specs8 = eight_specs({n: tuple(p.shape) for n, p in ctx.params.items()}, ctx.problem.lr)
@@ -372,6 +408,11 @@ def build_methods(ctx: Context, *, with_reverse8: bool = False) -> tuple[list[Me
         gradhpo_method(ctx, "forward", lr_spec, FORWARD1),
         gradhpo_method(ctx, "forward", specs8, FORWARD8),
     ]
+    if every > 1:
+        methods.append(gradhpo_method(ctx, "reverse", lr_spec, amortized_name(every), every=every))
+    if compile:
+        methods.append(gradhpo_method(ctx, "forward", lr_spec, FORWARD1C, compile=True))
+        methods.append(gradhpo_method(ctx, "forward", specs8, FORWARD8C, compile=True))
     if with_reverse8:
         methods.append(gradhpo_method(ctx, "reverse", specs8, REVERSE8))
     notes: list[str] = []
@@ -382,7 +423,7 @@ def build_methods(ctx: Context, *, with_reverse8: bool = False) -> tuple[list[Me
         else:
             methods.append(extra)
     for m in methods:
-        if m.name == FORWARD8 and m.hypers != 8:
+        if m.name in (FORWARD8, FORWARD8C) and m.hypers != 8:
             raise AssertionError(f"forward-8 has {m.hypers} directions")
     return methods, notes
 
@@ -398,10 +439,12 @@ def relative_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
     return worst
 
 
-def agreement_check(problem: Problem, device: torch.device) -> list[dict[str, Any]]:
+def agreement_check(
+    problem: Problem, device: torch.device, *, every: int = 1, compile: bool = False
+) -> list[dict[str, Any]]:
     """Float64, tiny problem: every hypergradient method against gradhpo reverse."""
     ctx = make_context(tiny(problem), device, torch.float64)
-    methods, _ = build_methods(ctx, with_reverse8=True)
+    methods, _ = build_methods(ctx, with_reverse8=True, every=every, compile=compile)
     grads: dict[str, dict[str, Tensor]] = {}
     for m in methods:
         if m.name == PLAIN:
@@ -414,7 +457,8 @@ def agreement_check(problem: Problem, device: torch.device) -> list[dict[str, An
     for name, g in grads.items():
         if name in (REVERSE, REVERSE8):
             continue
-        ref = REVERSE8 if name == FORWARD8 else REVERSE
+        eight = name in (FORWARD8, FORWARD8C)
+        ref = REVERSE8 if eight else REVERSE
         err = relative_error(g, grads[ref])
         value = float(g["lr"]) if "lr" in g and g["lr"].numel() == 1 else float("nan")
         rows.append(
@@ -422,7 +466,7 @@ def agreement_check(problem: Problem, device: torch.device) -> list[dict[str, An
                 "problem": problem.key,
                 "method": name,
                 "reference": ref,
-                "hypers": len(g) if name == FORWARD8 else 1,
+                "hypers": len(g) if eight else 1,
                 "value": value,
                 "reference_value": float(grads[ref]["lr"]) if ref == REVERSE else float("nan"),
                 "relative_error": err,
@@ -447,7 +491,7 @@ def timed(method: Method, device: torch.device) -> float:
         start = time.perf_counter()
         method.run()
         sync(device)
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / method.per
     finally:
         gc.enable()
 
@@ -502,6 +546,8 @@ def summarize(problem: Problem, hypers: dict[str, int], times: dict[str, list[fl
     def ratio(a: str, b: str) -> float:
         return med[a] / med[b] if a in med and b in med else math.nan
 
+    amortized = next((m for m in med if m.startswith(AMORTIZED)), "")
+
     summary = {
         "problem": problem.key,
         "problem_name": problem.name,
@@ -512,6 +558,11 @@ def summarize(problem: Problem, hypers: dict[str, int], times: dict[str, list[fl
         "checkpointed_over_reverse": ratio(CHECKPOINTED, REVERSE),
         "forward1_over_reverse": ratio(FORWARD1, REVERSE),
         "forward8_over_forward1": ratio(FORWARD8, FORWARD1),
+        "amortized_every": int(amortized.removeprefix(AMORTIZED)) if amortized else 1,
+        "amortized_x_plain": ratio(amortized, PLAIN),
+        "amortized_over_reverse": ratio(amortized, REVERSE),
+        "forward1_compiled_over_reverse": ratio(FORWARD1C, REVERSE),
+        "forward8_compiled_over_forward1_compiled": ratio(FORWARD8C, FORWARD1C),
         "higher_x_plain": ratio(HIGHER, PLAIN),
         "bare_x_plain": ratio(BARE, PLAIN),
         "torchopt_x_plain": ratio(TORCHOPT, PLAIN),
@@ -539,15 +590,21 @@ def summary_table(summaries: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| problem | K | plain ms | reverse x plain | reverse x min(higher, bare) "
         "| checkpointed / reverse | forward-1 / reverse | forward-8 / forward-1 "
+        "| every-M (M) x plain | forward-1 compiled / reverse "
+        "| forward-8 compiled / forward-1 compiled "
         "| higher x plain | bare x plain | torchopt x plain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         lines.append(
             f"| {s['problem']} {s['problem_name']} | {s['k']} | {s['plain_ms']:.1f} | "
             f"**{_fmt(s['reverse_x_plain'])}** | **{_fmt(s['reverse_x_min_higher_bare'])}** | "
             f"{_fmt(s['checkpointed_over_reverse'])} | {_fmt(s['forward1_over_reverse'])} | "
-            f"{_fmt(s['forward8_over_forward1'])} | {_fmt(s['higher_x_plain'])} | "
+            f"{_fmt(s['forward8_over_forward1'])} | "
+            f"{_fmt(s['amortized_x_plain'])} ({s['amortized_every']}) | "
+            f"{_fmt(s['forward1_compiled_over_reverse'])} | "
+            f"{_fmt(s['forward8_compiled_over_forward1_compiled'])} | "
+            f"{_fmt(s['higher_x_plain'])} | "
             f"{_fmt(s['bare_x_plain'])} | {_fmt(s['torchopt_x_plain'])} |"
         )
     return lines
@@ -559,8 +616,9 @@ def check_table(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        value = "(8 hypers)" if r["method"] == FORWARD8 else f"{r['value']:.10e}"
-        ref = "" if r["method"] == FORWARD8 else f"{r['reference_value']:.10e}"
+        eight = r["method"] in (FORWARD8, FORWARD8C)
+        value = "(8 hypers)" if eight else f"{r['value']:.10e}"
+        ref = "" if eight else f"{r['reference_value']:.10e}"
         lines.append(
             f"| {r['problem']} | {r['method']} | {r['reference']} | {value} | {ref} | "
             f"{r['relative_error']:.1e} | {'yes' if r['passed'] else 'NO'} |"
@@ -618,20 +676,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (< 30 s)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     ap.add_argument("--out", type=Path, default=OUT_DIR)
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=4,
+        help="amortized tuning: time one hypergradient horizon per M (default 4; 1: off)",
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time forward mode with compile=True (torch.compile; compiles in the warm-up)",
+    )
     args = ap.parse_args(argv)
     keys = [k.strip() for k in args.problems.split(",") if k.strip()]
     unknown = [k for k in keys if k not in PROBLEMS]
     if not keys or unknown:
         ap.error(f"--problems: unknown {unknown}; choose from {list(PROBLEMS)}")
     args.problems = keys
-    if args.rounds < 1 or args.warmup < 0 or args.threads < 1:
-        ap.error("--rounds and --threads must be >= 1, --warmup >= 0")
+    if args.rounds < 1 or args.warmup < 0 or args.threads < 1 or args.every < 1:
+        ap.error("--rounds, --threads and --every must be >= 1, --warmup >= 0")
+    if args.compile and args.warmup < 1:
+        ap.error("--compile needs --warmup >= 1 (the compilation must not be timed)")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.compile:
+        # Every (problem, size, dtype, hyper set) is one compilation of the same step function.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
@@ -645,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 1. agreement (float64, tiny)
     checks: list[dict[str, Any]] = []
     for p in problems:
-        checks += agreement_check(PROBLEMS[p.key], device)
+        checks += agreement_check(PROBLEMS[p.key], device, every=args.every, compile=args.compile)
     print(
         f"\nagreement check (float64, tiny problems, tolerance {TOLERANCE:g} relative to "
         "gradhpo reverse):"
@@ -664,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in problems:
         print(f"\ntiming {p.describe()}, {args.rounds} rounds ...", flush=True)
         ctx = make_context(p, device, torch.float32)
-        methods, skipped = build_methods(ctx)
+        methods, skipped = build_methods(ctx, every=args.every, compile=args.compile)
         notes.update(skipped)
         times = time_problem(ctx, methods, args.rounds, args.warmup)
         r, s = summarize(p, {m.name: m.hypers for m in methods}, times)

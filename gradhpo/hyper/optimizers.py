@@ -190,6 +190,10 @@ class InnerOptimizer:
                 raise ValueError(
                     f"hp[{name!r}][{param_name!r}] must be a tensor, got {type(value).__name__}"
                 )
+            # Fast path (every step of every parameter): a 0-d value or one of the parameter's
+            # exact shape always fits; only other shapes pay for the full broadcast check.
+            if value.dim() == 0 or value.shape == like.shape:
+                return value
             shape = tuple(like.shape)
             try:
                 ok = tuple(torch.broadcast_shapes(value.shape, like.shape)) == shape
@@ -201,7 +205,7 @@ class InnerOptimizer:
                     f"not broadcast to the parameter's shape {shape}"
                 )
             return value
-        return torch.tensor(self.defaults[name], dtype=like.dtype, device=like.device)
+        return torch.full((), self.defaults[name], dtype=like.dtype, device=like.device)
 
     @staticmethod
     def _lookup(hp: HyperValues | None, name: str, param_name: str) -> Any:
@@ -248,11 +252,12 @@ class InnerOptimizer:
         if carried:
             # Carried values act as given ones for every parameter; hp still comes first.
             hp = {**{name: _Shared(v) for name, v in carried.items()}, **(hp or {})}
+        names = (*self.slots, *self.flags)  # once per update, not per parameter
         for pname, p in params.items():
             if pname not in grads:
                 raise KeyError(f"grads has no entry for parameter {pname!r}")
             slots = {}
-            for slot in (*self.slots, *self.flags):
+            for slot in names:
                 key = f"{slot}/{pname}"
                 if key not in state:
                     raise KeyError(f"state has no entry {key!r}; build it with init()")

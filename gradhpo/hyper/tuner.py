@@ -5,6 +5,15 @@ steps from the model's current weights while computing the hypergradient of the 
 writes the new weights back into the model and takes one step of an outer optimizer on the
 *raw* (unconstrained) hyperparameters. Graphs are dropped after every horizon.
 
+Amortized tuning (``every=M``): only every M-th horizon computes a hypergradient and takes a
+hyper step; the M - 1 horizons in between run their K inner steps plainly (no graph, the same
+inner optimizer arithmetic, hyperparameters held constant), at about the cost of plain
+training. The tuner counts ``tuned_steps`` (inner steps taken in hypergradient horizons) and
+``total_steps`` (all inner steps applied to the model); ``tuned_fraction`` is their ratio.
+The horizons counted are those whose weights were applied (a rolled-back horizon is retried in
+the same role), and the counts are part of :meth:`HyperTuner.state_dict`, so a resume
+continues the cycle exactly.
+
 Non-finite values are handled, never fatal: if an inner loss, the objective, the new weights
 or the hypergradient is NaN/inf, the hyper step is rejected, the weights go back to where the
 horizon started and the hyperparameters to their values before the previous hyper update
@@ -23,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradhpo.hyper.methods import METHODS, Batch, InnerProblem, Objective, hypergradient
+from gradhpo.hyper.methods import METHODS, Batch, InnerProblem, Objective, hypergradient, unroll
 from gradhpo.hyper.optimizers import InnerOptimizer, make_optimizer
 from gradhpo.hyper.spec import HyperParameters, HyperSpec
 
@@ -45,6 +54,20 @@ class TunerReport:
     values: dict[str, float]  # hyperparameter values after the step (means for per-element)
     steps: int  # inner steps in this horizon
     weights_updated: bool  # False when the horizon was rolled back (non-finite weights/losses)
+    # False for a plain horizon of amortized tuning (every > 1): no hypergradient was taken,
+    # the hypers did not move; objective and hypergrad_norm are nan.
+    tuned: bool = True
+
+
+@dataclass(frozen=True)
+class _Plain:
+    """What :meth:`HyperTuner._reject` reads from a plain (untuned) horizon."""
+
+    train_losses: torch.Tensor
+    params: Mapping[str, torch.Tensor]
+    state: Mapping[str, torch.Tensor]
+    buffers: Mapping[str, torch.Tensor]
+    objective: float = math.nan
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -71,6 +94,14 @@ class HyperTuner:
         objective: ``val`` (validation loss after the horizon, model in eval mode) or
             ``train_mean`` (mean inner training loss).
         num_examples: size of the training set, needed only for ``example_weight``.
+        max_directions: forward mode refuses more scalar hyperparameters than this.
+        chunk: forward mode: tangent directions propagated together (None: all; 1: one
+            ``jvp`` per direction, the least memory); see :func:`hypergradient`.
+        compile: forward mode only: each step through ``torch.compile`` (see
+            :func:`hypergradient`; the first horizon compiles).
+        every: M, amortized tuning: a hypergradient on every M-th horizon only (the first,
+            then every M-th), plain inner steps in between (see module docstring); 1 tunes
+            every horizon.
     """
 
     def __init__(
@@ -89,6 +120,9 @@ class HyperTuner:
         objective: str = "val",
         num_examples: int | None = None,
         max_directions: int = 64,
+        chunk: int | None = None,
+        compile: bool = False,
+        every: int = 1,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method: unknown {method!r}; choose one of {list(METHODS)}")
@@ -121,6 +155,15 @@ class HyperTuner:
             isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
         ):
             raise ValueError(f"clip must be a number > 0 or None, got {clip!r}")
+        if chunk is not None:
+            _check_positive_int("chunk", chunk)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be true or false, got {compile!r}")
+        if compile and method != "forward":
+            raise ValueError(
+                f"compile: only forward mode steps are compiled, got method {method!r}"
+            )
+        every = _check_positive_int("every (M)", every)
 
         if isinstance(optimizer, str):
             inner = make_optimizer(optimizer, **dict(optimizer_kwargs or {}))
@@ -150,6 +193,9 @@ class HyperTuner:
         self.objective = objective
         self.clip = clip
         self.max_directions = max_directions
+        self.chunk = chunk
+        self.compile = compile
+        self.every = every
         self.opt_state = inner.init(params)
         raw_leaves = list(self.hypers.raw.values())
         if hyper_optimizer == "adam":
@@ -160,6 +206,19 @@ class HyperTuner:
         self.hyper_steps = 0
         self.rejected_steps = 0
         self.consecutive_rejections = 0
+        self.horizons = 0  # horizons applied to the model (tuned or plain)
+        self.tuned_steps = 0  # inner steps applied in hypergradient horizons
+        self.total_steps = 0  # all inner steps applied
+
+    @property
+    def tuned_fraction(self) -> float:
+        """``tuned_steps / total_steps`` (nan before the first step)."""
+        return self.tuned_steps / self.total_steps if self.total_steps else math.nan
+
+    @property
+    def next_is_tuned(self) -> bool:
+        """Whether the next :meth:`step` computes a hypergradient (amortized tuning)."""
+        return self.horizons % self.every == 0
 
     # ------------------------------------------------------------------ one horizon
     def _objective(self, val_batch: Batch | None) -> Objective:
@@ -170,11 +229,14 @@ class HyperTuner:
         return Objective.validation(self.model, val_batch[0], val_batch[1])
 
     def step(self, batches: Sequence[Batch], val_batch: Batch | None = None) -> TunerReport:
-        """K = len(batches) inner steps and one hyper step (see module docstring)."""
+        """K = len(batches) inner steps and one hyper step (see module docstring); with
+        ``every=M`` > 1, only every M-th horizon takes the hyper step, the others are plain."""
         if not 1 <= len(batches) <= self.horizon:
             raise ValueError(f"step: expected 1..{self.horizon} batches, got {len(batches)}")
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+        if not self.next_is_tuned:
+            return self._plain_step(params, buffers, batches)
         truncate = None if self.truncate is None else min(self.truncate, len(batches))
         result = hypergradient(
             self.method,
@@ -186,6 +248,8 @@ class HyperTuner:
             self._objective(val_batch),
             truncate=truncate,
             max_directions=self.max_directions,
+            chunk=self.chunk,
+            compile=self.compile,
         )
         grads = [result.grads[k] for k in self.hypers.raw]
         grad_norm = torch.linalg.vector_norm(
@@ -209,6 +273,7 @@ class HyperTuner:
         self.outer.zero_grad(set_to_none=True)
         self._write_back(result.params, result.buffers)
         self.opt_state = result.state
+        self._count(len(batches), tuned=True)
         self.hyper_steps += 1
         self.consecutive_rejections = 0
         return TunerReport(
@@ -222,8 +287,57 @@ class HyperTuner:
             weights_updated=True,
         )
 
+    def _plain_step(
+        self,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        batches: Sequence[Batch],
+    ) -> TunerReport:
+        """A horizon of amortized tuning without hypergradient: K plain inner steps."""
+        new_params, new_state, new_buffers, losses = unroll(
+            self.problem, params, self.opt_state, buffers, batches
+        )
+        finite = bool(torch.isfinite(losses).all()) and all(
+            bool(torch.isfinite(v).all()) for v in new_params.values()
+        )
+        if not finite:
+            return self._reject(
+                _Plain(losses, new_params, new_state, new_buffers),
+                False,
+                math.nan,
+                len(batches),
+                tuned=False,
+            )
+        self._write_back(new_params, new_buffers)
+        self.opt_state = new_state
+        self._count(len(batches), tuned=False)
+        self.consecutive_rejections = 0
+        return TunerReport(
+            accepted=True,
+            objective=math.nan,
+            train_loss=float(losses.mean()),
+            last_loss=float(losses[-1]),
+            hypergrad_norm=math.nan,
+            values=self.hypers.summary(),
+            steps=len(batches),
+            weights_updated=True,
+            tuned=False,
+        )
+
+    def _count(self, steps: int, tuned: bool) -> None:
+        """A horizon of ``steps`` inner steps was applied to the model."""
+        self.horizons += 1
+        self.total_steps += steps
+        if tuned:
+            self.tuned_steps += steps
+
     def _reject(
-        self, result: Any, weights_finite: bool, grad_norm: float, steps: int
+        self,
+        result: Any,
+        weights_finite: bool,
+        grad_norm: float,
+        steps: int,
+        tuned: bool = True,
     ) -> TunerReport:
         """Undo: hypers to their values before the last update; weights kept only if finite."""
         self.rejected_steps += 1
@@ -233,6 +347,7 @@ class HyperTuner:
             # The inner steps were fine, only the hypergradient was not: keep the progress.
             self._write_back(result.params, result.buffers)
             self.opt_state = result.state
+            self._count(steps, tuned=tuned)
         return TunerReport(
             accepted=False,
             objective=float(result.objective),
@@ -242,6 +357,7 @@ class HyperTuner:
             values=self.hypers.summary(),
             steps=steps,
             weights_updated=weights_finite,
+            tuned=tuned,
         )
 
     @torch.no_grad()
@@ -265,6 +381,9 @@ class HyperTuner:
             "hyper_steps": self.hyper_steps,
             "rejected_steps": self.rejected_steps,
             "consecutive_rejections": self.consecutive_rejections,
+            "horizons": self.horizons,
+            "tuned_steps": self.tuned_steps,
+            "total_steps": self.total_steps,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -277,3 +396,7 @@ class HyperTuner:
         self.hyper_steps = int(state["hyper_steps"])
         self.rejected_steps = int(state["rejected_steps"])
         self.consecutive_rejections = int(state["consecutive_rejections"])
+        # Absent from state dicts written before amortized tuning existed (every horizon tuned).
+        self.horizons = int(state.get("horizons", 0))
+        self.tuned_steps = int(state.get("tuned_steps", 0))
+        self.total_steps = int(state.get("total_steps", 0))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradhpo.hyper.methods import InnerProblem, Objective, hypergradient, inner_step
+from gradhpo.hyper.methods import InnerProblem, Objective, hypergradient, inner_step, unroll
 from gradhpo.hyper.optimizers import make_optimizer
 from gradhpo.hyper.spec import HyperParameters
 from models import build_model
@@ -277,6 +277,201 @@ def test_methods_agree_with_batchnorm_and_dropout(method: str) -> None:
     assert not torch.equal(
         rev.buffers["features.0.norm.running_mean"], buffers["features.0.norm.running_mean"]
     )
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+def test_forward_chunks_agree_with_reverse_under_batchnorm_and_dropout(chunk) -> None:
+    """Vectorized tangents (one vmapped pass, or chunks of them) and the per-direction loop
+    give reverse mode's hypergradient, weights, buffers and RNG consumption; Adam's float
+    step counter and SGD's boolean momentum flags carry no tangent."""
+    model = cnn_with_bn_and_dropout()
+    for optimizer, specs in [
+        (
+            "momentum",
+            [
+                {"name": "lr", "init": 0.1},
+                {"name": "momentum", "init": 0.5},
+                {"name": "weight_decay", "init": 0.01},
+            ],
+        ),
+        ("adam", [{"name": "lr", "init": 0.01}, {"name": "beta1", "init": 0.8}]),
+    ]:
+        problem, params, state, buffers = setup(model, optimizer, specs)
+        batches = make_batches(4, n=8, shape=(1, 8, 8))
+        xv, yv, _ = make_batches(1, n=12, shape=(1, 8, 8), seed=9)[0]
+        objective = Objective.validation(model, xv, yv)
+        torch.manual_seed(7)
+        rev = hypergradient("reverse", problem, params, state, buffers, batches, objective)
+        rng_after_reverse = torch.get_rng_state()
+        torch.manual_seed(7)
+        fwd = hypergradient(
+            "forward", problem, params, state, buffers, batches, objective, chunk=chunk
+        )
+        assert torch.equal(torch.get_rng_state(), rng_after_reverse)
+        assert_close(fwd.grads, rev.grads, 1e-9)
+        assert fwd.state.keys() == rev.state.keys()
+        for name in rev.params:
+            torch.testing.assert_close(fwd.params[name], rev.params[name], rtol=1e-12, atol=1e-12)
+        for name in rev.state:
+            torch.testing.assert_close(fwd.state[name], rev.state[name], rtol=1e-12, atol=1e-12)
+        for name in rev.buffers:
+            torch.testing.assert_close(fwd.buffers[name], rev.buffers[name], rtol=1e-12, atol=1e-12)
+
+
+def test_forward_chunk_must_be_positive() -> None:
+    model = tiny_mlp()
+    problem, params, state, buffers = setup(model, "sgd", [{"name": "lr", "init": 0.1}])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="chunk must be an integer >= 1 or None"):
+            hypergradient(
+                "forward",
+                problem,
+                params,
+                state,
+                buffers,
+                make_batches(),
+                Objective.train_mean(),
+                chunk=bad,
+            )
+
+
+def test_compile_is_for_forward_mode_only() -> None:
+    model = tiny_mlp()
+    problem, params, state, buffers = setup(model, "sgd", [{"name": "lr", "init": 0.1}])
+    for method in ("reverse", "checkpointed", "greedy"):
+        with pytest.raises(
+            ValueError, match=f"only forward mode steps are compiled, got method '{method}'"
+        ):
+            hypergradient(
+                method,
+                problem,
+                params,
+                state,
+                buffers,
+                make_batches(1),
+                Objective.train_mean(),
+                compile=True,
+            )
+
+
+@pytest.mark.slow
+def test_compiled_forward_mode_agrees_with_reverse() -> None:
+    """torch.compile'd forward-mode steps (one vmapped chunk, and one jvp per direction):
+    reverse mode's hypergradient, trajectory, BatchNorm statistics and dropout masks."""
+    model = cnn_with_bn_and_dropout()
+    specs = [{"name": "lr", "init": 0.1}, {"name": "momentum", "init": 0.5}]
+    problem, params, state, buffers = setup(model, "momentum", specs)
+    batches = make_batches(3, n=8, shape=(1, 8, 8))
+    xv, yv, _ = make_batches(1, n=12, shape=(1, 8, 8), seed=9)[0]
+    objective = Objective.validation(model, xv, yv)
+    torch.manual_seed(11)
+    rev = hypergradient("reverse", problem, params, state, buffers, batches, objective)
+    rng_after_reverse = torch.get_rng_state()
+    for chunk in (None, 1):
+        torch.manual_seed(11)
+        fwd = hypergradient(
+            "forward",
+            problem,
+            params,
+            state,
+            buffers,
+            batches,
+            objective,
+            chunk=chunk,
+            compile=True,
+        )
+        assert torch.equal(torch.get_rng_state(), rng_after_reverse)
+        assert_close(fwd.grads, rev.grads, 1e-9)
+        for got, want in ((fwd.params, rev.params), (fwd.buffers, rev.buffers)):
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-12)
+
+
+def test_unroll_follows_the_hypergradient_trajectory() -> None:
+    """unroll: the steps of a hypergradient horizon without the hypergradient (amortized
+    tuning's plain horizons), with dropout and BatchNorm."""
+    model = cnn_with_bn_and_dropout()
+    specs = [{"name": "lr", "init": 0.1}, {"name": "momentum", "init": 0.5}]
+    problem, params, state, buffers = setup(model, "momentum", specs)
+    batches = make_batches(3, n=8, shape=(1, 8, 8))
+    xv, yv, _ = make_batches(1, n=12, shape=(1, 8, 8), seed=9)[0]
+    torch.manual_seed(5)
+    rev = hypergradient(
+        "reverse", problem, params, state, buffers, batches, Objective.validation(model, xv, yv)
+    )
+    torch.manual_seed(5)
+    new_params, new_state, new_buffers, losses = unroll(problem, params, state, buffers, batches)
+    torch.testing.assert_close(losses, rev.train_losses, rtol=1e-12, atol=1e-12)
+    for got, want in ((new_params, rev.params), (new_state, rev.state), (new_buffers, rev.buffers)):
+        assert got.keys() == want.keys()
+        for name in want:
+            assert not got[name].requires_grad
+            torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-12)
+
+
+def test_hypergradient_trains_in_train_mode_and_restores_the_mode() -> None:
+    """The unroll runs in train mode (dropout, batch statistics) whatever the model's mode,
+    the objective in eval mode, and the model's mode is the same afterwards."""
+    model = cnn_with_bn_and_dropout()
+    specs = [{"name": "lr", "init": 0.1}]
+    problem, params, state, buffers = setup(model, "sgd", specs)
+    batches = make_batches(2, n=8, shape=(1, 8, 8))
+    xv, yv, _ = make_batches(1, n=12, shape=(1, 8, 8), seed=9)[0]
+    objective = Objective.validation(model, xv, yv)
+    results = {}
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        for method in ("reverse", "checkpointed", "forward"):
+            torch.manual_seed(3)
+            results[mode, method] = hypergradient(
+                method, problem, params, state, buffers, batches, objective
+            )
+            assert all(m.training == (mode == "train") for m in model.modules())
+    for method in ("reverse", "checkpointed", "forward"):
+        assert_close(results["eval", method].grads, results["train", "reverse"].grads, 1e-9)
+    # A submodule left in eval mode by the caller is put in train mode for the unroll and
+    # the whole model comes back in the caller's (root) mode, as before.
+    model.train()
+    model.features[0].eval()
+    torch.manual_seed(3)
+    mixed = hypergradient("reverse", problem, params, state, buffers, batches, objective)
+    assert_close(mixed.grads, results["train", "reverse"].grads, 1e-12)
+
+
+class TiedMLP(nn.Module):
+    """Two layers sharing one weight matrix (registered under two names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_tied_weights_are_tied_in_the_inner_steps() -> None:
+    """A weight shared by two layers is one parameter: the inner steps equal torch.optim
+    training of the module itself (where the tie is real)."""
+    torch.manual_seed(0)
+    model = TiedMLP().to(DT)
+    twin = TiedMLP().to(DT)
+    twin.load_state_dict(model.state_dict())
+    problem, params, state, buffers = setup(model, "sgd", [{"name": "lr", "init": 0.2}])
+    assert problem.tie_weights() and "b.weight" not in params
+    assert not InnerProblem(tiny_mlp(), problem.optimizer, problem.hypers).tie_weights()
+    batches = make_batches(3)
+    _, _, _, losses = unroll(problem, params, state, buffers, batches)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.2)
+    want = []
+    for x, y, _ in batches:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(twin(x), y)
+        loss.backward()
+        opt.step()
+        want.append(loss.detach())
+    torch.testing.assert_close(losses, torch.stack(want), rtol=1e-12, atol=1e-12)
 
 
 def test_reverse_matches_higher_on_relu_cnn() -> None:

@@ -288,6 +288,21 @@ def test_hyper_helper_default_and_given():
     assert float(opt.hyper({"lr": {"other": given}}, "lr", "w", like)) == 0.25
 
 
+def test_hyper_helper_shapes():
+    """0-d and exact-shape values take the fast path; other broadcastable shapes are still
+    accepted; shapes that would change the parameter's shape are refused."""
+    opt = SGD(lr=0.25)
+    like = torch.zeros(2, 3)
+    for shape in [(), (2, 3), (3,), (1, 3), (2, 1), (1, 1)]:
+        value = torch.full(shape, 0.5)
+        assert opt.hyper({"lr": {"w": value}}, "lr", "w", like) is value
+    for shape in [(3, 1), (2,), (1, 2, 3), (4, 3)]:
+        with pytest.raises(
+            ValueError, match=r"does not broadcast to the parameter's shape \(2, 3\)"
+        ):
+            opt.hyper({"lr": {"w": torch.ones(shape)}}, "lr", "w", like)
+
+
 def test_per_element_lr_sgd_momentum_equals_manual():
     opt = make_optimizer("momentum", lr=0.1, dampening=0.2)
     _, params, batches, loss = _problem()

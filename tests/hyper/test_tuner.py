@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gradhpo.data import DataSplits, Split, load_dataset
-from gradhpo.hyper.methods import InnerProblem, Objective, hypergradient
+from gradhpo.hyper.methods import InnerProblem, Objective, hypergradient, unroll
 from gradhpo.hyper.tuner import HyperTuner
 from gradhpo.run import TrainingRun
 
@@ -131,12 +131,125 @@ def test_greedy_forces_horizon_one_and_state_round_trip() -> None:
         ({"optimizer": "rmsprop"}, "unknown inner optimizer 'rmsprop'"),
         ({"method": "greedy", "objective": "train_mean"}, "its hypergradient is always 0"),
         ({"horizon": 1, "objective": "train_mean"}, "horizon 1"),
+        ({"every": 0}, r"every \(M\) must be an integer >= 1, got 0"),
+        ({"every": 2.5}, r"every \(M\) must be an integer >= 1, got 2.5"),
+        ({"method": "forward", "chunk": 0}, "chunk must be an integer >= 1, got 0"),
+        ({"compile": True}, "only forward mode steps are compiled, got method 'reverse'"),
+        ({"method": "forward", "compile": 1}, "compile must be true or false, got 1"),
     ],
 )
 def test_bad_tuner_arguments(kwargs, match) -> None:
     args = {"hypers": [{"name": "lr", "init": 0.1}], **kwargs}
     with pytest.raises(ValueError, match=match):
         HyperTuner(tiny_model(), args.pop("hypers"), **args)
+
+
+# ---------------------------------------------------------------------- amortized tuning
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_every_one_is_the_default_behaviour_exactly() -> None:
+    """every=1 tunes every horizon: bitwise the tuner without the option."""
+    runs = []
+    for kwargs in ({}, {"every": 1}):
+        model = tiny_model()
+        tuner = HyperTuner(
+            model, [{"name": "lr", "init": 0.1}], optimizer="momentum", horizon=3, **kwargs
+        )
+        reports = [tuner.step(batches(3, seed=s), batches(1, seed=50 + s)[0]) for s in range(4)]
+        runs.append((tuner, reports, _params(model)))
+    (a, reports_a, params_a), (b, reports_b, params_b) = runs
+    assert reports_a == reports_b and all(r.tuned and r.accepted for r in reports_b)
+    assert all(torch.equal(params_a[k], params_b[k]) for k in params_a)
+    assert torch.equal(a.hypers.raw["lr"].detach(), b.hypers.raw["lr"].detach())
+    assert b.hyper_steps == 4 and b.horizons == 4
+    assert b.tuned_steps == b.total_steps == 12 and b.tuned_fraction == 1.0
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward"])
+def test_every_three_tunes_every_third_horizon(method: str) -> None:
+    """Hypers move on horizons 0, 3, 6 only; in between the weights follow plain inner
+    steps (unroll) with the hypers of the moment."""
+    model = tiny_model()
+    tuner = HyperTuner(
+        model,
+        [{"name": "lr", "init": 0.1}, {"name": "weight_decay", "init": 1e-3}],
+        optimizer="momentum",
+        method=method,
+        horizon=2,
+        every=3,
+    )
+    assert math.isnan(tuner.tuned_fraction)
+    for h in range(7):
+        train, val = batches(2, seed=h), batches(1, seed=100 + h)[0]
+        raw_before = tuner.hypers.state_dict()
+        start = _params(model)
+        state_before = {k: v.clone() for k, v in tuner.opt_state.items()}
+        assert tuner.next_is_tuned == (h % 3 == 0)
+        report = tuner.step(train, val)
+        moved = any(not torch.equal(raw_before[k], v.detach()) for k, v in tuner.hypers.raw.items())
+        assert report.accepted and report.weights_updated and report.steps == 2
+        assert report.tuned == (h % 3 == 0) and moved == (h % 3 == 0), h
+        if not report.tuned:
+            assert math.isnan(report.objective) and math.isnan(report.hypergrad_norm)
+            want, want_state, _, losses = unroll(tuner.problem, start, state_before, {}, train)
+            assert all(torch.equal(p.detach(), want[n]) for n, p in model.named_parameters())
+            assert all(torch.equal(tuner.opt_state[k], want_state[k]) for k in want_state)
+            assert report.train_loss == float(losses.mean())
+    assert tuner.hyper_steps == 3 and tuner.horizons == 7
+    assert (tuner.tuned_steps, tuner.total_steps) == (6, 14)
+    assert math.isclose(tuner.tuned_fraction, 3 / 7)
+
+
+def test_amortized_state_dict_round_trip_mid_cycle() -> None:
+    def make() -> HyperTuner:
+        return HyperTuner(
+            tiny_model(), [{"name": "lr", "init": 0.1}], optimizer="adam", horizon=2, every=3
+        )
+
+    tuner = make()
+    for h in range(4):  # horizons 0 (tuned), 1, 2, 3 (tuned): the next one is plain
+        tuner.step(batches(2, seed=h), batches(1, seed=100 + h)[0])
+    state = tuner.state_dict()
+    assert (state["horizons"], state["tuned_steps"], state["total_steps"]) == (4, 4, 8)
+    twin = make()
+    twin.model.load_state_dict(tuner.model.state_dict())
+    twin.load_state_dict(state)
+    for h in range(4, 9):
+        train, val = batches(2, seed=h), batches(1, seed=100 + h)[0]
+        a, b = tuner.step(train, val), twin.step(train, val)
+        assert a == b and a.tuned == (h % 3 == 0)
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(_params(tuner.model).values(), _params(twin.model).values(), strict=True)
+    )
+    assert tuner.state_dict()["inner"].keys() == twin.state_dict()["inner"].keys()
+    assert (twin.horizons, twin.tuned_steps, twin.total_steps) == (9, 6, 18)
+    # A state dict from before amortized tuning (no counters) still loads.
+    old = {k: v for k, v in state.items() if k not in ("horizons", "tuned_steps", "total_steps")}
+    twin.load_state_dict(old)
+    assert (twin.horizons, twin.tuned_steps, twin.total_steps) == (0, 0, 0)
+
+
+def test_nan_in_a_plain_horizon_rolls_back_and_retries_it_plain() -> None:
+    model = tiny_model()
+    tuner = HyperTuner(model, [{"name": "lr", "init": 0.1}], horizon=2, every=2)
+    val = batches(1, seed=5)[0]
+    assert tuner.step(batches(2), val).tuned  # horizon 0: tuned
+    previous = {k: v.clone() for k, v in tuner._previous_raw.items()}
+    weights = snapshot(model)
+    bad = batches(2, seed=1)
+    bad[1][0][0, 0] = float("nan")
+    report = tuner.step(bad, val)
+    assert not report.tuned and not report.accepted and not report.weights_updated
+    assert tuner.rejected_steps == 1 and tuner.consecutive_rejections == 1
+    assert all(torch.equal(weights[k], v) for k, v in snapshot(model).items())
+    assert torch.equal(tuner.hypers.raw["lr"].detach(), previous["lr"])
+    assert (tuner.horizons, tuner.total_steps) == (1, 2)
+    retry = tuner.step(batches(2, seed=2), val)  # the same role: plain
+    assert not retry.tuned and retry.accepted and tuner.consecutive_rejections == 0
+    assert tuner.step(batches(2, seed=3), val).tuned
 
 
 # ---------------------------------------------------------------------- through TrainingRun
