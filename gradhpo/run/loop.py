@@ -63,13 +63,13 @@ def _log_hyper_state(run: TrainingRun, logger: TensorBoardLogger, train_loss: fl
     logger.scalars(run.hyperparameters, step, prefix="hyper/")
     if run.tuner is not None:
         report = run.last_report
-        logger.scalars(
-            {
-                "tuner/rejected_steps": run.tuner.rejected_steps,
-                "tuner/hypergrad_norm": report.hypergrad_norm if report is not None else 0.0,
-            },
-            step,
-        )
+        values = {
+            "tuner/rejected_steps": run.tuner.rejected_steps,
+            "tuner/tuned_fraction": run.tuner.tuned_fraction,
+        }
+        if report is not None and report.tuned:  # plain (amortized) horizons have no norm
+            values["tuner/hypergrad_norm"] = report.hypergrad_norm
+        logger.scalars(values, step)
 
 
 def _train_epoch(

@@ -62,6 +62,9 @@ TUNER_KEYS = (
     "objective",
     "val_batch_size",
     "max_rejections",
+    "every",
+    "chunk",
+    "compile",
 )
 _TUNER_DEFAULTS: dict[str, Any] = {
     "method": "reverse",
@@ -73,6 +76,9 @@ _TUNER_DEFAULTS: dict[str, Any] = {
     "objective": "val",
     "val_batch_size": 256,
     "max_rejections": 5,
+    "every": 1,
+    "chunk": None,
+    "compile": False,
 }
 #: Keys of a run config's ``training`` section that a run reads (``epochs`` is the loop's).
 TRAINING_KEYS = ("epochs", "batch_size", "seed", "device", "augment", "eval_batch_size")
@@ -269,6 +275,9 @@ class TrainingRun:
             hyper_lr=settings["hyper_lr"],
             clip=settings["clip"],
             objective=settings["objective"],
+            every=settings["every"],
+            chunk=settings["chunk"],
+            compile=settings["compile"],
         )
         return tuner_obj, settings
 

@@ -356,3 +356,23 @@ def test_run_with_nan_data_is_flagged_diverged(synthetic: DataSplits) -> None:
 def test_bad_tuner_config_in_run(synthetic: DataSplits, tuner, match) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         TrainingRun(data=synthetic, tuner=tuner, **TUNED)
+
+
+def test_run_config_carries_amortized_tuning(synthetic: DataSplits, tmp_path) -> None:
+    """tuner.every reaches the HyperTuner from a run config: one horizon in three is tuned,
+    and a checkpoint taken mid-cycle continues exactly."""
+    tuner = {"hypers": [{"name": "lr"}], "method": "reverse", "horizon": 2, "every": 3}
+    run = TrainingRun(data=synthetic, tuner=tuner, **TUNED)
+    run.step(12)  # six horizons: the 1st and 4th are tuned
+    assert (run.tuner.tuned_steps, run.tuner.total_steps) == (4, 12)
+    assert run.tuner.hyper_steps == 2
+    half = TrainingRun(data=synthetic, tuner=tuner, **TUNED)
+    half.step(6)
+    resumed = TrainingRun.from_checkpoint(
+        half.save(tmp_path / "t.pt"), data=synthetic, device="cpu"
+    )
+    resumed.step(6)
+    assert resumed.hyperparameters == run.hyperparameters
+    assert (resumed.tuner.tuned_steps, resumed.tuner.total_steps) == (4, 12)
+    with pytest.raises(ValueError, match="every"):
+        TrainingRun(data=synthetic, tuner={**tuner, "every": 0}, **TUNED)
