@@ -206,7 +206,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     except _TUNE_ERRORS as exc:
         raise UserError(str(exc)) from exc
     print(
-        f"{study.name}: study in {study.directory} (optuna-dashboard sqlite:///{study.directory / 'study.db'})"
+        f"{study.name}: study in {study.directory} ({study.dashboard_hint})"
     )
     summary = run_study(
         study, config, space, folds, timeout=args.timeout, progress=not args.no_progress

@@ -24,12 +24,18 @@ __all__ = ["atomic_write", "write_text", "write_json", "write_torch"]
 
 @contextmanager
 def atomic_write(
-    path: str | os.PathLike[str], mode: str = "wb", *, encoding: str | None = None
+    path: str | os.PathLike[str],
+    mode: str = "wb",
+    *,
+    encoding: str | None = None,
+    fsync: bool = True,
 ) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path`` for writing; on a clean exit it is flushed,
     fsync-ed and renamed to ``path``. The parent folder is created if needed.
 
-    ``mode`` is ``"wb"`` (default) or ``"w"`` (text, ``encoding`` defaults to UTF-8)."""
+    ``mode`` is ``"wb"`` (default) or ``"w"`` (text, ``encoding`` defaults to UTF-8).
+    ``fsync=False`` keeps the write atomic against a killed process (the rename) but not
+    durable across a power loss; for small state written at every trial."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
@@ -43,7 +49,8 @@ def atomic_write(
         with fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

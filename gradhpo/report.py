@@ -31,18 +31,20 @@ from gradhpo.config import ConfigError  # noqa: E402
 from gradhpo.files import atomic_write, write_text  # noqa: E402
 from gradhpo.pbt.store import PBTDatabase  # noqa: E402
 from gradhpo.run.loop import METRICS  # noqa: E402
-from gradhpo.search.study import is_retried  # noqa: E402
+from gradhpo.search.study import is_retried, load_optuna_study  # noqa: E402
 
 __all__ = ["write_report", "trial_rows"]
 
 
 def _open(directory: Path) -> tuple[optuna.Study, dict[str, Any]]:
     meta_path = directory / "study.json"
-    if not (directory / "study.db").is_file() or not meta_path.is_file():
-        raise ConfigError(f"{str(directory)!r} is not a study directory (no study.db / study.json)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    storage = optuna.storages.RDBStorage(f"sqlite:///{directory / 'study.db'}")
-    return optuna.load_study(study_name=meta["name"], storage=storage), meta
+    if not meta_path.is_file():
+        raise ConfigError(f"{str(directory)!r} is not a study directory (no study.json)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return load_optuna_study(directory), meta
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(directory)!r}: cannot open the study: {exc}") from exc
 
 
 def _history(directory: Path, number: int) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """The one run-directory layout: every job (``train``, ``study``, ``pbt``) lives in
 ``<output.dir>/<name>/`` with its ``config.yaml`` and a kind marker ``gradhpo.json``
 (``{"kind", "layout", "name"}``) beside what the kind keeps (``checkpoint.pt`` and
-``metrics.json``; ``study.db`` and ``trials/``; ``pbt.db`` and ``checkpoints/``).
+``metrics.json``; ``study.journal`` (or ``study.db``) and ``trials/``; ``pbt.db`` and
+``checkpoints/``).
 
 A directory comes into existence whole: :func:`create_run_dir` builds it in a hidden sibling
 and renames it into place, so a kill during creation leaves either no run directory or a
@@ -31,7 +32,11 @@ __all__ = ["KINDS", "MARKER", "create_run_dir", "open_run_dir", "run_dir_of"]
 MARKER = "gradhpo.json"
 LAYOUT = 1
 #: Kinds of run directories and the file that identifies a directory made before the marker.
-KINDS: dict[str, str] = {"train": "checkpoint.pt", "study": "study.db", "pbt": "pbt.db"}
+KINDS: dict[str, tuple[str, ...]] = {
+    "train": ("checkpoint.pt",),
+    "study": ("study.journal", "study.db"),
+    "pbt": ("pbt.db",),
+}
 _DISPLAY = {"train": "a `gradhpo train` run", "study": "a study", "pbt": "a PBT run"}
 
 
@@ -95,8 +100,8 @@ def _kind_or_none(directory: Path) -> str | None:
         except (OSError, ValueError, AttributeError):
             return None
         return kind if kind in KINDS else None
-    for kind, probe in KINDS.items():
-        if (directory / probe).exists():
+    for kind, probes in KINDS.items():
+        if any((directory / probe).exists() for probe in probes):
             return kind
     return None
 
@@ -110,7 +115,8 @@ def open_run_dir(directory: str | os.PathLike[str], kind: str | None = None) -> 
     found = _kind_or_none(directory)
     if found is None:
         raise ConfigError(
-            f"{str(directory)!r} is not a gradhpo run directory (no {MARKER}, study.db or pbt.db)"
+            f"{str(directory)!r} is not a gradhpo run directory (no {MARKER}, study.journal, "
+            "study.db or pbt.db)"
         )
     if kind is not None and found != kind:
         raise ConfigError(f"{str(directory)!r} holds a {found} run, not a {kind} run")

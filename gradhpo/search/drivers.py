@@ -1,17 +1,20 @@
 """Study drivers as executor workers (a user objective on a shared study; the config-driven
 worker is :func:`gradhpo.jobs.tune.config_study_worker`).
 
-Each worker opens the study directory itself (SQLite storage shared by all) and runs trials
-until the study holds ``n_trials`` finished ones; :meth:`gradhpo.search.Study.optimize` counts
-finished trials in the storage and waits rather than overshoot, so any number of drivers —
-workers of one executor, or separate ``gradhpo resume`` processes — give exactly ``n_trials``.
-A driver that starts after another one died recovers the dead one's RUNNING trial (its process
-is gone) and continues it from its last checkpoint.
+Each worker opens the study directory itself (the storage shared by all: the directory's
+``study.journal`` or ``study.db``, or the study's database URL) and runs trials until the study
+holds ``n_trials`` finished ones; :meth:`gradhpo.search.Study.optimize` counts finished trials
+in the storage and waits rather than overshoot, so any number of drivers — workers of one
+executor, or separate ``gradhpo resume`` processes — give exactly ``n_trials``. A driver that
+starts after another one died recovers the dead one's RUNNING trial (its process is gone) and
+continues it from its last checkpoint.
 
 For a multi-node Ray cluster the study directory must be on storage every node can reach (a
-shared file system: SQLite needs working file locks, e.g. NFSv4 or a local disk of a
-single-node cluster), since drivers read and write ``study.db`` and checkpoints there; and
-since a driver on another host cannot see whether a process is alive, its trials are
+shared file system: the journal needs a file system where creating a file with O_EXCL is
+atomic — local disks, NFSv3+ —, SQLite needs working file locks, e.g. NFSv4 or a local disk
+of a single-node cluster), since drivers read and write the storage and checkpoints there, or
+the trials in a database server (``storage="postgresql://..."``, passed to every worker);
+and since a driver on another host cannot see whether a process is alive, its trials are
 recovered only after the heartbeat grace period (``stale_after``, 600 s by default).
 """
 
@@ -46,11 +49,13 @@ def objective_worker(
     timeout: float | None,
     worker: int = 0,
     workers: int = 1,
+    storage: str | None = None,
 ) -> dict[str, Any]:
     """Worker: run a user objective (a picklable, module-level function) on the study in
-    ``directory`` to ``n_trials``."""
+    ``directory`` to ``n_trials`` (``storage``: the study's database URL, when study.json
+    cannot name it because it has a password)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = load_study(directory)
+    study = load_study(directory, storage=storage)
     distinct_sampler(study, worker, workers)
     ran = study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,))
     return {"pid": os.getpid(), "trials": ran}
@@ -64,8 +69,12 @@ def run_objective_study(
     workers: int,
     n_trials: int,
     timeout: float | None = None,
+    storage: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``workers`` drivers of the study in ``directory`` with a user objective."""
+    """Run ``workers`` drivers of the study in ``directory`` with a user objective
+    (``storage``: a database URL with a password, see :func:`gradhpo.search.load_study`)."""
     ex = make_executor(executor)
-    args = [(str(directory), objective, n_trials, timeout, k, workers) for k in range(workers)]
+    args = [
+        (str(directory), objective, n_trials, timeout, k, workers, storage) for k in range(workers)
+    ]
     return ex.run(objective_worker, args)

@@ -9,16 +9,19 @@ Why the sampler state is saved: a study in SQLite keeps every trial, but not the
 random generator. A restarted Optuna process builds a new sampler from the same seed and
 draws the same "random" start-up points again (optuna issue #3255). We save the state of
 every ``numpy.random.RandomState`` the sampler holds (found by walking its attributes, through
-Optuna's ``LazyRandomState``) as JSON after each new trial is asked, and restore it on resume:
+Optuna's ``LazyRandomState``) as JSON after each new trial is asked (``sampler_state.json``),
+and restore it on resume:
 the resumed study proposes exactly what the uninterrupted one would have. JSON, not pickle, so
 loading a run directory never executes code from it.
 """
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,13 +31,14 @@ import optuna
 from optuna.samplers._lazy_random_state import LazyRandomState
 
 from gradhpo.config import ConfigError
-from gradhpo.files import write_json
+from gradhpo.files import atomic_write
 from gradhpo.search.evolution import RegularizedEvolutionSampler
 from gradhpo.search.space import SearchSpace
 
 __all__ = [
     "SAMPLERS",
     "PRUNERS",
+    "grid_of",
     "make_sampler",
     "make_pruner",
     "sampler_rng_states",
@@ -43,6 +47,8 @@ __all__ = [
     "save_sampler_state",
     "load_sampler_state",
 ]
+
+_B64 = "b64:"
 
 #: Sampler names accepted in ``search.sampler``.
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
@@ -117,10 +123,50 @@ def make_sampler(
     if name == "grid":
         if "search_space" in kwargs:
             raise ConfigError("search.sampler.search_space: the grid comes from search.space")
-        kwargs["search_space"] = (space or SearchSpace([])).grid()
+        kwargs["search_space"] = grid_of(space)
         if not kwargs["search_space"]:
             raise ConfigError("search.sampler: the grid sampler needs a non-empty search.space")
     return _construct("search.sampler", cls, kwargs)
+
+
+def grid_of(space: SearchSpace | Mapping[str, Any] | None) -> dict[str, list[Any]]:
+    """The grid of Optuna's GridSampler from a :class:`SearchSpace`, a ``search.space``
+    mapping (``{"optimizer.lr": {"type": "float", ..., "grid": [...]}}``), or a plain grid
+    ``{"x": [1, 2, 3], "act": ["relu", "tanh"]}`` (Python API; values: str, int, float, bool
+    or None, as Optuna's GridSampler takes)."""
+    if space is None:
+        return {}
+    if isinstance(space, SearchSpace):
+        return space.grid()
+    if not isinstance(space, Mapping):
+        raise ConfigError(
+            "search_space: expected a SearchSpace, a search.space mapping or a grid "
+            f"{{name: [values]}}, got {space!r}"
+        )
+    if not any(isinstance(v, (list, tuple)) for v in space.values()):
+        return SearchSpace.from_config(space).grid()
+    grid: dict[str, list[Any]] = {}
+    for key, values in space.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"search_space: parameter names must be strings, got {key!r}")
+        if not isinstance(values, (list, tuple)):
+            raise ConfigError(
+                f"search_space.{key}: a grid lists each parameter's values, got {values!r}"
+            )
+        if not values:
+            raise ConfigError(f"search_space.{key}: the grid needs at least one value, got []")
+        for value in values:
+            if value is not None and not isinstance(value, (str, int, float, bool)):
+                raise ConfigError(
+                    f"search_space.{key}: grid values must be str, int, float, bool or None, "
+                    f"got {value!r}"
+                )
+            if isinstance(value, float) and value != value:
+                raise ConfigError(f"search_space.{key}: grid values cannot be NaN")
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"search_space.{key}: the grid repeats a value: {list(values)!r}")
+        grid[key] = list(values)
+    return grid
 
 
 def make_pruner(
@@ -164,13 +210,27 @@ def _random_states(obj: Any, path: str, seen: set[int]) -> Iterator[tuple[str, A
             yield from _random_states(value, where, seen)
 
 
-def sampler_rng_states(sampler: optuna.samplers.BaseSampler) -> dict[str, list[Any]]:
-    """The state of every ``numpy.random.RandomState`` in ``sampler``, JSON-serializable."""
+def sampler_rng_states(
+    sampler: optuna.samplers.BaseSampler, *, compact: bool = False
+) -> dict[str, list[Any]]:
+    """The state of every ``numpy.random.RandomState`` in ``sampler``, JSON-serializable
+    (``compact``: the 624 generator keys as one base64 string instead of a list of ints)."""
     states = {}
     for path, owner, attr in _random_states(sampler, "sampler", set()):
         kind, keys, pos, has_gauss, cached = getattr(owner, attr).get_state()
-        states[path] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+        packed: Any = (
+            _B64 + base64.b64encode(keys.astype("<u4").tobytes()).decode("ascii")
+            if compact
+            else keys.tolist()
+        )
+        states[path] = [kind, packed, int(pos), int(has_gauss), float(cached)]
     return states
+
+
+def _keys(packed: Any) -> np.ndarray:
+    if isinstance(packed, str) and packed.startswith(_B64):
+        return np.frombuffer(base64.b64decode(packed[len(_B64) :]), dtype="<u4").astype(np.uint32)
+    return np.asarray(packed, dtype=np.uint32)
 
 
 def restore_sampler_rng_states(
@@ -184,9 +244,7 @@ def restore_sampler_rng_states(
         )
     for path, (owner, attr) in found.items():
         kind, keys, pos, has_gauss, cached = states[path]
-        getattr(owner, attr).set_state(
-            (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
-        )
+        getattr(owner, attr).set_state((kind, _keys(keys), pos, has_gauss, cached))
 
 
 def reseed_sampler(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
@@ -196,19 +254,31 @@ def reseed_sampler(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
 
 
 def save_sampler_state(sampler: optuna.samplers.BaseSampler, path: str | os.PathLike[str]) -> None:
-    """Write the sampler's RNG states to ``path`` atomically (JSON)."""
-    path = Path(path)
-    payload = {"sampler": type(sampler).__name__, "rng": sampler_rng_states(sampler)}
-    write_json(path, payload, indent=None)
+    """Write the sampler's RNG states to ``path`` (JSON) atomically: a killed process leaves
+    the previous state or this one. Called once per fresh trial, so without fsync (the rename
+    alone is what makes it atomic against a kill; an fsync cost more than a trivial trial)."""
+    payload = {"sampler": type(sampler).__name__, "rng": sampler_rng_states(sampler, compact=True)}
+    with atomic_write(path, "w", fsync=False) as fh:
+        fh.write(json.dumps(payload, separators=(",", ":")))
 
 
 def load_sampler_state(sampler: optuna.samplers.BaseSampler, path: str | os.PathLike[str]) -> bool:
-    """Restore what :func:`save_sampler_state` wrote; ``False`` when there is no saved state
-    or it belongs to another kind of sampler (then the sampler keeps its fresh seed)."""
+    """Restore what :func:`save_sampler_state` wrote; ``False`` when there is no saved state,
+    it belongs to another kind of sampler, or it is unreadable (a warning; then the sampler
+    keeps its fresh seed)."""
     path = Path(path)
     if not path.is_file():
         return False
-    payload = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(payload, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        warnings.warn(
+            f"unreadable sampler state {str(path)!r} ({exc}); the sampler starts from its seed",
+            stacklevel=2,
+        )
+        return False
     if payload.get("sampler") != type(sampler).__name__:
         return False
     restore_sampler_rng_states(sampler, payload["rng"])

@@ -1,12 +1,22 @@
-"""A persistent Optuna study that lives in one run directory.
+"""A persistent Optuna study that lives in one study directory.
 
 Layout of a study directory::
 
-    study.db              Optuna RDB storage (SQLite; optuna-dashboard sqlite:///study.db)
-    study.json            name, direction, sampler and pruner specs (for `gradhpo resume`)
+    study.journal         Optuna journal storage (the default of a new study; one JSON line per
+                          change; optuna-dashboard study.journal)
+    study.db              SQLite storage of studies created before the journal default, or
+                          with storage="sqlite" (optuna-dashboard sqlite:///study.db)
+    study.json            name, directions, sampler/pruner specs, storage (password masked)
     config.yaml           the resolved config (config-driven studies)
     sampler_state.json    RNG state of the sampler after the last fresh ask
     trials/<n>/           per-trial files: last/best checkpoints, history.json
+
+The trials can also live outside the directory: ``create_study(directory,
+storage="postgresql://user:pw@host/db")`` (any Optuna RDB URL: sqlite:///, postgresql://,
+mysql://, ...) or ``storage=<optuna BaseStorage>`` (e.g. ``optuna.storages.InMemoryStorage()``,
+a JournalStorage of your own). The directory still holds ``study.json``, the sampler state and
+the trials' checkpoints. ``study.json`` records the URL with its password masked; a password is
+never written to a file or shown in a message, so :func:`load_study` then needs the URL again.
 
 What :class:`Study` adds to ``optuna.Study``:
 
@@ -16,31 +26,52 @@ What :class:`Study` adds to ``optuna.Study``:
   parameters enqueued again, with ``gradhpo:resume_from`` pointing at the dead trial so the
   objective can continue from its last checkpoint. Enqueued trials are asked without moving
   the sampler's random state, so recovery does not change what the sampler proposes next;
-* ``optimize(objective, n_trials=N)`` counts *finished* trials in the study, not calls, so a
-  resumed or shared study stops at exactly N finished trials.
+* ``optimize(objective, n_trials=N)`` counts *finished* trials in the study, not calls: the
+  study ends with exactly N finished trials, however many drivers (processes, threads,
+  resumes) share it. This differs from Optuna, whose ``n_trials`` means "N more in this call";
+  ``n_trials_mode="more"`` gives Optuna's meaning for a single driver;
+* a trial never stays RUNNING after its objective raised or returned something that is not a
+  number in this process: it is FAIL with the reason in the user attribute ``error``
+  (an interrupted trial, KeyboardInterrupt/SystemExit, is failed and queued again, so
+  ``gradhpo resume`` continues it from its checkpoint).
 
 A driver is identified by host, pid and a per-object token; a RUNNING trial is stale when its
 driver's process is gone (same host), when it is this process but not a live Study object, or
-when its heartbeat (written by the objective through :meth:`heartbeat`) is older than
-``stale_after`` seconds.
+when its heartbeat (written by the objective through :meth:`Study.heartbeat`) is older than
+``stale_after`` seconds. These heartbeats are trial system attributes, so they work on every
+storage (journal, SQLite, RDB servers, in-memory).
+
+Every finished trial is logged as one line on the ``gradhpo.search`` logger (INFO; WARNING for
+failures), as Optuna logs its trials. Without any logging configuration the lines go to
+stderr and follow Optuna's verbosity (``optuna.logging.set_verbosity(WARNING)`` quiets both);
+once the application configures logging (a handler on the root logger), the records go there.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import math
+import numbers
 import os
+import re
 import socket
 import sqlite3
+import sys
+import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import optuna
-from optuna.trial import TrialState
+from optuna.storages import BaseStorage, JournalStorage
+from optuna.trial import FrozenTrial, TrialState
 
 from gradhpo.config import ConfigError
 from gradhpo.files import write_json
@@ -53,15 +84,126 @@ from gradhpo.search.samplers import (
     save_sampler_state,
 )
 
-__all__ = ["Study", "create_study", "load_study", "is_retried", "FINISHED_STATES"]
+try:  # optuna >= 4.0
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+except ImportError:  # pragma: no cover - optuna 3.x names
+    from optuna.storages import JournalFileOpenLock  # type: ignore[attr-defined,no-redef]
+    from optuna.storages import (  # type: ignore[attr-defined,no-redef]
+        JournalFileStorage as JournalFileBackend,
+    )
+
+try:
+    from optuna.study._tell import _tell_with_warning
+except ImportError:  # pragma: no cover - a future optuna without it: the public tell
+    _tell_with_warning = None  # type: ignore[assignment]
+
+__all__ = [
+    "FINISHED_STATES",
+    "JOURNAL_FILE",
+    "SQLITE_FILE",
+    "Study",
+    "create_study",
+    "is_retried",
+    "load_optuna_study",
+    "load_study",
+    "mask_password",
+]
 
 #: States of trials that count towards ``n_trials``.
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+#: The embedded storages of a study directory: the journal (default of a new study) and
+#: SQLite (older studies, or ``storage="sqlite"``).
+JOURNAL_FILE = "study.journal"
+SQLITE_FILE = "study.db"
+_EMBEDDED = {"journal": JOURNAL_FILE, "sqlite": SQLITE_FILE}
 _RETRIED = "gradhpo:retried"
 _SURPLUS = "gradhpo:surplus"
 _DRIVER = "gradhpo:driver"
 RESUME_FROM = "gradhpo:resume_from"
 _LIVE_TOKENS: weakref.WeakValueDictionary[str, Study] = weakref.WeakValueDictionary()
+_N_TRIALS_MODES = ("total", "more")
+
+logger = logging.getLogger("gradhpo.search")
+
+
+# ---------------------------------------------------------------------- logging
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The default handler of ``gradhpo.search``: writes to the *current* ``sys.stderr``, only
+    while the application has not configured logging itself, and at Optuna's verbosity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("[%(levelname).1s %(asctime)s] %(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger().handlers:
+            return False  # the record propagates to the application's handlers instead
+        return record.levelno >= optuna.logging.get_verbosity() and super().filter(record)
+
+
+if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+    logger.addHandler(_StderrHandler())
+if logger.level == logging.NOTSET:
+    logger.setLevel(logging.INFO)
+
+
+def _logging(level: int) -> bool:
+    """Whether a record at ``level`` would be shown anywhere (to skip building the message)."""
+    if not logger.isEnabledFor(level):
+        return False
+    return bool(logging.getLogger().handlers) or level >= optuna.logging.get_verbosity()
+
+
+# ---------------------------------------------------------------------- storages
+_URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:/")
+_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*:/*)(?P<user>[^:@/?#]*):(?P<pw>.*)@")
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pwd)=)[^&#]*")
+
+
+def mask_password(url: str) -> str:
+    """``url`` with its password (``user:password@`` or a ``password=`` query parameter)
+    replaced by ``***``; everything else as given."""
+    masked = _USERINFO.sub(lambda m: f"{m['head']}{m['user']}:***@", str(url), count=1)
+    return _QUERY_SECRET.sub(r"\1***", masked)
+
+
+def _has_password(url: str) -> bool:
+    return mask_password(url) != url
+
+
+def _sanitize(text: str, url: str) -> str:
+    """An error message from a driver with every trace of the URL's password removed."""
+    text = text.replace(url, mask_password(url))
+    match = _USERINFO.match(url)
+    if match and match["pw"]:
+        for secret in sorted({match["pw"], unquote(match["pw"])}, key=len, reverse=True):
+            text = text.replace(secret, "***")
+    return mask_password(text)
+
+
+def _check_directory(directory: Any, where: str) -> Path:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(
+            f"{where}: directory must be a path (str or os.PathLike), got {type(directory).__name__}"
+        )
+    text = os.fspath(directory)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if _URL_LIKE.match(text):
+        raise ValueError(
+            f"{where}: directory {mask_password(text)!r} looks like a storage URL; pass it as "
+            f"storage=... and give a folder for study.json, the sampler state and checkpoints, "
+            f"e.g. {where}('runs/my_study', storage='sqlite:///runs/my_study.db')"
+        )
+    return Path(text)
 
 
 def _sqlite_connection(path: Path) -> sqlite3.Connection:
@@ -78,13 +220,148 @@ def _sqlite_connection(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _storage(directory: Path) -> optuna.storages.RDBStorage:
-    path = directory / "study.db"
+def _sqlite_storage(path: Path) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(
         f"sqlite:///{path}", engine_kwargs={"creator": lambda: _sqlite_connection(path)}
     )
 
 
+def _journal_storage(path: Path) -> JournalStorage:
+    """The journal in ``path``: an append-only file of JSON lines, one per change, written
+    under a lock file (``JournalFileOpenLock``: works on local disks and NFSv3+, and on
+    Windows) and fsync-ed per append, so drivers in several processes can share it."""
+    backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+    return JournalStorage(backend)
+
+
+def _url_storage(url: str) -> BaseStorage:
+    """An Optuna RDB storage for ``url``; every failure is a ValueError with the password
+    masked (and the driver's exception not chained, as it may quote the URL)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        database = parsed.database
+        if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
+            path = Path(database)
+            if not parsed.query:
+                return _sqlite_storage(path)
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:
+        message = _sanitize(f"{type(exc).__name__}: {exc}", url)
+    raise ValueError(f"storage {mask_password(url)!r}: cannot open it: {message}")
+
+
+def _storage_spec(storage: Any, where: str) -> tuple[str, Any]:
+    """Validate a ``storage`` argument: ``(kind, value)`` with kind journal/sqlite (embedded
+    files), url or object."""
+    if storage is None:
+        return "journal", None
+    if isinstance(storage, BaseStorage):
+        return "object", storage
+    if isinstance(storage, str):
+        if storage in _EMBEDDED:
+            return storage, None
+        if "://" in storage:
+            return "url", storage
+    shown = mask_password(storage) if isinstance(storage, str) else storage
+    raise ValueError(
+        f"{where}: storage must be 'journal' or 'sqlite' (a file in the study directory), an "
+        f"Optuna storage URL such as 'sqlite:///path/study.db' or "
+        f"'postgresql://user:password@host/db', or an optuna.storages.BaseStorage; got {shown!r}"
+    )
+
+
+def _storage_record(kind: str, value: Any) -> dict[str, Any]:
+    """What ``study.json`` says about the storage (never a password)."""
+    if kind in _EMBEDDED:
+        return {"kind": kind, "file": _EMBEDDED[kind]}
+    if kind == "url":
+        return {"kind": "url", "url": mask_password(value), "password": _has_password(value)}
+    return {"kind": "object", "class": type(value).__name__}
+
+
+def _describe(record: Mapping[str, Any]) -> str:
+    kind = record.get("kind")
+    if kind in _EMBEDDED:
+        return f"{kind} file {record.get('file')}"
+    if kind == "url":
+        return str(record.get("url"))
+    return f"storage object {record.get('class', '?')}"
+
+
+def _open_storage(
+    directory: Path, meta: Mapping[str, Any], storage: Any, where: str
+) -> tuple[BaseStorage, dict[str, Any]]:
+    """The storage of an existing study: ``storage`` if given, else what ``study.json``
+    records (or, for directories from before the record, whichever file exists)."""
+    if storage is not None:
+        kind, value = _storage_spec(storage, where)
+    else:
+        record = meta.get("storage")
+        if isinstance(record, Mapping) and record.get("kind") in ("journal", "sqlite"):
+            kind, value = str(record["kind"]), None
+        elif isinstance(record, Mapping) and record.get("kind") == "url":
+            if record.get("password"):
+                raise ValueError(
+                    f"{where}: {str(directory)!r} keeps its trials in {record.get('url')!r}; "
+                    "its password is not stored: pass storage=<the full URL>"
+                )
+            kind, value = "url", str(record.get("url"))
+        elif isinstance(record, Mapping) and record.get("kind") == "object":
+            raise ValueError(
+                f"{where}: {str(directory)!r} was created with a {record.get('class')} storage "
+                "object; pass it again as storage=..."
+            )
+        elif (directory / JOURNAL_FILE).is_file():
+            kind, value = "journal", None
+        elif (directory / SQLITE_FILE).is_file():
+            kind, value = "sqlite", None
+        else:
+            raise ConfigError(
+                f"{str(directory)!r} is not a study directory (no {JOURNAL_FILE} or {SQLITE_FILE})"
+            )
+    if kind in _EMBEDDED:
+        path = directory / _EMBEDDED[kind]
+        if not path.is_file():
+            raise ConfigError(f"{str(directory)!r} is not a study directory: no {path.name}")
+        opened: BaseStorage = _journal_storage(path) if kind == "journal" else _sqlite_storage(path)
+    elif kind == "url":
+        opened = _url_storage(value)
+    else:
+        opened = value
+    return opened, _storage_record(kind, value)
+
+
+def _read_meta(directory: Path, where: str) -> dict[str, Any]:
+    path = directory / "study.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{str(directory)!r} is not a study directory (no study.json"
+            + ("" if directory.is_dir() else "; the folder does not exist")
+            + ")"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(path)!r}: unreadable ({exc})") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        raise ConfigError(f"{str(path)!r}: not a gradhpo study record (no 'name')")
+    return meta
+
+
+def load_optuna_study(
+    directory: str | os.PathLike[str], *, storage: str | BaseStorage | None = None
+) -> optuna.Study:
+    """The plain ``optuna.Study`` of a study directory, whatever its storage (for reading:
+    reports, dashboards, dataframes); no sampler state, no recovery."""
+    directory = _check_directory(directory, "load_optuna_study")
+    meta = _read_meta(directory, "load_optuna_study")
+    opened, _ = _open_storage(directory, meta, storage, "load_optuna_study")
+    return optuna.load_study(study_name=meta["name"], storage=opened)
+
+
+# ---------------------------------------------------------------------- trials
 def is_retried(trial: optuna.trial.FrozenTrial) -> bool:
     """A trial that does not count: a dead trial whose parameters were enqueued again (its
     retry counts instead), or a surplus trial a driver asked while other drivers were already
@@ -104,12 +381,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class Study:
-    """An Optuna study in a run directory (see module docstring). Create with
-    :func:`create_study`, open again with :func:`load_study`.
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    ``study.optuna`` is the underlying ``optuna.Study`` (trials, best_trial, dataframes,
-    visualization); ``ask``/``tell`` and ``optimize`` mirror Optuna's.
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, (str, bytes)) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, numbers.Number) or getattr(value, "ndim", None) == 0
+
+
+class Study:
+    """An Optuna study in a study directory (see the module docstring). Create it with
+    :func:`create_study`, open it again with :func:`load_study`.
+
+    Optuna's conventions: ``best_trial``/``best_params``/``best_value`` (single objective),
+    ``best_trials`` (Pareto front), ``trials``, ``get_trials``, ``trials_dataframe()``,
+    ``ask``/``tell``, ``enqueue``, ``stop``, ``optimize``. ``study.optuna`` is the underlying
+    ``optuna.Study`` (visualization, anything else).
     """
 
     def __init__(
@@ -118,15 +415,24 @@ class Study:
         optuna_study: optuna.Study,
         *,
         stale_after: float = 600.0,
+        storage_record: Mapping[str, Any] | None = None,
     ) -> None:
-        self.directory = directory
+        self.directory = Path(directory)
         self.optuna = optuna_study
         self.sampler = optuna_study.sampler
         self.stale_after = float(stale_after)
+        self.storage_record = dict(storage_record or {})
         self.token = uuid.uuid4().hex
         self._unsaved: set[int] = set()  # fresh trials whose sampler state is not saved yet
+        self._lock = threading.Lock()
         _LIVE_TOKENS[self.token] = self
         self._driver = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
+
+    def __repr__(self) -> str:
+        return (
+            f"<gradhpo Study {self.name!r} in {str(self.directory)!r} "
+            f"({_describe(self.storage_record) if self.storage_record else 'storage'})>"
+        )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -135,16 +441,50 @@ class Study:
 
     @property
     def direction(self) -> str:
+        """'maximize' or 'minimize' (RuntimeError for a multi-objective study, as Optuna)."""
         return self.optuna.direction.name.lower()
+
+    @property
+    def directions(self) -> list[str]:
+        """One 'maximize'/'minimize' per objective."""
+        return [d.name.lower() for d in self.optuna.directions]
+
+    @property
+    def is_multi_objective(self) -> bool:
+        return len(self.optuna.directions) > 1
 
     @property
     def sampler_state_path(self) -> Path:
         return self.directory / "sampler_state.json"
 
+    @property
+    def dashboard_hint(self) -> str:
+        """How to open this study in optuna-dashboard (a URL's password masked)."""
+        kind = self.storage_record.get("kind")
+        if kind == "journal":
+            return f"optuna-dashboard {self.directory / JOURNAL_FILE}"
+        if kind == "sqlite":
+            return f"optuna-dashboard sqlite:///{self.directory / SQLITE_FILE}"
+        if kind == "url":
+            return f"optuna-dashboard {self.storage_record.get('url')}"
+        return "optuna-dashboard: the study lives in a storage object of this process"
+
     def trial_dir(self, number: int) -> Path:
         return self.directory / "trials" / f"{number:04d}"
 
-    def finished_trials(self) -> list[optuna.trial.FrozenTrial]:
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        """All trials (copies), as ``optuna.Study.trials``; dead trials that were retried
+        under a new number are included (see :meth:`finished_trials`)."""
+        return self.optuna.trials
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Sequence[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        """As ``optuna.Study.get_trials``."""
+        return self.optuna.get_trials(deepcopy=deepcopy, states=states)
+
+    def finished_trials(self) -> list[FrozenTrial]:
         """Finished trials, without the dead ones that were retried under a new number."""
         return [
             t
@@ -152,8 +492,19 @@ class Study:
             if not is_retried(t)
         ]
 
+    def _require_single(self, what: str) -> None:
+        if self.is_multi_objective:
+            raise RuntimeError(
+                f"{what} is for single-objective studies; this study has "
+                f"{len(self.optuna.directions)} objectives {self.directions}: use best_trials"
+            )
+
     @property
-    def best_trial(self) -> optuna.trial.FrozenTrial | None:
+    def best_trial(self) -> FrozenTrial | None:
+        """The best COMPLETE trial (ties: the earlier one), ``None`` while there is none
+        (Optuna raises ValueError there; :attr:`best_params`/:attr:`best_value` do too).
+        RuntimeError for a multi-objective study, as Optuna."""
+        self._require_single("best_trial")
         complete = [
             t
             for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -165,22 +516,89 @@ class Study:
         # Fixed tie-break: the earlier trial wins.
         return max(complete, key=lambda t: (sign * t.value, -t.number))
 
+    def _best_or_raise(self, what: str) -> FrozenTrial:
+        self._require_single(what)
+        best = self.best_trial
+        if best is None:
+            raise ValueError(f"{what}: study {self.name!r} has no completed trial yet")
+        return best
+
+    @property
+    def best_params(self) -> dict[str, Any]:
+        """Parameters of :attr:`best_trial` (ValueError while no trial completed)."""
+        return dict(self._best_or_raise("best_params").params)
+
+    @property
+    def best_value(self) -> float:
+        """Value of :attr:`best_trial` (ValueError while no trial completed)."""
+        value = self._best_or_raise("best_value").value
+        assert value is not None
+        return value
+
+    @property
+    def best_trials(self) -> list[FrozenTrial]:
+        """The Pareto front of the COMPLETE trials (every objective), as Optuna's."""
+        return self.optuna.best_trials
+
+    def trials_dataframe(
+        self, attrs: Sequence[str] | None = None, multi_index: bool = False
+    ) -> Any:
+        """The trials as a pandas DataFrame (Optuna's ``trials_dataframe``); needs pandas:
+        ``pip install 'gradhpo[pandas]'``."""
+        try:
+            import pandas  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(
+                "trials_dataframe needs pandas: pip install 'gradhpo[pandas]' (or pandas)"
+            ) from exc
+        if attrs is None:
+            return self.optuna.trials_dataframe(multi_index=multi_index)
+        return self.optuna.trials_dataframe(attrs=tuple(attrs), multi_index=multi_index)
+
+    def stop(self) -> None:
+        """Stop :meth:`optimize` after the running trial(s), as ``optuna.Study.stop`` (call it
+        from an objective or a callback)."""
+        self.optuna.stop()
+
     # ------------------------------------------------------------------ ask / tell
     def ask(self, *, waiting: bool | None = None) -> optuna.trial.Trial:
         """Ask a trial. Enqueued trials (retries, user-enqueued points) leave the sampler's
-        random state untouched; after a fresh ask the state is saved to disk. ``waiting``
-        says whether enqueued trials exist, if the caller already knows."""
+        random state untouched; after a fresh ask the state is saved to disk (once the trial
+        has drawn its parameters). ``waiting`` says whether enqueued trials exist, if the
+        caller already knows."""
         if waiting is None:
             waiting = bool(self.optuna.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         if waiting:
-            snapshot = sampler_rng_states(self.sampler)
-            trial = self.optuna.ask()
-            restore_sampler_rng_states(self.sampler, snapshot)
-        else:
-            trial = self.optuna.ask()
-            self._unsaved.add(trial._trial_id)
-        self.heartbeat(trial)
+            with self._lock:
+                snapshot = sampler_rng_states(self.sampler)
+                trial = self.optuna.ask()
+                restore_sampler_rng_states(self.sampler, snapshot)
+            self.heartbeat(trial)
+            return trial
+        trial = self._new_trial()
+        self._unsaved.add(trial._trial_id)
         return trial
+
+    def _new_trial(self) -> optuna.trial.Trial:
+        """``optuna.Study.ask`` for a fresh trial, with this driver's heartbeat written in the
+        same storage operation as the trial itself (one write less per trial)."""
+        study = self.optuna
+        study._thread_local.cached_all_trials = None
+        template = FrozenTrial(
+            number=-1,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=datetime.now(),
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={_DRIVER: {**self._driver, "beat": time.time()}},
+            intermediate_values={},
+            trial_id=-1,
+        )
+        trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+        return optuna.trial.Trial(study, trial_id)
 
     def _save_sampler_state(self, trial: optuna.trial.Trial) -> None:
         """Save the sampler's state once a fresh trial has drawn its parameters: at its first
@@ -193,12 +611,14 @@ class Study:
     def tell(
         self,
         trial: optuna.trial.Trial | int,
-        value: float | None = None,
+        value: float | Sequence[float] | None = None,
         state: TrialState | None = None,
-    ) -> None:
+    ) -> FrozenTrial:
+        """As ``optuna.Study.tell`` (``value``: one number, or one per objective); saves the
+        sampler state first if this fresh trial has not done so yet."""
         if isinstance(trial, optuna.trial.Trial):
             self._save_sampler_state(trial)
-        self.optuna.tell(trial, value, state=state)
+        return self.optuna.tell(trial, value, state=state)
 
     def heartbeat(self, trial: optuna.trial.Trial) -> None:
         """Mark ``trial`` as alive and owned by this driver (call it every epoch or so)."""
@@ -216,7 +636,7 @@ class Study:
         )
 
     # ------------------------------------------------------------------ recovery
-    def _is_stale(self, trial: optuna.trial.FrozenTrial) -> bool:
+    def _is_stale(self, trial: FrozenTrial) -> bool:
         driver = trial.system_attrs.get(_DRIVER)
         if not isinstance(driver, Mapping):
             # Asked outside a gradhpo Study (plain Optuna): only its age can tell.
@@ -230,74 +650,209 @@ class Study:
             return driver.get("token") not in _LIVE_TOKENS
         return not _pid_alive(int(driver.get("pid", -1)))
 
+    def _requeue(self, trial: FrozenTrial) -> bool:
+        """Fail a RUNNING trial and enqueue its parameters again (``gradhpo:resume_from``
+        points at the first dead trial of the chain); False if it finished meanwhile."""
+        storage = self.optuna._storage
+        # Mark first (a finished trial takes no attributes), then fail it. Only FAIL +
+        # retried counts as "retried", so if its driver finished it meanwhile, it stays counted.
+        try:
+            storage.set_trial_system_attr(trial._trial_id, _RETRIED, True)
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        origin = trial.user_attrs.get(RESUME_FROM, trial.number)
+        self.enqueue(
+            trial.params,
+            {**trial.user_attrs, RESUME_FROM: origin, "gradhpo:retry_of": trial.number},
+        )
+        return True
+
     def recover_stale_trials(self) -> list[int]:
         """Fail every stale RUNNING trial and enqueue its parameters again; returns the numbers
         of the recovered trials."""
         recovered = []
-        storage = self.optuna._storage
         for trial in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if not self._is_stale(trial):
-                continue
-            # Mark first (a finished trial takes no attributes), then fail it. Only FAIL +
-            # retried counts as "retried", so if its driver finished it meanwhile, it stays counted.
-            try:
-                storage.set_trial_system_attr(trial._trial_id, _RETRIED, True)
-                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-            origin = trial.user_attrs.get(RESUME_FROM, trial.number)
-            self.enqueue(
-                trial.params,
-                {**trial.user_attrs, RESUME_FROM: origin, "gradhpo:retry_of": trial.number},
-            )
-            recovered.append(trial.number)
+            if self._is_stale(trial) and self._requeue(trial):
+                recovered.append(trial.number)
+                logger.warning(
+                    "Trial %d was left running by a driver that is gone; failed it and queued "
+                    "its parameters %s again.",
+                    trial.number,
+                    trial.params,
+                )
         return recovered
 
     # ------------------------------------------------------------------ optimize
     def optimize(
         self,
-        objective: Callable[[optuna.trial.Trial], float],
+        objective: Callable[[optuna.trial.Trial], Any],
         n_trials: int | None = None,
-        *,
         timeout: float | None = None,
-        catch: tuple[type[BaseException], ...] = (),
-        callbacks: list[Callable[[Study, optuna.trial.FrozenTrial], None]] | None = None,
+        n_jobs: int = 1,
+        catch: type[BaseException] | Sequence[type[BaseException]] = (),
+        callbacks: Sequence[Callable[[Study, FrozenTrial], None]] | None = None,
+        gc_after_trial: bool = False,
+        show_progress_bar: bool = False,
+        *,
+        n_trials_mode: str = "total",
         progress: Any = None,
     ) -> list[int]:
-        """Run trials until the study holds ``n_trials`` finished trials (or ``timeout``
-        seconds passed in this call); returns the numbers of the trials this call ran. ``objective(trial)`` returns the value or raises
-        ``optuna.TrialPruned``; exceptions listed in ``catch`` fail the trial and the study
-        goes on, others fail the trial and propagate. ``progress`` is an optional tqdm bar."""
-        if n_trials is None and timeout is None:
-            raise ValueError("optimize: give n_trials or timeout (or both)")
+        """Run trials until the study holds ``n_trials`` finished trials, or ``timeout``
+        seconds of this call passed; returns the numbers of the trials this call ran.
+
+        **n_trials is a total**: with ``n_trials_mode="total"`` (default) it is the number of
+        finished trials (COMPLETE, PRUNED, FAIL; retried dead trials not counted) the study
+        must hold at the end, counted in the storage. A resumed study, or several drivers
+        (processes, ``n_jobs`` threads, ``gradhpo resume``) on one study, stop at exactly that
+        many; calling ``optimize(f, n_trials=20)`` twice runs 20 trials, not 40. Optuna's
+        meaning ("this many more") is ``n_trials_mode="more"``: the target becomes the number
+        finished at the start of the call plus ``n_trials`` (trials other drivers finish
+        meanwhile count towards it).
+
+        ``objective(trial)`` returns a number (one per objective of a multi-objective study)
+        or raises ``optuna.TrialPruned``. Anything else fails the trial with the reason in its
+        user attribute ``error``: a returned non-number, NaN or infinity (the study goes on),
+        an exception listed in ``catch`` (the study goes on), any other exception (it
+        propagates). An interrupted trial (KeyboardInterrupt, SystemExit) is failed and its
+        parameters queued again, so the next ``optimize`` or ``gradhpo resume`` continues it.
+
+        ``n_jobs`` > 1 runs that many driver threads in this process (-1: one per CPU), as
+        Optuna's: useful when the objective releases the GIL (PyTorch does) or waits; for
+        CPU-bound Python use processes (:mod:`gradhpo.search.drivers`). Threads make the
+        sampler's sequence depend on timing, so a seeded study is reproducible only with
+        ``n_jobs=1``. ``callbacks`` are called as ``callback(study, frozen_trial)`` with this
+        :class:`Study` after each trial this call ran. ``show_progress_bar`` draws a tqdm bar
+        (``progress`` passes your own bar). ``gc_after_trial`` runs ``gc.collect()`` after
+        each trial."""
+        if not callable(objective):
+            raise TypeError(f"optimize: objective must be callable, got {objective!r}")
+        n_trials = self._check_optimize_args(n_trials, timeout, n_jobs, n_trials_mode)
+        catch = _catch_tuple(catch)
+        if callbacks is not None and not all(callable(c) for c in callbacks):
+            raise TypeError(f"optimize: callbacks must be callables, got {callbacks!r}")
+        if n_jobs == -1:
+            n_jobs = os.cpu_count() or 1
         self.recover_stale_trials()
+        target = n_trials
+        if n_trials is not None and n_trials_mode == "more":
+            target = len(self.finished_trials()) + n_trials
+        elif n_trials is not None and _logging(logging.INFO):
+            done = len(self.finished_trials())
+            if done >= n_trials:
+                logger.info(
+                    "Study %r already holds %d finished trials; n_trials=%d counts the "
+                    "study's total (n_trials_mode='more' runs that many more).",
+                    self.name,
+                    done,
+                    n_trials,
+                )
         deadline = None if timeout is None else time.monotonic() + timeout
+        bar = progress
+        own_bar = None
+        if bar is None and show_progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = own_bar = tqdm(total=target, desc=self.name, unit="trial")
         # Samplers that exhaust their space (grid, brute force) call optuna's Study.stop(),
         # which only works inside Optuna's own loop; this loop honours the same flag.
         self.optuna._stop_flag = False
-        self.optuna._thread_local.in_optimize_loop = True
         ran: list[int] = []
+        args = (objective, target, deadline, catch, list(callbacks or ()), bar, ran, gc_after_trial)
         try:
-            self._loop(objective, n_trials, deadline, catch, callbacks, progress, ran)
-            return ran
+            if n_jobs == 1:
+                self._driver_loop(*args)
+            else:
+                self._threads(n_jobs, args)
+        finally:
+            if own_bar is not None:
+                own_bar.close()
+        return ran
+
+    @staticmethod
+    def _check_optimize_args(n_trials: Any, timeout: Any, n_jobs: Any, mode: Any) -> int | None:
+        if n_trials is not None and (
+            isinstance(n_trials, bool) or not isinstance(n_trials, numbers.Integral) or n_trials < 0
+        ):
+            raise ValueError(f"optimize: n_trials must be an integer >= 0, got {n_trials!r}")
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, numbers.Real)
+            or not float(timeout) > 0
+            or not math.isfinite(float(timeout))
+        ):
+            raise ValueError(f"optimize: timeout must be seconds > 0, got {timeout!r}")
+        if n_trials is None and timeout is None:
+            raise ValueError("optimize: give n_trials or timeout (or both)")
+        if (
+            isinstance(n_jobs, bool)
+            or not isinstance(n_jobs, numbers.Integral)
+            or (n_jobs < 1 and n_jobs != -1)
+        ):
+            raise ValueError(f"optimize: n_jobs must be an integer >= 1 or -1, got {n_jobs!r}")
+        if mode not in _N_TRIALS_MODES:
+            raise ValueError(
+                f"optimize: n_trials_mode must be one of {list(_N_TRIALS_MODES)}, got {mode!r}"
+            )
+        return None if n_trials is None else int(n_trials)
+
+    def _threads(self, n_jobs: int, args: tuple[Any, ...]) -> None:
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._driver_loop(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+                errors.append(exc)
+                self.optuna._stop_flag = True
+
+        threads = [
+            threading.Thread(target=work, name=f"gradhpo-driver-{k}", daemon=True)
+            for k in range(n_jobs)
+        ]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:
+            # Interrupted while waiting: let the threads finish their trials, then re-raise.
+            self.optuna._stop_flag = True
+            for t in threads:
+                t.join()
+            raise
+        if errors:
+            raise errors[0]
+
+    def _driver_loop(self, *args: Any) -> None:
+        self.optuna._thread_local.in_optimize_loop = True
+        try:
+            self._loop(*args)
         finally:
             self.optuna._thread_local.in_optimize_loop = False
 
     def _loop(
         self,
-        objective: Callable[[optuna.trial.Trial], float],
+        objective: Callable[[optuna.trial.Trial], Any],
         n_trials: int | None,
         deadline: float | None,
         catch: tuple[type[BaseException], ...],
-        callbacks: list[Callable[[Study, optuna.trial.FrozenTrial], None]] | None,
+        callbacks: list[Callable[[Study, FrozenTrial], None]],
         progress: Any,
         ran: list[int],
+        gc_after_trial: bool,
     ) -> None:
         while not self.optuna._stop_flag:
             trials = self.optuna.get_trials(deepcopy=False)
-            done = sum(1 for t in trials if t.state in FINISHED_STATES and not is_retried(t))
-            running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-            waiting = any(t.state == TrialState.WAITING for t in trials)
+            done = running = 0
+            waiting = False
+            for t in trials:
+                if t.state == TrialState.RUNNING:
+                    running += 1
+                elif t.state == TrialState.WAITING:
+                    waiting = True
+                elif not is_retried(t):
+                    done += 1
             if progress is not None:
                 progress.n = done
                 progress.refresh()
@@ -319,6 +874,11 @@ class Study:
                 frozen = self.optuna._storage.get_trial(trial._trial_id)
                 for callback in callbacks:
                     callback(self, frozen)
+            if gc_after_trial:
+                gc.collect()
+        if progress is not None:
+            progress.n = len(self.finished_trials())
+            progress.refresh()
 
     def _surplus(self, trial: optuna.trial.Trial, n_trials: int) -> bool:
         """Several drivers can pass the "fewer than n" check at once. After the ask every
@@ -334,87 +894,371 @@ class Study:
         storage.set_trial_system_attr(trial._trial_id, _SURPLUS, True)
         self._unsaved.discard(trial._trial_id)
         storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        logger.debug(
+            "Trial %d not run: the other drivers' trials complete the study.", trial.number
+        )
         return True
+
+    def _values(self, result: Any) -> tuple[list[float] | None, str | None]:
+        """The objective's return value as one float per objective, or why it is not one."""
+        n = len(self.optuna.directions)
+        several = not _is_scalar(result) and (
+            isinstance(result, Sequence)
+            and not isinstance(result, (str, bytes))
+            or (getattr(result, "ndim", None) or 0) > 0
+        )
+        if n == 1 and several:
+            return None, (
+                f"objective returned {_short(result)} ({type(result).__name__}); a "
+                "single-objective study needs one number"
+            )
+        if n > 1 and not several:
+            return None, (
+                f"objective returned {_short(result)} ({type(result).__name__}); this study "
+                f"has {n} objectives {self.directions}: return a sequence of {n} numbers"
+            )
+        values = list(result) if several else [result]
+        if len(values) != n:
+            return None, (
+                f"objective returned {len(values)} values {_short(result)}; this study has "
+                f"{n} objectives {self.directions}"
+            )
+        floats = []
+        for v in values:
+            f = _as_float(v) if _is_scalar(v) or not hasattr(v, "__len__") else None
+            if f is None:
+                return None, (
+                    f"objective returned {_short(v)} ({type(v).__name__}); expected a number"
+                )
+            if not math.isfinite(f):
+                return None, f"objective returned a non-finite value {f!r}"
+            floats.append(f)
+        return floats, None
 
     def _run_one(
         self,
-        objective: Callable[[optuna.trial.Trial], float],
+        objective: Callable[[optuna.trial.Trial], Any],
         trial: optuna.trial.Trial,
         catch: tuple[type[BaseException], ...],
     ) -> None:
+        """Run the objective on ``trial`` and finish the trial, whatever happens."""
         try:
-            value = objective(trial)
-        except optuna.TrialPruned:
-            self.tell(trial, state=TrialState.PRUNED)
+            result = objective(trial)
+        except optuna.TrialPruned as exc:
+            self._finish(trial, TrialState.PRUNED, None, str(exc) or None)
             return
-        except catch as exc:
-            self.optuna._storage.set_trial_user_attr(
-                trial._trial_id, "error", f"{type(exc).__name__}: {exc}"
-            )
-            self.tell(trial, state=TrialState.FAIL)
-            return
-        except (KeyboardInterrupt, SystemExit):
-            # Leave it RUNNING: `resume` treats it like a killed driver and continues it.
-            _LIVE_TOKENS.pop(self.token, None)
+        except Exception as exc:
+            self._finish(trial, TrialState.FAIL, None, f"{type(exc).__name__}: {exc}", exc)
+            if isinstance(exc, catch):
+                return
             raise
         except BaseException:
-            self.tell(trial, state=TrialState.FAIL)
+            # KeyboardInterrupt, SystemExit: fail the trial and queue its parameters again, so
+            # the next optimize (or `gradhpo resume`) continues it from its checkpoint.
+            self._interrupted(trial)
             raise
-        if value is None or not math.isfinite(float(value)):
-            self.optuna._storage.set_trial_user_attr(
-                trial._trial_id, "error", f"non-finite value {value!r}"
-            )
-            self.tell(trial, state=TrialState.FAIL)
+        values, reason = self._values(result)
+        if reason is not None:
+            self._finish(trial, TrialState.FAIL, None, reason)
+        else:
+            self._finish(trial, TrialState.COMPLETE, values, None)
+
+    def _interrupted(self, trial: optuna.trial.Trial) -> None:
+        try:
+            if trial.params:
+                self._save_sampler_state(trial)
+            frozen = self.optuna._storage.get_trial(trial._trial_id)
+            if frozen.state == TrialState.RUNNING and self._requeue(frozen):
+                logger.warning(
+                    "Trial %d interrupted; failed it and queued its parameters again.",
+                    trial.number,
+                )
+        except Exception:  # noqa: BLE001 - the interrupt matters more; recovery handles it
+            logger.debug("could not requeue interrupted trial %d", trial.number, exc_info=True)
+
+    def _finish(
+        self,
+        trial: optuna.trial.Trial,
+        state: TrialState,
+        values: list[float] | None,
+        reason: str | None,
+        exc: BaseException | None = None,
+    ) -> None:
+        storage = self.optuna._storage
+        try:
+            if state == TrialState.FAIL and reason is not None:
+                storage.set_trial_user_attr(trial._trial_id, "error", reason)
+            self._save_sampler_state(trial)
+            if _tell_with_warning is not None:
+                _tell_with_warning(self.optuna, trial, values, state=state, suppress_warning=True)
+            else:  # pragma: no cover
+                self.optuna.tell(trial, values, state=state)
+        except BaseException:
+            # Never leave it RUNNING because telling failed (a sampler's after_trial, ...).
+            try:
+                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            except Exception:  # noqa: BLE001 - already finished, or the storage is gone
+                pass
+            raise
+        self._log_finished(trial, state, values, reason, exc)
+
+    def _log_finished(
+        self,
+        trial: optuna.trial.Trial,
+        state: TrialState,
+        values: list[float] | None,
+        reason: str | None,
+        exc: BaseException | None,
+    ) -> None:
+        if state == TrialState.FAIL:
+            if _logging(logging.WARNING):
+                logger.warning(
+                    "Trial %d failed with parameters %s: %s",
+                    trial.number,
+                    trial.params,
+                    reason,
+                    exc_info=exc if exc is not None and _logging(logging.DEBUG) else None,
+                )
             return
-        self.tell(trial, float(value))
+        if not _logging(logging.INFO):
+            return
+        if state == TrialState.PRUNED:
+            logger.info("Trial %d pruned%s.", trial.number, f" ({reason})" if reason else "")
+            return
+        assert values is not None
+        if len(values) > 1:
+            logger.info(
+                "Trial %d finished with values %s and parameters %s.",
+                trial.number,
+                values,
+                trial.params,
+            )
+            return
+        best = self.best_trial
+        tail = "" if best is None else f" Best is trial {best.number} with value {best.value}."
+        logger.info(
+            "Trial %d finished with value %s and parameters %s.%s",
+            trial.number,
+            values[0],
+            trial.params,
+            tail,
+        )
+
+
+def _catch_tuple(catch: Any) -> tuple[type[BaseException], ...]:
+    items = (catch,) if isinstance(catch, type) else tuple(catch or ())
+    for item in items:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise TypeError(f"optimize: catch must hold exception classes, got {item!r}")
+    return items
+
+
+# ---------------------------------------------------------------------- create / load
+def _check_directions(direction: Any, directions: Any, metric: Any) -> list[str]:
+    """The study's directions from ``direction``/``directions``/``metric`` (see
+    :func:`create_study`); every contradiction is a ValueError naming both."""
+    from gradhpo.run.loop import METRICS
+
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"create_study: metric must be one of {list(METRICS)}, got {metric!r}")
+    if direction is not None and directions is not None:
+        raise ValueError(
+            f"create_study: give direction={direction!r} or directions={directions!r}, not both"
+        )
+    if directions is not None:
+        if isinstance(directions, str) or not isinstance(directions, Sequence) or not directions:
+            raise ValueError(
+                "create_study: directions must be a non-empty list such as "
+                f"['minimize', 'maximize'], got {directions!r}"
+            )
+        result = list(directions)
+        field = "directions"
+    else:
+        result = [direction] if direction is not None else []
+        field = "direction"
+    for d in result:
+        if d not in ("maximize", "minimize"):
+            raise ConfigError(f"{field}: expected 'maximize' or 'minimize', got {d!r}")
+    if metric is not None:
+        wanted = METRICS[metric]
+        if not result:
+            result = [wanted]
+        elif len(result) > 1:
+            raise ValueError(
+                f"create_study: metric={metric!r} names one objective but directions={result!r} "
+                "has several; leave metric out of multi-objective studies"
+            )
+        elif result[0] != wanted:
+            raise ValueError(
+                f"create_study: metric {metric!r} must be {wanted}d but direction={result[0]!r}"
+            )
+    return result or ["maximize"]
+
+
+def _existing(directory: Path) -> bool:
+    return any((directory / f).exists() for f in ("study.json", JOURNAL_FILE, SQLITE_FILE))
 
 
 def create_study(
     directory: str | os.PathLike[str],
     *,
     name: str | None = None,
-    direction: str = "maximize",
+    direction: str | None = None,
+    directions: Sequence[str] | None = None,
+    metric: str | None = None,
     sampler: str | Mapping[str, Any] | optuna.samplers.BaseSampler = "tpe",
     pruner: str | Mapping[str, Any] | optuna.pruners.BasePruner | None = "median",
     seed: int | None = 0,
     max_resource: int | None = None,
     search_space: Any = None,
+    storage: str | BaseStorage | None = None,
+    load_if_exists: bool = False,
     stale_after: float = 600.0,
 ) -> Study:
-    """Create a new study in ``directory`` (refuses an existing study there).
+    """Create a new study in ``directory`` (a folder: ``study.json``, sampler state,
+    checkpoints; refuses one that holds a study unless ``load_if_exists``).
+
+    ``storage``: where the trials live. ``None`` (default) or ``"journal"``: Optuna's journal
+    file ``study.journal`` in the directory; ``"sqlite"``: ``study.db`` in the directory; an
+    Optuna storage URL (``sqlite:///path.db``, ``postgresql://user:pw@host/db``,
+    ``mysql://...``); or an ``optuna.storages.BaseStorage`` object (e.g. ``InMemoryStorage()``;
+    pass it again to :func:`load_study`). A URL as ``directory`` is a ValueError.
+
+    Direction: ``direction="maximize"|"minimize"``, ``directions=[...]`` for a
+    multi-objective study (samplers: tpe, nsga2, random, ...), or ``metric="val_loss"`` /
+    ``"val_accuracy"``, which sets the direction the metric needs (and must agree with a
+    direction given too). With none of them the study maximizes (gradhpo's default metric is
+    validation accuracy); :func:`~gradhpo.search.fit_trial` refuses a metric whose direction
+    contradicts the study's, so a loss cannot be maximized by mistake.
 
     ``sampler``/``pruner`` are names (see :data:`~gradhpo.search.samplers.SAMPLERS`),
     mappings with constructor arguments, or Optuna objects. Named specs are stored in
-    ``study.json`` so :func:`load_study` can rebuild them; with objects, pass them again."""
-    directory = Path(directory)
-    if (directory / "study.db").exists():
-        raise ConfigError(
-            f"study directory {str(directory)!r} already holds a study; resume it instead"
+    ``study.json`` so :func:`load_study` can rebuild them; with objects, pass them again.
+    ``search_space``: a :class:`~gradhpo.search.SearchSpace`, a ``search.space`` mapping, or
+    (grid sampler) a plain ``{"x": [1, 2, 3]}`` grid, stored in ``study.json`` when it is
+    plain data. ``load_if_exists=True`` opens the study already in ``directory`` (or, with an
+    external storage, the study of that name there) after checking that its directions and
+    named sampler/pruner match."""
+    directory = _check_directory(directory, "create_study")
+    kind, value = _storage_spec(storage, "create_study")
+    dirs = _check_directions(direction, directions, metric)
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"create_study: name must be a non-empty string, got {name!r}")
+    if not isinstance(load_if_exists, bool):
+        raise ValueError(
+            f"create_study: load_if_exists must be True or False, got {load_if_exists!r}"
         )
-    if direction not in ("maximize", "minimize"):
-        raise ConfigError(f"direction: expected 'maximize' or 'minimize', got {direction!r}")
+    if _existing(directory):
+        if not load_if_exists:
+            raise ConfigError(
+                f"study directory {str(directory)!r} already holds a study; resume it instead "
+                "(load_study, or create_study(..., load_if_exists=True))"
+            )
+        return _load_existing(
+            directory, dirs, sampler, pruner, search_space, storage, stale_after, name
+        )
     sampler_obj = make_sampler(sampler, search_space, seed=seed)
     pruner_obj = make_pruner(pruner, max_resource=max_resource)
-    directory.mkdir(parents=True, exist_ok=True)
-    name = name or directory.name
-    meta = {
+    name = name or directory.resolve().name
+    meta: dict[str, Any] = {
         "name": name,
-        "direction": direction,
+        "direction": dirs[0] if len(dirs) == 1 else None,
+        "directions": dirs,
+        "metric": metric,
         "sampler": sampler if isinstance(sampler, (str, Mapping)) else None,
         "pruner": pruner if isinstance(pruner, (str, Mapping)) or pruner is None else None,
         "seed": seed,
         "max_resource": max_resource,
+        "storage": _storage_record(kind, value),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    study = optuna.create_study(
-        storage=_storage(directory),
-        study_name=name,
-        direction=direction,
-        sampler=sampler_obj,
-        pruner=pruner_obj,
-    )
+    plain_space = _plain_space(search_space)
+    if plain_space is not None:
+        meta["search_space"] = plain_space
+    # An external storage is opened first: a bad URL or a taken name leaves no folder behind.
+    opened: BaseStorage | None = _url_storage(value) if kind == "url" else value
+    if kind in _EMBEDDED:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / _EMBEDDED[kind]
+        opened = _journal_storage(path) if kind == "journal" else _sqlite_storage(path)
+    try:
+        study = optuna.create_study(
+            storage=opened,
+            study_name=name,
+            directions=dirs,
+            sampler=sampler_obj,
+            pruner=pruner_obj,
+            load_if_exists=load_if_exists and kind in ("url", "object"),
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        raise ValueError(
+            f"create_study: storage {_describe(meta['storage'])!r} already holds a study named "
+            f"{name!r}; pass load_if_exists=True to continue it, or another name="
+        ) from None
+    if [d.name.lower() for d in study.directions] != dirs:
+        raise ValueError(
+            f"create_study: the study {name!r} in the storage has directions "
+            f"{[d.name.lower() for d in study.directions]}, not {dirs}"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "study.json", meta)
-    return Study(directory, study, stale_after=stale_after)
+    return Study(directory, study, stale_after=stale_after, storage_record=meta["storage"])
+
+
+def _plain_space(space: Any) -> Any:
+    """A ``search_space`` given as plain data (a grid dict or a ``search.space`` mapping),
+    JSON-serializable, to be stored in ``study.json``; ``None`` otherwise."""
+    if not isinstance(space, Mapping):
+        return None
+    try:
+        return json.loads(json.dumps(space))
+    except (TypeError, ValueError):
+        return None
+
+
+def _load_existing(
+    directory: Path,
+    dirs: list[str],
+    sampler: Any,
+    pruner: Any,
+    search_space: Any,
+    storage: Any,
+    stale_after: float,
+    name: str | None,
+) -> Study:
+    meta = _read_meta(directory, "create_study")
+    stored = meta.get("directions") or [meta.get("direction", "maximize")]
+    if stored != dirs:
+        raise ValueError(
+            f"create_study(load_if_exists=True): {str(directory)!r} holds a study with "
+            f"directions {stored}, not {dirs}"
+        )
+    if name is not None and name != meta["name"]:
+        raise ValueError(
+            f"create_study(load_if_exists=True): {str(directory)!r} holds study "
+            f"{meta['name']!r}, not name={name!r}"
+        )
+    for field, given in (("sampler", sampler), ("pruner", pruner)):
+        if isinstance(given, (str, Mapping)) and meta.get(field) is not None:
+            if _spec_name(given) != _spec_name(meta[field]) or (
+                isinstance(given, Mapping) and dict(given) != meta[field]
+            ):
+                raise ValueError(
+                    f"create_study(load_if_exists=True): {str(directory)!r} was created with "
+                    f"{field}={meta[field]!r}, not {field}={given!r}"
+                )
+    return load_study(
+        directory,
+        sampler=sampler if isinstance(sampler, optuna.samplers.BaseSampler) else None,
+        pruner=pruner if isinstance(pruner, optuna.pruners.BasePruner) else None,
+        search_space=search_space,
+        storage=storage,
+        stale_after=stale_after,
+    )
+
+
+def _spec_name(spec: Any) -> Any:
+    return spec.get("name") if isinstance(spec, Mapping) else spec
 
 
 def load_study(
@@ -423,15 +1267,18 @@ def load_study(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     search_space: Any = None,
+    storage: str | BaseStorage | None = None,
     stale_after: float = 600.0,
 ) -> Study:
     """Open the study in ``directory`` with its sampler (rebuilt from ``study.json`` unless
-    given) and the sampler's saved random state."""
-    directory = Path(directory)
-    meta_path = directory / "study.json"
-    if not (directory / "study.db").is_file() or not meta_path.is_file():
-        raise ConfigError(f"{str(directory)!r} is not a study directory (no study.db / study.json)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    given) and the sampler's saved random state. The storage is the one ``study.json``
+    records (``study.journal``, ``study.db``, a URL without password); a URL with a password
+    or a storage object must be passed again as ``storage=``."""
+    directory = _check_directory(directory, "load_study")
+    meta = _read_meta(directory, "load_study")
+    opened, record = _open_storage(directory, meta, storage, "load_study")
+    if search_space is None:
+        search_space = meta.get("search_space")
     if sampler is None:
         if meta.get("sampler") is None:
             raise ConfigError(
@@ -440,8 +1287,14 @@ def load_study(
         sampler = make_sampler(meta["sampler"], search_space, seed=meta.get("seed"))
     if pruner is None:
         pruner = make_pruner(meta.get("pruner"), max_resource=meta.get("max_resource"))
-    study = optuna.load_study(
-        study_name=meta["name"], storage=_storage(directory), sampler=sampler, pruner=pruner
-    )
+    try:
+        study = optuna.load_study(
+            study_name=meta["name"], storage=opened, sampler=sampler, pruner=pruner
+        )
+    except KeyError:
+        raise ConfigError(
+            f"{str(directory)!r}: the storage ({_describe(record)}) holds no study named "
+            f"{meta['name']!r}"
+        ) from None
     load_sampler_state(sampler, directory / "sampler_state.json")
-    return Study(directory, study, stale_after=stale_after)
+    return Study(directory, study, stale_after=stale_after, storage_record=record)

@@ -13,7 +13,31 @@ from gradhpo.tensorboard_logger import TensorBoardLogger
 if TYPE_CHECKING:
     from gradhpo.search.study import Study
 
-__all__ = ["fit_trial"]
+__all__ = ["check_direction", "fit_trial"]
+
+
+def _directions(trial: optuna.trial.BaseTrial, study: Study | None) -> list[str] | None:
+    owner = getattr(trial, "study", None)
+    if isinstance(owner, optuna.Study):
+        return [d.name.lower() for d in owner.directions]
+    if study is not None:
+        return list(study.directions)
+    return None  # FixedTrial / FrozenTrial without a study: nothing to check
+
+
+def check_direction(trial: optuna.trial.BaseTrial, metric: str, study: Study | None = None) -> None:
+    """ValueError when the study of ``trial`` (or ``study``) optimizes ``metric`` the wrong
+    way, e.g. maximizes ``val_loss``."""
+    directions = _directions(trial, study)
+    if directions is None or len(directions) != 1:
+        return
+    wanted = METRICS[check_metric(metric)]
+    if directions[0] != wanted:
+        raise ValueError(
+            f"fit_trial: metric {metric!r} must be {wanted}d, but the study's direction is "
+            f"{directions[0]!r}; create the study with direction={wanted!r} "
+            f"(or create_study(..., metric={metric!r}))"
+        )
 
 
 def fit_trial(
@@ -31,8 +55,15 @@ def fit_trial(
     value if the run diverged before its first evaluation).
 
     ``study`` (a :class:`gradhpo.search.Study`) keeps the trial's heartbeat fresh;
-    ``patience`` stops early after that many epochs without improvement."""
+    ``patience`` stops early after that many epochs without improvement.
+
+    The study must optimize the metric in its direction (``val_loss`` minimized,
+    ``val_accuracy`` maximized): a contradiction is a ValueError naming both, raised before
+    any training (``create_study(..., metric="val_loss")`` sets the right direction). A
+    multi-objective study is not checked: which objective the metric is, only the
+    objective knows."""
     check_metric(metric)
+    check_direction(trial, metric, study)
     early = (
         EarlyStopping(patience, mode="max" if METRICS[metric] == "maximize" else "min")
         if patience

@@ -64,7 +64,10 @@ def _kill_when(cmd: list[str], db: Path, query: str, at_least: int, rng: random.
 @pytest.mark.slow
 def test_study_survives_kills_at_random_points(tmp_path: Path) -> None:
     rng = random.Random(7)
-    create_study(tmp_path / "s", sampler="tpe", pruner=None, direction="minimize", seed=0)
+    # SQLite storage: the test watches the trials table to kill the driver inside a trial.
+    create_study(
+        tmp_path / "s", sampler="tpe", pruner=None, direction="minimize", seed=0, storage="sqlite"
+    )
     script = tmp_path / "driver.py"
     script.write_text(STUDY_DRIVER)
     n = 30

@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import yaml
 from gradhpo.cli import main
 from gradhpo.run import EarlyStopping
 from gradhpo.search import create_study, fit_trial, load_study
+from gradhpo.search.study import load_optuna_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -74,7 +74,7 @@ def test_tune_writes_study_checkpoints_logs_and_report(tmp_path: Path, capsys, m
     assert "tiny: best trial" in out and "test accuracy" in out
     run_dir = tmp_path / "runs" / "tiny"
     assert {p.name for p in run_dir.iterdir()} >= {
-        "study.db",
+        "study.journal",
         "study.json",
         "config.yaml",
         "sampler_state.json",
@@ -272,12 +272,9 @@ def test_cli_refuses_existing_study_and_bad_paths(tmp_path: Path, capsys, monkey
     assert exc.value.code == 0 and "--trials" in capsys.readouterr().out
 
 
-def _trials(db: Path) -> list[tuple[int, str]]:
-    try:
-        with sqlite3.connect(db, timeout=5) as conn:
-            return conn.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
-    except sqlite3.Error:
-        return []
+def _trials(directory: Path) -> list[tuple[int, str]]:
+    study = load_optuna_study(directory)
+    return [(t.number, t.state.name) for t in study.get_trials(deepcopy=False)]
 
 
 def _by_origin(study) -> list[tuple[dict, float]]:
@@ -341,7 +338,7 @@ def test_resume_after_killed_process_keeps_trials_and_sampler(tmp_path: Path, mo
     finally:
         if proc.poll() is None:
             proc.kill()
-    before = dict(_trials(run_dir / "study.db"))
+    before = dict(_trials(run_dir))
     assert (
         before.get(0) == "COMPLETE" and before.get(1) == "COMPLETE" and before.get(2) == "RUNNING"
     )
