@@ -105,7 +105,7 @@ from gradhpo.hyper import (  # noqa: E402
     make_optimizer,
 )
 from gradhpo.hyper.methods import unroll  # noqa: E402
-from models import build_model  # noqa: E402
+from gradhpo.models import build_model  # noqa: E402
 
 OUT_DIR = ROOT / "experiments" / "results" / "bench_engine"
 TOLERANCE = 1e-6

@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradhpo.optim import SGDHD, SGDNHD, AdamHD, AdamWHD
-from models import build_model
+from gradhpo.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "experiments" / "results" / "bench_hd"

@@ -108,7 +108,7 @@ from gradhpo.hyper import (  # noqa: E402
     hypergradient,
     make_optimizer,
 )
-from models import build_model  # noqa: E402
+from gradhpo.models import build_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "experiments/results/bench_hypergrad"
 

@@ -67,7 +67,7 @@ from torch import nn
 
 from gradhpo.data import BatchIterator, DataSplits, load_dataset
 from gradhpo.optim import SGDHD, SGDNHD, AdamHD
-from models import build_model
+from gradhpo.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "experiments" / "results" / "repro_hd"

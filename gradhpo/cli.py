@@ -21,7 +21,7 @@ from gradhpo.jobs.rundir import open_run_dir
 from gradhpo.jobs.train import prepare_train, run_train
 from gradhpo.jobs.tune import prepare_study, run_study
 from gradhpo.report import write_pbt_report, write_report
-from models import ModelConfigError
+from gradhpo.models import ModelConfigError
 
 __all__ = ["main"]
 

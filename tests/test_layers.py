@@ -5,7 +5,11 @@ and nothing imports a private name of another module. Read from the source with 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("gradhpo.files", "gradhpo.config", "gradhpo.tensorboard_logger", "gradhpo.execution"),
     ("gradhpo.hyper",),
     ("gradhpo.optim",),
-    ("models",),
+    ("gradhpo.models",),
     ("gradhpo.data",),
     ("gradhpo.run",),
     ("gradhpo.search",),
@@ -35,9 +39,10 @@ def layer_of(module: str) -> int | None:
 
 def modules() -> dict[str, Path]:
     found = {}
-    for root in ("gradhpo", "models"):
+    # models/ at the top of the repository is installed as gradhpo.models
+    for root, package in (("gradhpo", ("gradhpo",)), ("models", ("gradhpo", "models"))):
         for path in (ROOT / root).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+            parts = (*package, *path.relative_to(ROOT / root).with_suffix("").parts)
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             found[name] = path
     return found
@@ -86,3 +91,32 @@ def test_imports_point_down_and_use_public_names() -> None:
                 private.append(f"{module} imports {target}.{name}")
     assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
     assert not private, "private cross-module imports:\n" + "\n".join(private)
+
+
+def test_every_package_is_installed_and_models_only_under_gradhpo() -> None:
+    """pyproject.toml lists every package (a folder of the package with an __init__.py) and
+    maps models/ to gradhpo.models: no top-level ``models`` to shadow a user's own."""
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]
+    listed = set(config["setuptools"]["packages"])
+    on_disk = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "gradhpo").rglob("__init__.py")
+    }
+    assert on_disk | {"gradhpo.models"} == listed
+    assert config["setuptools"]["package-dir"] == {"gradhpo.models": "models"}
+
+
+def test_a_users_own_models_package_does_not_break_gradhpo(tmp_path: Path) -> None:
+    """A project with its own ``models/`` package imports gradhpo and its own models side by
+    side (gradhpo's model families are ``gradhpo.models``)."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("MARK = 'user'\n")
+    code = (
+        "import gradhpo.run, gradhpo.models, models; "
+        "assert models.MARK == 'user'; "
+        "assert gradhpo.models.build_model({'name': 'mlp'}, (4,), 3) is not None"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr

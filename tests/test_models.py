@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import (
+from gradhpo.models import (
     ACTIVATIONS,
     CNN,
     CNN_DEFAULTS,

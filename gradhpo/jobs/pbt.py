@@ -44,7 +44,7 @@ from gradhpo.pbt.store import PBTDatabase
 from gradhpo.run.builder import build_run, load_job_data
 from gradhpo.search.space import SearchSpace
 from gradhpo.tensorboard_logger import TensorBoardLogger
-from models import ModelConfigError
+from gradhpo.models import ModelConfigError
 
 __all__ = ["PBT_DEFAULTS", "validate_pbt_config", "prepare_pbt", "run_pbt"]
 

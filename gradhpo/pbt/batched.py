@@ -48,7 +48,7 @@ from gradhpo.hyper.optimizers import (
     to_torch_state,
 )
 from gradhpo.run import RUN_FORMAT, resolve_device, swapped_rng, upgrade_run_state
-from models import build_model
+from gradhpo.models import build_model
 
 __all__ = ["BatchedPopulation"]
 

@@ -19,7 +19,7 @@ import torch
 from gradhpo.config import ConfigError
 from gradhpo.data import DatasetNotFoundError, DataSplits, load_data
 from gradhpo.run.training_run import TrainingRun
-from models import ModelConfigError
+from gradhpo.models import ModelConfigError
 
 __all__ = ["build_run", "load_job_data"]
 

@@ -37,7 +37,7 @@ from gradhpo.hyper.optimizers import (
     torch_optimizer,
 )
 from gradhpo.hyper.tuner import HyperTuner, TunerReport
-from models import build_model
+from gradhpo.models import build_model
 
 __all__ = [
     "RUN_FORMAT",

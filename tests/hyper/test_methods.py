@@ -10,7 +10,7 @@ from torch import nn
 from gradhpo.hyper.methods import InnerProblem, Objective, hypergradient, inner_step, unroll
 from gradhpo.hyper.optimizers import make_optimizer
 from gradhpo.hyper.spec import HyperParameters
-from models import build_model
+from gradhpo.models import build_model
 
 DT = torch.float64
 K = 4

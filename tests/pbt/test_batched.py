@@ -22,7 +22,7 @@ import torch
 from gradhpo.data import DataSplits, Split, load_dataset
 from gradhpo.pbt import BatchedPopulation
 from gradhpo.run import TrainingRun
-from models import build_model
+from gradhpo.models import build_model
 
 N = 4
 SEEDS = [3, 1, 4, 5]

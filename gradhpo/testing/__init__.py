@@ -1,0 +1,7 @@
+"""Toys for tests, benchmarks and experiments: members and objectives that executor workers
+(other processes, Ray) can import by name.
+
+* :mod:`~gradhpo.testing.quartic` - :class:`QuarticMember`, a PBT task whose best learning
+  rate rises then falls.
+* :mod:`~gradhpo.testing.objectives` - tiny study objectives (quick, failing once, slow).
+"""
