@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -470,12 +469,7 @@ def run_trials(
     finished: list[int] = []
 
     def after_trial(st: Study, frozen: optuna.trial.FrozenTrial) -> None:
-        finished.append(frozen.number)
-        if frozen.state == optuna.trial.TrialState.FAIL:
-            print(
-                f"{st.name}: trial {frozen.number} failed: {frozen.user_attrs.get('error')}",
-                file=sys.stderr,
-            )
+        finished.append(frozen.number)  # a failure is logged once by the study (gradhpo.search)
         _cleanup_checkpoints(st, s["keep_checkpoints"])
 
     with tqdm(
