@@ -71,10 +71,14 @@ from urllib.parse import unquote
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+from tqdm.auto import tqdm
 
 from gradhpo.config import ConfigError
 from gradhpo.files import write_json
+from gradhpo.run.loop import METRICS
 from gradhpo.search.samplers import (
     load_sampler_state,
     make_pruner,
@@ -83,14 +87,6 @@ from gradhpo.search.samplers import (
     sampler_rng_states,
     save_sampler_state,
 )
-
-try:  # optuna >= 4.0
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-except ImportError:  # pragma: no cover - optuna 3.x names
-    from optuna.storages import JournalFileOpenLock  # type: ignore[attr-defined,no-redef]
-    from optuna.storages import (  # type: ignore[attr-defined,no-redef]
-        JournalFileStorage as JournalFileBackend,
-    )
 
 try:
     from optuna.study._tell import _tell_with_warning
@@ -238,8 +234,6 @@ def _url_storage(url: str) -> BaseStorage:
     """An Optuna RDB storage for ``url``; every failure is a ValueError with the password
     masked (and the driver's exception not chained, as it may quote the URL)."""
     try:
-        from sqlalchemy.engine import make_url
-
         parsed = make_url(url)
         database = parsed.database
         if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
@@ -751,8 +745,6 @@ class Study:
         bar = progress
         own_bar = None
         if bar is None and show_progress_bar:
-            from tqdm.auto import tqdm
-
             bar = own_bar = tqdm(total=target, desc=self.name, unit="trial")
         # Samplers that exhaust their space (grid, brute force) call optuna's Study.stop(),
         # which only works inside Optuna's own loop; this loop honours the same flag.
@@ -1057,8 +1049,6 @@ def _catch_tuple(catch: Any) -> tuple[type[BaseException], ...]:
 def _check_directions(direction: Any, directions: Any, metric: Any) -> list[str]:
     """The study's directions from ``direction``/``directions``/``metric`` (see
     :func:`create_study`); every contradiction is a ValueError naming both."""
-    from gradhpo.run.loop import METRICS
-
     if metric is not None and metric not in METRICS:
         raise ValueError(f"create_study: metric must be one of {list(METRICS)}, got {metric!r}")
     if direction is not None and directions is not None:
