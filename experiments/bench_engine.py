@@ -94,6 +94,7 @@ if str(ROOT) not in sys.path:  # so that `python experiments/...` works without 
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from gradhpo.models import build_model  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
@@ -105,7 +106,6 @@ from gradhpo.hyper import (  # noqa: E402
     make_optimizer,
 )
 from gradhpo.hyper.methods import unroll  # noqa: E402
-from gradhpo.models import build_model  # noqa: E402
 
 OUT_DIR = ROOT / "experiments" / "results" / "bench_engine"
 TOLERANCE = 1e-6

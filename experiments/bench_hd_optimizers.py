@@ -72,10 +72,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gradhpo.models import build_model
 from torch import nn
 
 from gradhpo.optim import SGDHD, SGDNHD, AdamHD, AdamWHD
-from gradhpo.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "experiments" / "results" / "bench_hd"

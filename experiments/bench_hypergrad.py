@@ -100,6 +100,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `models` and `gradhpo` without an installed package too
     sys.path.insert(0, str(ROOT))
 
+from gradhpo.models import build_model  # noqa: E402
+
 from gradhpo.data import load_dataset  # noqa: E402
 from gradhpo.hyper import (  # noqa: E402
     HyperParameters,
@@ -108,7 +110,6 @@ from gradhpo.hyper import (  # noqa: E402
     hypergradient,
     make_optimizer,
 )
-from gradhpo.models import build_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "experiments/results/bench_hypergrad"
 

@@ -63,11 +63,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gradhpo.models import build_model
 from torch import nn
 
 from gradhpo.data import BatchIterator, DataSplits, load_dataset
 from gradhpo.optim import SGDHD, SGDNHD, AdamHD
-from gradhpo.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "experiments" / "results" / "repro_hd"

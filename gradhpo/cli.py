@@ -20,8 +20,8 @@ from gradhpo.jobs.pbt import prepare_pbt, run_pbt
 from gradhpo.jobs.rundir import open_run_dir
 from gradhpo.jobs.train import prepare_train, run_train
 from gradhpo.jobs.tune import prepare_study, run_study
-from gradhpo.report import write_pbt_report, write_report
 from gradhpo.models import ModelConfigError
+from gradhpo.report import write_pbt_report, write_report
 
 __all__ = ["main"]
 

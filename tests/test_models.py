@@ -9,8 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
 from gradhpo.models import (
     ACTIVATIONS,
     CNN,
@@ -26,6 +24,7 @@ from gradhpo.models import (
     build_model,
     count_parameters,
 )
+from torch import nn
 
 NUM_CLASSES = 5
 BATCH = 3

@@ -38,13 +38,13 @@ from gradhpo.config import ConfigError, check_executor, check_int, with_section
 from gradhpo.data import DataSplits
 from gradhpo.execution import make_executor
 from gradhpo.jobs.rundir import create_run_dir, open_run_dir, run_dir_of
+from gradhpo.models import ModelConfigError
 from gradhpo.pbt.batched import BatchedPopulation
 from gradhpo.pbt.manager import BatchedGroup, BatchedMember, PopulationBasedTraining, RunMember
 from gradhpo.pbt.store import PBTDatabase
 from gradhpo.run.builder import build_run, load_job_data
 from gradhpo.search.space import SearchSpace
 from gradhpo.tensorboard_logger import TensorBoardLogger
-from gradhpo.models import ModelConfigError
 
 __all__ = ["PBT_DEFAULTS", "validate_pbt_config", "prepare_pbt", "run_pbt"]
 

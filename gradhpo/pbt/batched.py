@@ -47,8 +47,8 @@ from gradhpo.hyper.optimizers import (
     optimizer_config,
     to_torch_state,
 )
-from gradhpo.run import RUN_FORMAT, resolve_device, swapped_rng, upgrade_run_state
 from gradhpo.models import build_model
+from gradhpo.run import RUN_FORMAT, resolve_device, swapped_rng, upgrade_run_state
 
 __all__ = ["BatchedPopulation"]
 

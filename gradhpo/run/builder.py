@@ -18,8 +18,8 @@ import torch
 
 from gradhpo.config import ConfigError
 from gradhpo.data import DatasetNotFoundError, DataSplits, load_data
-from gradhpo.run.training_run import TrainingRun
 from gradhpo.models import ModelConfigError
+from gradhpo.run.training_run import TrainingRun
 
 __all__ = ["build_run", "load_job_data"]
 

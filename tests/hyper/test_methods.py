@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gradhpo.models import build_model
 from torch import nn
 
 from gradhpo.hyper.methods import InnerProblem, Objective, hypergradient, inner_step, unroll
 from gradhpo.hyper.optimizers import make_optimizer
 from gradhpo.hyper.spec import HyperParameters
-from gradhpo.models import build_model
 
 DT = torch.float64
 K = 4

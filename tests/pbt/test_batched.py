@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 import torch
+from gradhpo.models import build_model
 
 from gradhpo.data import DataSplits, Split, load_dataset
 from gradhpo.pbt import BatchedPopulation
 from gradhpo.run import TrainingRun
-from gradhpo.models import build_model
 
 N = 4
 SEEDS = [3, 1, 4, 5]
