@@ -105,7 +105,18 @@ class Objective:
 
 
 def cross_entropy_per_example(outputs: Tensor, targets: Tensor) -> Tensor:
-    """The default loss: cross-entropy of logits, one value per example."""
+    """The default loss: cross-entropy of logits, one value per example.
+
+    Refuses what would be a silent wrong answer: floating-point targets or a single output
+    column (a regression model: cross-entropy over one class is 0 whatever the weights, so
+    nothing would train). Pass ``loss_fn=`` (e.g. :func:`squared_error_per_example`)."""
+    if targets.is_floating_point() or outputs.dim() < 2 or outputs.shape[1] < 2:
+        raise ValueError(
+            "the default loss is cross-entropy over class indices, got outputs of shape "
+            f"{tuple(outputs.shape)} and {targets.dtype} targets of shape {tuple(targets.shape)}; "
+            "for regression or other losses pass loss_fn=... (per-example losses, e.g. "
+            "gradhpo.hyper.methods.squared_error_per_example)"
+        )
     return F.cross_entropy(outputs, targets, reduction="none")
 
 

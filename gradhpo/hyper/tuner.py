@@ -32,7 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradhpo.hyper.methods import METHODS, Batch, InnerProblem, Objective, hypergradient, unroll
+from gradhpo.hyper.methods import (
+    METHODS,
+    Batch,
+    InnerProblem,
+    LossFn,
+    Objective,
+    cross_entropy_per_example,
+    hypergradient,
+    unroll,
+)
 from gradhpo.hyper.optimizers import InnerOptimizer, make_optimizer
 from gradhpo.hyper.spec import HyperParameters, HyperSpec
 
@@ -102,6 +111,9 @@ class HyperTuner:
         every: M, amortized tuning: a hypergradient on every M-th horizon only (the first,
             then every M-th), plain inner steps in between (see module docstring); 1 tunes
             every horizon.
+        loss_fn: per-example loss ``loss_fn(outputs, targets) -> (B,)`` of the training and
+            validation objectives (default: cross-entropy over class indices, which refuses
+            float targets and single-output models rather than returning 0).
     """
 
     def __init__(
@@ -123,6 +135,7 @@ class HyperTuner:
         chunk: int | None = None,
         compile: bool = False,
         every: int = 1,
+        loss_fn: LossFn | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method: unknown {method!r}; choose one of {list(METHODS)}")
@@ -186,7 +199,10 @@ class HyperTuner:
                 f"hypers: {unusable} not used by optimizer {inner.name!r}, which reads {list(inner.hyper_names)}"
             )
         self.model = model
-        self.problem = InnerProblem(model, inner, self.hypers)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable(outputs, targets) -> (B,), got {loss_fn!r}")
+        self.loss_fn = loss_fn or cross_entropy_per_example
+        self.problem = InnerProblem(model, inner, self.hypers, self.loss_fn)
         self.method = method
         self.horizon = horizon
         self.truncate = truncate
@@ -226,7 +242,7 @@ class HyperTuner:
             return Objective.train_mean()
         if val_batch is None:
             raise ValueError("objective 'val' needs a validation batch")
-        return Objective.validation(self.model, val_batch[0], val_batch[1])
+        return Objective.validation(self.model, val_batch[0], val_batch[1], self.loss_fn)
 
     def step(self, batches: Sequence[Batch], val_batch: Batch | None = None) -> TunerReport:
         """K = len(batches) inner steps and one hyper step (see module docstring); with

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradhpo.hyper.methods import inner_step
+from gradhpo.hyper.methods import LossFn, inner_step
 from gradhpo.hyper.tuner import HyperTuner, TunerReport
 
 __all__ = ["OnlineHyperTuner", "TUNABLE"]
@@ -52,7 +52,7 @@ class OnlineHyperTuner:
             when exhausted) or a callable returning one batch.
         optimizer: inner optimizer name: ``sgd``, ``momentum``, ``nesterov``, ``adam``, ``adamw``.
         tune: hyperparameters to adapt, from :data:`TUNABLE`.
-        method, horizon, truncate, hyper_lr, hyper_optimizer, clip: as in
+        method, horizon, truncate, hyper_lr, hyper_optimizer, clip, loss_fn: as in
             :class:`~gradhpo.hyper.tuner.HyperTuner` (horizon defaults to 1 for greedy, 10
             otherwise).
         **optimizer_kwargs: the optimizer's values (``lr``, ``momentum``, ``weight_decay``,
@@ -72,6 +72,7 @@ class OnlineHyperTuner:
         hyper_lr: float = 0.02,
         hyper_optimizer: str = "adam",
         clip: float | None = None,
+        loss_fn: LossFn | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
         if isinstance(tune, str) or not tune:
@@ -106,6 +107,7 @@ class OnlineHyperTuner:
             hyper_lr=hyper_lr,
             clip=clip,
             objective="val",
+            loss_fn=loss_fn,
         )
         self.model = model
         self._pending: list[tuple[Tensor, Tensor]] = []

@@ -168,3 +168,22 @@ def test_empty_validation_iterable() -> None:
     x, y = data(1)[0]
     with pytest.raises(ValueError, match="val_batches is empty"):
         online.step(x, y)
+
+
+def test_regression_needs_a_loss_and_trains_with_one() -> None:
+    """A single-output model with float targets: cross-entropy over one class is 0 whatever
+    the weights (nothing would train), so the default loss refuses; with loss_fn it trains."""
+    from gradhpo.hyper.methods import squared_error_per_example
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=gen)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+    model = torch.nn.Linear(3, 1)
+    tuner = OnlineHyperTuner(model, val_batches=[(x, y)], lr=0.05)
+    with pytest.raises(ValueError, match="loss_fn"):
+        tuner.step(x, y)
+    tuner = OnlineHyperTuner(
+        model, val_batches=[(x, y)], lr=0.05, loss_fn=squared_error_per_example
+    )
+    losses = [tuner.step(x, y) for _ in range(30)]
+    assert losses[-1] < 0.2 * losses[0]
