@@ -104,3 +104,14 @@ def test_train_twice_refuses_the_second_run_and_keeps_the_first(
     assert (tmp_path / "runs" / "tiny" / "checkpoint.pt").read_bytes() == first
     assert main(["train", str(path), "--out", "runs", "--name", "tiny2", "--no-progress"]) == 0
     assert open_run_dir(tmp_path / "runs" / "tiny2")[0] == "train"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("{", "unreadable kind marker"), ('{"kind": "zoo"}', "unknown kind 'zoo'")],
+)
+def test_a_damaged_marker_is_named(tmp_path: Path, content: str, message: str) -> None:
+    directory = create_run_dir(tmp_path / "x", "study", CONFIG)
+    (directory / MARKER).write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        open_run_dir(directory)

@@ -97,9 +97,16 @@ def _kind_or_none(directory: Path) -> str | None:
     if marker.is_file():
         try:
             kind = json.loads(marker.read_text(encoding="utf-8")).get("kind")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return kind if kind in KINDS else None
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ConfigError(
+                f"{str(marker)!r}: unreadable kind marker ({exc}); it should read "
+                '{"kind": "train" | "study" | "pbt", ...}'
+            ) from exc
+        if kind not in KINDS:
+            raise ConfigError(
+                f"{str(marker)!r}: unknown kind {kind!r}; expected one of {list(KINDS)}"
+            )
+        return kind
     for kind, probes in KINDS.items():
         if any((directory / probe).exists() for probe in probes):
             return kind
