@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from gradhpo.config import ConfigError
 from gradhpo.files import write_torch
 
 __all__ = ["PBTDatabase"]
@@ -65,9 +66,16 @@ class PBTDatabase:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "pbt.db"
         self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.executescript(_SCHEMA)
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            raise ConfigError(
+                f"{str(self.path)!r}: not a readable PBT database ({exc}); restore it from a "
+                "backup or start a new run under another name"
+            ) from exc
         self._to_delete: list[Path] = []
 
     def close(self) -> None:

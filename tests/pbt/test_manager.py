@@ -290,3 +290,12 @@ def test_report_best_member_curve_follows_the_direction(tmp_path: Path, maximize
     pick = max if maximize else min
     assert plotted == [[pick(by_step[t]) for t in sorted(by_step)]]
     assert plotted[0] != [(min if maximize else max)(by_step[t]) for t in sorted(by_step)]
+
+
+def test_a_garbage_database_is_one_clear_error_and_is_left_alone(tmp_path: Path) -> None:
+    from gradhpo.config import ConfigError
+
+    (tmp_path / "pbt.db").write_bytes(b"garbage, not SQLite\n")
+    with pytest.raises(ConfigError, match="not a readable PBT database"):
+        PBTDatabase(tmp_path)
+    assert (tmp_path / "pbt.db").read_bytes() == b"garbage, not SQLite\n"
