@@ -14,6 +14,7 @@ from typing import Any
 
 import optuna
 
+from gradhpo import __version__
 from gradhpo.config import ConfigError, load_yaml
 from gradhpo.data import DatasetNotFoundError
 from gradhpo.jobs.pbt import prepare_pbt, run_pbt
@@ -36,6 +37,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradhpo", description="Gradient-based hyperparameter optimization for PyTorch."
     )
+    parser.add_argument("--version", action="version", version=f"gradhpo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -49,6 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None, help="override training.device (auto, cpu, cuda)")
     train.add_argument("--out", type=Path, default=None, help="override output.dir")
     train.add_argument("--name", default=None, help="override the run name (run folder)")
+    train.add_argument("--seed", type=int, default=None, help="override training.seed")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(func=_cmd_train)
 
@@ -68,6 +71,9 @@ def _build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--device", default=None, help="override training.device (auto, cpu, cuda)")
     tune.add_argument("--out", type=Path, default=None, help="override output.dir")
     tune.add_argument("--name", default=None, help="override the study name (run folder)")
+    tune.add_argument(
+        "--seed", type=int, default=None, help="override training.seed (and the sampler's seed)"
+    )
     tune.add_argument(
         "--baseline",
         action="store_true",
@@ -120,6 +126,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _apply_overrides(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Write the command-line overrides that a subcommand has into the raw config."""
     for flag, section, key in (
+        ("seed", "training", "seed"),
         ("epochs", "training", "epochs"),
         ("device", "training", "device"),
         ("out", "output", "dir"),

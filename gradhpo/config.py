@@ -23,6 +23,7 @@ import yaml
 __all__ = [
     "ConfigError",
     "load_yaml",
+    "parse_yaml",
     "validate_train_config",
     "with_section",
     "TRAIN_DEFAULTS",
@@ -48,14 +49,43 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 _TRAIN_SECTIONS = ("name", "data", "model", "optimizer", "tuner", "training", "output")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain PyYAML keeps
+    the later one silently: a second ``model:`` section would train another model)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of ``text`` that also refuses duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load``; errors become :class:`ConfigError`."""
+    """Read a YAML mapping (safe loading, duplicate keys refused); every problem, an
+    unreadable or non-UTF-8 file included, is one :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {str(path)!r}")
     try:
-        with path.open(encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh)
+        loaded = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

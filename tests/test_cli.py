@@ -160,3 +160,66 @@ def test_bad_tuner_section_one_line_exit_2(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b"name: a\nmodel: {name: cnn}\ndata: {name: synthetic}\nmodel: {name: mlp}\n",
+            "duplicate key 'model'",
+        ),
+        (b"name: \xff\xfe\ndata: {name: synthetic}\n", "not UTF-8"),
+        (
+            b"name: a\ndata: {name: synthetic, seed: -1}\nmodel: {name: cnn}\n",
+            "seed must be an integer >= 0, got -1",
+        ),
+    ],
+    ids=["duplicate-key", "not-utf8", "negative-data-seed"],
+)
+def test_bad_config_files_are_one_line(
+    tmp_path: Path, capsys, monkeypatch, content: bytes, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    assert main(["train", str(path), "--out", str(tmp_path / "runs"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pbt_space_errors_name_the_pbt_section(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "name": "p",
+        "data": {"name": "synthetic"},
+        "model": {"name": "cnn", "depth": 1, "width": 4},
+        "pbt": {
+            "population": 2,
+            "interval": 2,
+            "steps": 4,
+            "space": {"optimizer.lr": {"type": "float"}},
+        },
+    }
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["pbt", str(path), "--out", str(tmp_path / "runs"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pbt.space.optimizer.lr" in err and "search.space" not in err
+
+
+def test_version_and_seed(tmp_path: Path, capsys, monkeypatch) -> None:
+    import gradhpo
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert (
+        stop.value.code == 0 and capsys.readouterr().out.strip() == f"gradhpo {gradhpo.__version__}"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(tmp_path, TINY, "--seed", "5", "--epochs", "1") == 0
+    resolved = yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text())
+    assert resolved["training"]["seed"] == 5
+    assert run_cli(tmp_path, TINY, "--seed", "-1", "--name", "neg") == 2
+    assert "training.seed: expected an integer >= 0, got -1" in capsys.readouterr().err

@@ -122,7 +122,7 @@ def validate_pbt_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchS
             raise ConfigError(f"pbt.batched: needs mode 'sync', got {p['mode']!r}")
         if config["training"]["augment"]:
             raise ConfigError("pbt.batched: augmentation is not supported by a batched population")
-    space = SearchSpace.from_config(p["space"])
+    space = SearchSpace.from_config(p["space"], section="pbt.space")
     if not len(space):
         raise ConfigError("pbt.space: expected at least one parameter to explore")
     for param in space:

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from gradhpo.config import ConfigError
+from gradhpo.config import ConfigError, parse_yaml
 from gradhpo.files import write_json, write_text
 
 __all__ = ["KINDS", "MARKER", "create_run_dir", "open_run_dir", "run_dir_of"]
@@ -131,7 +131,7 @@ def open_run_dir(directory: str | os.PathLike[str], kind: str | None = None) -> 
     if not path.is_file():
         raise ConfigError(f"{str(path)!r} is missing: the run directory is incomplete")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{str(path)!r}: not UTF-8 text ({exc.reason})") from exc
     except yaml.YAMLError as exc:

@@ -113,8 +113,10 @@ def _number(where: str, value: Any) -> float:
     return float(value)
 
 
-def _parse_parameter(path: str, spec: Any, earlier: Mapping[str, Parameter]) -> Parameter:
-    where = f"search.space.{path}"
+def _parse_parameter(
+    path: str, spec: Any, earlier: Mapping[str, Parameter], section: str = "search.space"
+) -> Parameter:
+    where = f"{section}.{path}"
     parts = path.split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(
@@ -244,16 +246,17 @@ class SearchSpace:
         self.parameters = parameters
 
     @classmethod
-    def from_config(cls, space: Any) -> SearchSpace:
+    def from_config(cls, space: Any, *, section: str = "search.space") -> SearchSpace:
+        """Parse a ``space`` mapping; errors name ``<section>.<path>`` (``pbt.space`` for PBT)."""
         if space is None:
             return cls([])
         if not isinstance(space, Mapping):
-            raise ConfigError(f"search.space: expected a mapping of parameters, got {space!r}")
+            raise ConfigError(f"{section}: expected a mapping of parameters, got {space!r}")
         parsed: dict[str, Parameter] = {}
         for path, spec in space.items():
             if not isinstance(path, str):
-                raise ConfigError(f"search.space: parameter names must be strings, got {path!r}")
-            parsed[path] = _parse_parameter(path, spec, parsed)
+                raise ConfigError(f"{section}: parameter names must be strings, got {path!r}")
+            parsed[path] = _parse_parameter(path, spec, parsed, section)
         return cls(list(parsed.values()))
 
     def __len__(self) -> int:
