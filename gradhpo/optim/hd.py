@@ -775,7 +775,7 @@ class SGDHD(HypergradientOptimizer):
     r"""SGD (optionally with heavy-ball momentum) whose lr adapts by hypergradient descent.
 
     Same arguments and defaults as :class:`torch.optim.SGD` (``lr=1e-3, momentum=0,
-    dampening=0, weight_decay=0``; Nesterov momentum is :class:`SGDNHD`), plus the keyword-only
+    dampening=0, weight_decay=0, nesterov=False``; ``nesterov=True`` is :class:`SGDNHD`), plus the keyword-only
     ``hypergrad_lr`` (beta, default ``1e-3``; its scale is lr^2 / loss, retune it with lr),
     ``hypergrad_lrs`` (rates of stacked higher levels, default none), ``rule``
     (``"additive"``/``"multiplicative"``), ``adapt`` (``"optimizer"``/``"group"``/``"tensor"``)
@@ -802,6 +802,7 @@ class SGDHD(HypergradientOptimizer):
         momentum: float = 0,
         dampening: float = 0,
         weight_decay: float = 0,
+        nesterov: bool | None = None,
         *,
         hypergrad_lr: float = 1e-3,
         hypergrad_lrs: Sequence[float] = (),
@@ -809,6 +810,10 @@ class SGDHD(HypergradientOptimizer):
         adapt: str = "group",
         lr_min: float = DEFAULT_LR_MIN,
     ) -> None:
+        if nesterov is not None:  # as torch.optim.SGD(nesterov=...); SGDNHD is SGDHD(nesterov=True)
+            if not isinstance(nesterov, bool):
+                raise ValueError(f"Invalid nesterov: {nesterov!r} (expected True or False)")
+            self._nesterov = nesterov
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -831,8 +836,8 @@ class SGDHD(HypergradientOptimizer):
         name = type(self).__name__
         if settings["nesterov"] is not self._nesterov:
             raise ValueError(
-                f"Invalid nesterov: {settings['nesterov']!r} ({name} has nesterov="
-                f"{self._nesterov}; use {'SGDHD' if self._nesterov else 'SGDNHD'} for the other)"
+                f"Invalid nesterov: {settings['nesterov']!r} (this {name} has nesterov="
+                f"{self._nesterov} for all its param groups)"
             )
         if self._nesterov and settings["momentum"] <= 0:
             raise ValueError(

@@ -1058,3 +1058,26 @@ def test_multiplicative_rule_refuses_stacked_levels():
         SGDHD(params, rule="multiplicative", hypergrad_lrs=(1e-3,))
     assert "(0.001,)" in str(info.value)
     SGDHD(params, rule="multiplicative", hypergrad_lrs=())  # no higher level: fine
+
+
+def test_sgdhd_takes_nesterov_like_torch() -> None:
+    """SGDHD(nesterov=True) is SGDNHD (torch.optim.SGD spells Nesterov as a flag)."""
+    torch.manual_seed(0)
+    start = [torch.randn(4, 3), torch.randn(3)]
+    kwargs = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01, "hypergrad_lr": 1e-3}
+    a = [torch.nn.Parameter(t.clone()) for t in start]
+    b = [torch.nn.Parameter(t.clone()) for t in start]
+    flag, cls = SGDHD(a, nesterov=True, **kwargs), SGDNHD(b, **kwargs)
+    for step in range(6):
+        for p, q in zip(a, b, strict=True):
+            g = torch.cos(p.detach() * (step + 1))
+            p.grad, q.grad = g.clone(), g.clone()
+        flag.step()
+        cls.step()
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p, q)
+    assert flag.param_groups[0]["lr"] == cls.param_groups[0]["lr"] != 0.05
+    with pytest.raises(ValueError, match="needs momentum > 0"):
+        SGDHD([torch.nn.Parameter(torch.zeros(2))], nesterov=True)
+    with pytest.raises(ValueError, match="Invalid nesterov: 'yes'"):
+        SGDHD([torch.nn.Parameter(torch.zeros(2))], momentum=0.9, nesterov="yes")
