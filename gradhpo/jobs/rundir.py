@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from gradhpo.config import ConfigError, parse_yaml
+from gradhpo.config import ConfigError, load_yaml
 from gradhpo.files import write_json, write_text
 
 __all__ = ["KINDS", "MARKER", "create_run_dir", "open_run_dir", "run_dir_of"]
@@ -130,14 +130,4 @@ def open_run_dir(directory: str | os.PathLike[str], kind: str | None = None) -> 
     path = directory / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{str(path)!r} is missing: the run directory is incomplete")
-    try:
-        raw = parse_yaml(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{str(path)!r}: not UTF-8 text ({exc.reason})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{str(path)!r}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
-    except OSError as exc:
-        raise ConfigError(f"{str(path)!r}: cannot read: {exc.strerror}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{str(path)!r}: top level must be a mapping")
-    return found, raw
+    return found, load_yaml(path)
