@@ -43,6 +43,7 @@ from gradhpo.pbt.batched import BatchedPopulation
 from gradhpo.pbt.manager import BatchedGroup, BatchedMember, PopulationBasedTraining, RunMember
 from gradhpo.pbt.store import PBTDatabase
 from gradhpo.run.builder import build_run, load_job_data
+from gradhpo.run.loop import METRICS
 from gradhpo.search.space import SearchSpace
 from gradhpo.tensorboard_logger import TensorBoardLogger
 
@@ -254,7 +255,7 @@ def prepare_pbt(
         factors=p["factors"],
         resample_probability=p["resample_probability"],
         mode=p["mode"],
-        maximize=p["metric"] == "val_accuracy",
+        maximize=METRICS[p["metric"]] == "maximize",
         seed=p["seed"],
         on_evaluate=population.on_evaluate,
     )

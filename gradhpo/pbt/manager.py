@@ -33,6 +33,7 @@ import torch
 from gradhpo.files import write_torch
 from gradhpo.pbt.store import PBTDatabase
 from gradhpo.pbt.strategies import explore, rank, resample, sampler_proposal, tournament, truncation
+from gradhpo.run.loop import check_metric
 from gradhpo.search.space import Parameter
 
 __all__ = ["Member", "RunMember", "BatchedGroup", "BatchedMember", "PopulationBasedTraining"]
@@ -67,8 +68,7 @@ class RunMember:
     _OWN = ("iterator", "val_iterator", "rng")
 
     def __init__(self, run: Any, metric: str = "val_accuracy") -> None:
-        if metric not in ("val_accuracy", "val_loss"):
-            raise ValueError(f"metric must be 'val_accuracy' or 'val_loss', got {metric!r}")
+        check_metric(metric)
         self.run = run
         self.metric = metric
 
@@ -160,8 +160,7 @@ class BatchedGroup:
     all members, validation scores computed once per step for all members."""
 
     def __init__(self, population: Any, metric: str = "val_accuracy") -> None:
-        if metric not in ("val_accuracy", "val_loss"):
-            raise ValueError(f"metric must be 'val_accuracy' or 'val_loss', got {metric!r}")
+        check_metric(metric)
         self.population = population
         self.metric = metric
         self._scores: list[float] | None = None
