@@ -210,15 +210,7 @@ class TrainingRun:
         else:
             self.tuner, self._tuner_settings = self._make_tuner(tuner)
         self.loss_fn = nn.CrossEntropyLoss()
-        self.batches = BatchIterator(
-            self.data.train.x,
-            self.data.train.y,
-            min(batch_size, len(self.data.train)),
-            shuffle=True,
-            drop_last=True,
-            seed=seed,
-            augment=Augment() if augment else None,
-        )
+        self.batches = self._train_batches(batch_size, seed, Augment() if augment else None)
         self.val_batches: BatchIterator | None = None
         if self.tuner is not None and self.tuner.objective == "val":
             self.val_batches = BatchIterator(
@@ -455,14 +447,20 @@ class TrainingRun:
             return
         self.batch_size = batch_size
         self.config["training"]["batch_size"] = batch_size
-        self.batches = BatchIterator(
+        self.batches = self._train_batches(
+            batch_size, self.seed * 1_000_003 + self.global_step, self.batches.augment
+        )
+
+    def _train_batches(self, batch_size: int, seed: int, augment: Augment | None) -> BatchIterator:
+        """The shuffled training-batch stream (last incomplete batch dropped)."""
+        return BatchIterator(
             self.data.train.x,
             self.data.train.y,
             min(batch_size, len(self.data.train)),
             shuffle=True,
             drop_last=True,
-            seed=self.seed * 1_000_003 + self.global_step,
-            augment=self.batches.augment,
+            seed=seed,
+            augment=augment,
         )
 
     def set_dropout(self, p: float) -> None:
