@@ -79,6 +79,7 @@ from tqdm.auto import tqdm
 from gradhpo.config import ConfigError
 from gradhpo.files import write_json
 from gradhpo.run.loop import METRICS
+from gradhpo.search.retry import RetryingStorage
 from gradhpo.search.samplers import (
     load_sampler_state,
     make_pruner,
@@ -240,7 +241,12 @@ def _url_storage(url: str) -> BaseStorage:
             path = Path(database)
             if not parsed.query:
                 return _sqlite_storage(path)
-        return optuna.storages.RDBStorage(url)
+        rdb = optuna.storages.RDBStorage(url)
+        if parsed.get_backend_name() == "sqlite":
+            return rdb
+        # A database server: calls are retried while the connection is lost (a restart, a
+        # network drop), with Optuna's cache of finished trials under the retries.
+        return RetryingStorage(optuna.storages._CachedStorage(rdb), name=mask_password(url))
     except Exception as exc:
         message = _sanitize(f"{type(exc).__name__}: {exc}", url)
     raise ValueError(f"storage {mask_password(url)!r}: cannot open it: {message}")

@@ -1,0 +1,213 @@
+"""Retry storage calls while a database server is unreachable.
+
+A study whose trials live in a database server (``storage="postgresql://..."``) must survive
+the server restarting or the network dropping for a while: every driver would otherwise fail
+its running trial (or die) at the first storage call that finds the connection gone.
+:class:`RetryingStorage` wraps an Optuna storage and repeats a call that failed because the
+connection was lost (SQLAlchemy ``OperationalError``/``InterfaceError`` or a DBAPI error
+marked as a disconnect, however Optuna wrapped it) with growing pauses (0.1 s doubling to
+2 s), for up to ``retry_seconds`` in all; then the last error propagates. Other errors
+(a finished trial, a missing study, bad data) propagate at once. SQLAlchemy drops the pool's
+dead connections at the first disconnect, so a retry after the server is back reconnects.
+
+Writes are repeated only where a repeat is harmless: attribute, parameter and intermediate
+value writes set the same value again; a repeated state change that finds the trial already
+in that state (the first attempt was committed, only its answer was lost) counts as done; a
+repeated ``create_new_trial`` whose template carries system attributes (gradhpo's driver
+record with its heartbeat time) first looks for the trial the lost attempt may have created,
+so a retried ask never makes two trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = ["RetryingStorage", "is_connection_error"]
+
+logger = logging.getLogger("gradhpo.search")
+
+#: Seconds a storage call is retried while the database cannot be reached.
+RETRY_SECONDS = 120.0
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says the database connection was
+    lost or could not be made."""
+    try:
+        from sqlalchemy import exc as sa_exc
+    except ImportError:  # pragma: no cover - Optuna depends on SQLAlchemy
+        return False
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+            return True
+        if isinstance(current, sa_exc.DisconnectionError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+_PASS_THROUGH = ("remove_session",)
+_METHODS = (
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_all_studies",
+    "set_trial_param",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial_number_from_id",
+    "get_trial_param",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial",
+    "get_all_trials",
+    "get_n_trials",
+    "get_best_trial",
+    "get_trial_params",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "check_trial_is_updatable",
+)
+
+
+class RetryingStorage(BaseStorage):
+    """``backend`` (an Optuna storage) with its calls retried while the connection is lost
+    (see the module docstring). ``name`` is how messages call the storage (a URL with its
+    password masked)."""
+
+    def __init__(
+        self,
+        backend: BaseStorage,
+        *,
+        retry_seconds: float = RETRY_SECONDS,
+        name: str = "storage",
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if (
+            isinstance(retry_seconds, bool)
+            or not isinstance(retry_seconds, (int, float))
+            or not (retry_seconds >= 0)
+        ):
+            raise ValueError(f"retry_seconds must be a number >= 0, got {retry_seconds!r}")
+        self.backend = backend
+        self.retry_seconds = float(retry_seconds)
+        self.name = name
+        self._sleep = sleep
+        self.retries = 0  # calls repeated after a lost connection (for tests and logs)
+
+    def __repr__(self) -> str:
+        return f"RetryingStorage({self.name})"
+
+    def __getattr__(self, attr: str) -> Any:
+        # Anything else a storage has (Optuna internals, _CachedStorage's helpers): as is.
+        if attr == "backend":  # not set yet (unpickling)
+            raise AttributeError(attr)
+        return getattr(self.backend, attr)
+
+    def _call(
+        self, method: str, *args: Any, on_retry: Callable[[], Any] | None = None, **kwargs: Any
+    ) -> Any:
+        """``backend.method(*args, **kwargs)``, repeated while the connection is lost.
+        ``on_retry()``, called before each repeat, may return ``(True, result)`` to finish
+        with ``result`` instead (the lost attempt turned out to have been committed)."""
+        deadline = time.monotonic() + self.retry_seconds
+        pause = 0.1
+        failed = False
+        while True:
+            try:
+                if failed and on_retry is not None:
+                    done, result = on_retry()
+                    if done:
+                        return result
+                result = getattr(self.backend, method)(*args, **kwargs)
+                if failed:
+                    logger.warning(
+                        "Storage %s reachable again; %s went through.", self.name, method
+                    )
+                return result
+            except Exception as exc:
+                if not is_connection_error(exc) or time.monotonic() + pause > deadline:
+                    raise
+                if not failed:
+                    logger.warning(
+                        "Storage %s: connection lost in %s (%s); retrying for up to %.0f s.",
+                        self.name,
+                        method,
+                        type(exc).__name__,
+                        self.retry_seconds,
+                    )
+                failed = True
+                self.retries += 1
+                self._sleep(pause)
+                pause = min(2.0, pause * 2)
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        def committed() -> tuple[bool, Any]:
+            if template_trial is None or not template_trial.system_attrs:
+                return False, None
+            for t in self.backend.get_all_trials(study_id, deepcopy=False):
+                if (
+                    t.system_attrs == template_trial.system_attrs
+                    and t.user_attrs == template_trial.user_attrs
+                    and t.state == template_trial.state
+                ):
+                    return True, t._trial_id
+            return False, None
+
+        return self._call("create_new_trial", study_id, template_trial, on_retry=committed)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        repeated = [False]
+
+        def mark() -> tuple[bool, Any]:
+            repeated[0] = True
+            return False, None
+
+        try:
+            return self._call(
+                "set_trial_state_values", trial_id, state=state, values=values, on_retry=mark
+            )
+        except UpdateFinishedTrialError:
+            # The lost attempt was committed: the trial already is in the state asked for.
+            if repeated[0] and self.backend.get_trial(trial_id).state == state:
+                return True
+            raise
+
+
+def _delegate(method: str) -> Callable[..., Any]:
+    def call(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._call(method, *args, **kwargs)
+
+    call.__name__ = method
+    call.__doc__ = f"``backend.{method}``, retried while the connection is lost."
+    return call
+
+
+for _method in _METHODS:
+    setattr(RetryingStorage, _method, _delegate(_method))
+for _method in _PASS_THROUGH:
+    setattr(
+        RetryingStorage,
+        _method,
+        (lambda m: lambda self, *a, **k: getattr(self.backend, m)(*a, **k))(_method),
+    )
+# Every abstract method is delegated above.
+RetryingStorage.__abstractmethods__ = frozenset()
