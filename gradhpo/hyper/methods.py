@@ -155,6 +155,10 @@ class HypergradResult:
     state: Params
     buffers: Params
     residual: float | None = None  # implicit only: relative residual of the linear solve
+    # forward only: d(params)/d(raw) and d(optimizer slots)/d(raw) after the last step,
+    # (n scalar hypers, *shape) each, keyed "params/<name>" / "state/<slot>"; pass them back
+    # as ``tangents=`` to carry forward mode across unrolls.
+    tangents: dict[str, Tensor] | None = None
 
 
 def _in_mode(model: nn.Module, training: bool) -> bool:
@@ -238,15 +242,20 @@ def inner_step(
     batch: Batch,
     *,
     functional: bool = False,
+    step: int | None = None,
 ) -> tuple[Params, Params, Params, Tensor]:
     """One differentiable training step: (new params, new state, new buffers, data loss).
+
+    ``step`` is the training step the hyperparameters are read at (needed only by scheduled
+    hyperparameters; :func:`hypergradient` takes it from the optimizer's step count).
 
     Differentiable with respect to ``params``, ``state`` and ``raw``. The inner gradient is
     taken with ``torch.autograd.grad`` (``create_graph`` only where something upstream needs
     it: about 15 % faster than ``torch.func.grad`` here), or with ``torch.func.grad`` when
     ``functional=True``, which the step needs under ``torch.func`` transforms (forward mode).
     """
-    return _step(problem, params, state, buffers, problem.hypers.values(raw), batch, functional)
+    values = problem.hypers.values(raw, step)
+    return _step(problem, params, state, buffers, values, batch, functional)
 
 
 def _step(
@@ -327,6 +336,18 @@ def _carries_tangent(name: str, value: Tensor) -> bool:
     return value.is_floating_point() and name != STEP_KEY and not name.startswith(HYPER_PREFIX)
 
 
+def _first_step(problem: InnerProblem, state: Mapping[str, Tensor]) -> int | None:
+    """The training step of an unroll's first inner step, for scheduled hyperparameters: the
+    inner optimizer's step count (None without schedules: nothing reads it)."""
+    if not problem.hypers.scheduled:
+        return None
+    return int(state[STEP_KEY]) if STEP_KEY in state else 0
+
+
+def _step_at(first: int | None, k: int) -> int | None:
+    return None if first is None else first + k
+
+
 def _zeros_like(raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: torch.zeros_like(v) for k, v in raw.items()}
 
@@ -362,19 +383,21 @@ def _reverse(
     k_total = len(batches)
     t = _check_horizon(batches, truncate)
     losses: list[Tensor] = []
+    first = _first_step(problem, state)
     # Untracked prefix of a truncated unroll: hypers act as constants there.
-    if t < k_total:
-        with torch.no_grad():
-            const = problem.hypers.values({k: v.detach() for k, v in raw.items()})
-    for batch in batches[: k_total - t]:
-        params, state, buffers, loss = _step(problem, params, state, buffers, const, batch)
+    const = problem.hypers.values_by_step({k: v.detach() for k, v in raw.items()})
+    for i, batch in enumerate(batches[: k_total - t]):
+        values = const(_step_at(first, i))
+        params, state, buffers, loss = _step(problem, params, state, buffers, values, batch)
         params, state, buffers = _detach(params), _detach(state), _detach(buffers)
         losses.append(loss.detach())
     # No need to track the start point: the graph begins where the hypers first act.
     params, state = _detach(params), _detach(state)
     tracked_losses: list[Tensor] = []
-    values = problem.hypers.values(raw)  # one graph node per hyper, shared by every step
-    for batch in batches[k_total - t :]:
+    # One graph node per hyper (per schedule position), shared by every step that reads it.
+    tracked_values = problem.hypers.values_by_step(raw)
+    for i, batch in enumerate(batches[k_total - t :], start=k_total - t):
+        values = tracked_values(_step_at(first, i))
         params, state, buffers, loss = _step(problem, params, state, buffers, values, batch)
         buffers = _detach(buffers)
         tracked_losses.append(loss)
@@ -414,8 +437,8 @@ def _checkpointed(
     raw = problem.hypers.raw
     k_total = len(batches)
     t = _check_horizon(batches, truncate)
-    with torch.no_grad():
-        const = problem.hypers.values({k: v.detach() for k, v in raw.items()})
+    first = _first_step(problem, state)
+    const = problem.hypers.values_by_step({k: v.detach() for k, v in raw.items()})
     saved: list[tuple[Params, Params, Params, Any]] = []
     losses: list[Tensor] = []
     params, state, buffers = _detach(params), _detach(state), _detach(buffers)
@@ -425,7 +448,8 @@ def _checkpointed(
         if i >= k_total - t:  # a tracked step: recomputed in the backward sweep
             saved.append((params, state, buffers, _get_rng(device)))
         with torch.no_grad():
-            params, state, buffers, loss = _step(problem, params, state, buffers, const, batch)
+            values = const(_step_at(first, i))
+            params, state, buffers, loss = _step(problem, params, state, buffers, values, batch)
         losses.append(loss)
     # The last step is taken with its graph, kept for the first vector-Jacobian product of
     # the backward sweep (one step's activations, which that sweep holds anyway): it is not
@@ -434,7 +458,8 @@ def _checkpointed(
         _track(params),
         {n: v.detach().requires_grad_(n in moving) for n, v in state.items()},
     )
-    last_out = _step(problem, *last_in, buffers, problem.hypers.values(raw), batches[-1])
+    last_values = problem.hypers.values(raw, _step_at(first, k_total - 1))
+    last_out = _step(problem, *last_in, buffers, last_values, batches[-1])
     params, state, buffers = _detach(last_out[0]), _detach(last_out[1]), _detach(last_out[2])
     losses.append(last_out[3].detach())
     final_params, final_state, final_buffers = params, state, buffers
@@ -460,16 +485,20 @@ def _checkpointed(
     loss_weight = objective.train_weight / k_total
 
     rng_after = _get_rng(device)
-    recompute = [(batches[k_total - 2 - i], step) for i, step in enumerate(reversed(saved))]
+    recompute = [
+        (k_total - 2 - i, batches[k_total - 2 - i], step) for i, step in enumerate(reversed(saved))
+    ]
     for j in range(len(recompute) + 1):
         if j == 0:
             (p_in, s_in), (p_out, s_out, _, loss) = last_in, last_out
         else:
-            batch, (p_k, s_k, b_k, rng_k) = recompute[j - 1]
+            k, batch, (p_k, s_k, b_k, rng_k) = recompute[j - 1]
             _set_rng(device, rng_k)
             p_in = _track(p_k)
             s_in = {n: v.detach().requires_grad_(n in moving) for n, v in s_k.items()}
-            p_out, s_out, _, loss = inner_step(problem, p_in, s_in, b_k, raw, batch)
+            p_out, s_out, _, loss = inner_step(
+                problem, p_in, s_in, b_k, raw, batch, step=_step_at(first, k)
+            )
         s_out_float = {n: v for n, v in s_out.items() if n in adj_state}
         outputs = [*p_out.values(), *s_out_float.values()]
         cotangents = [*(adj_params[n] for n in p_out), *(adj_state[n] for n in s_out_float)]
@@ -522,20 +551,21 @@ def _tangent_step(
     tan_p: Params,
     tan_s: Params,
     tan_r: Params,
+    step: int | None = None,
 ) -> tuple[Params, Tensor, Params, Params, Tensor, Params, Params]:
     """One forward-mode step for a chunk of c directions: primals ``(params, moving state,
     raw)`` and tangents stacked on a leading (c,) dimension. Returns (new params, data loss,
     their tangents (c, ...): params, moving state, loss; the full new state, new buffers)."""
     moving = list(primals[1])
 
-    def step(p: Params, s: Params, r: Params):
+    def one_step(p: Params, s: Params, r: Params):
         new_p, new_s, new_b, loss = inner_step(
-            problem, p, {**s, **fixed}, buffers, r, batch, functional=True
+            problem, p, {**s, **fixed}, buffers, r, batch, functional=True, step=step
         )
         return (new_p, {n: new_s[n] for n in moving}, loss), (new_s, new_b)
 
     def tangent_step(tp: Params, ts: Params, tr: Params):
-        return jvp(step, primals, (tp, ts, tr), has_aux=True)
+        return jvp(one_step, primals, (tp, ts, tr), has_aux=True)
 
     if next(iter(tan_r.values())).shape[0] == 1:  # one direction: a plain jvp (chunk=1)
         one = tuple({n: t[0] for n, t in part.items()} for part in (tan_p, tan_s, tan_r))
@@ -578,6 +608,7 @@ def _forward(
     max_directions: int,
     chunk: int | None,
     compile: bool = False,
+    tangents: Mapping[str, Tensor] | None = None,
 ) -> HypergradResult:
     if truncate is not None and truncate != len(batches):
         raise ValueError(
@@ -610,8 +641,9 @@ def _forward(
     # Only the optimizer's slots carry a tangent: the step counter, flags and carried
     # hyperparameter values do not depend on the hypers (their tangent would stay 0).
     moving = [n for n, v in state.items() if _carries_tangent(n, v)]
-    tan_p = [{n: v.new_zeros((b - a, *v.shape)) for n, v in params.items()} for a, b in chunks]
-    tan_s = [{n: state[n].new_zeros((b - a, *state[n].shape)) for n in moving} for a, b in chunks]
+    start = _check_tangents(tangents, params, state, moving, n_dir)
+    tan_p = [{n: start[_P + n][a:b] for n in params} for a, b in chunks]
+    tan_s = [{n: start[_S + n][a:b] for n in moving} for a, b in chunks]
     loss_tangent_sum = [
         torch.zeros(b - a, dtype=hypers.dtype, device=hypers.device) for a, b in chunks
     ]
@@ -619,14 +651,23 @@ def _forward(
 
     device = next(iter(params.values())).device
     step_fn = _compiled_tangent_step() if compile else _tangent_step
-    for batch in batches:
+    first = _first_step(problem, state)
+    for k, batch in enumerate(batches):
         rng = _get_rng(device)
         fixed = {n: v for n, v in state.items() if n not in moving}
         primals = (params, {n: state[n] for n in moving}, raw)
         for c in range(len(chunks)):
             _set_rng(device, rng)  # every chunk replays the same dropout masks
             p_next, loss, dp, ds, dloss, full_state, new_buffers = step_fn(
-                problem, primals, fixed, buffers, batch, tan_p[c], tan_s[c], raw_tangents[c]
+                problem,
+                primals,
+                fixed,
+                buffers,
+                batch,
+                tan_p[c],
+                tan_s[c],
+                raw_tangents[c],
+                _step_at(first, k),
             )
             tan_p[c], tan_s[c] = dp, ds
             loss_tangent_sum[c] = loss_tangent_sum[c] + dloss
@@ -674,7 +715,43 @@ def _forward(
         params=params,
         state=state,
         buffers=buffers,
+        tangents={
+            **{_P + n: torch.cat([t[n] for t in tan_p]) for n in params},
+            **{_S + n: torch.cat([t[n] for t in tan_s]) for n in moving},
+        },
     )
+
+
+#: Key prefixes of forward mode's tangents (:attr:`HypergradResult.tangents`).
+_P, _S = "params/", "state/"
+
+
+def _check_tangents(
+    tangents: Mapping[str, Tensor] | None,
+    params: Params,
+    state: Params,
+    moving: Sequence[str],
+    n_dir: int,
+) -> dict[str, Tensor]:
+    """The starting tangents of forward mode, (n_dir, *shape) each: zeros (a fresh start), or
+    the ``tangents`` that an earlier call returned (carried forward mode), checked."""
+    shapes = {
+        **{_P + n: (n_dir, *v.shape) for n, v in params.items()},
+        **{_S + n: (n_dir, *state[n].shape) for n in moving},
+    }
+    like = {**{_P + n: v for n, v in params.items()}, **{_S + n: state[n] for n in moving}}
+    if tangents is None:
+        return {k: like[k].new_zeros(shape) for k, shape in shapes.items()}
+    if set(tangents) != set(shapes):
+        raise ValueError(
+            f"tangents: keys {sorted(tangents)} do not match this problem's {sorted(shapes)}"
+        )
+    for key, shape in shapes.items():
+        if tuple(tangents[key].shape) != shape:
+            raise ValueError(
+                f"tangents[{key!r}]: shape {tuple(tangents[key].shape)}, expected {shape}"
+            )
+    return {k: t.detach().to(like[k]) for k, t in tangents.items()}
 
 
 def implicit_at(
@@ -705,6 +782,11 @@ def implicit_at(
     if objective.final is None or objective.train_weight:
         raise ValueError(
             "implicit differentiation needs a final objective without a train-mean term"
+        )
+    if problem.hypers.scheduled:
+        raise ValueError(
+            "implicit differentiation needs constant hyperparameters: a schedule does not "
+            "define one training minimum"
         )
     _check_horizon(batches, None)
     params, buffers = _detach(params), _detach(buffers)
@@ -757,6 +839,7 @@ def hypergradient(
     max_directions: int = 64,
     chunk: int | None = None,
     compile: bool = False,
+    tangents: Mapping[str, Tensor] | None = None,
 ) -> HypergradResult:
     """Run K = len(batches) inner steps from (params, state, buffers) and differentiate the
     objective with respect to ``problem.hypers.raw`` by ``method`` (see module docstring).
@@ -771,13 +854,29 @@ def hypergradient(
     On small models, where the per-operation cost of ``torch.func`` dominates, a step is many
     times faster once compiled; the first call compiles (tens of seconds on a CPU), and a new
     batch shape, model or optimizer compiles again. Dropout draws the same masks as without
-    it; the results agree with the eager ones up to float rounding (fused kernels)."""
+    it; the results agree with the eager ones up to float rounding (fused kernels).
+
+    ``tangents`` (forward mode only): start from the tangents that an earlier call returned
+    (:attr:`HypergradResult.tangents`) instead of zeros. The result then differentiates
+    through every step since the tangents were last zero (real-time recurrent learning
+    carried across unrolls, RTHO), treating earlier hyperparameter updates as if the current
+    values had held all along; memory does not grow with the horizon.
+
+    Scheduled hyperparameters are read at the training step given by the inner optimizer's
+    step count (``state["step"]``) plus the step's index in ``batches``."""
     if method not in METHODS:
         raise ValueError(f"method: unknown {method!r}; choose one of {list(METHODS)}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be an integer >= 1 or None, got {chunk!r}")
     if compile and method != "forward":
         raise ValueError(f"compile: only forward mode steps are compiled, got method {method!r}")
+    if compile and problem.hypers.scheduled:
+        raise ValueError(
+            "compile: scheduled hyperparameters are not supported (a new schedule position "
+            "would compile a new step)"
+        )
+    if tangents is not None and method != "forward":
+        raise ValueError(f"tangents: only forward mode carries tangents, got method {method!r}")
     params, state, buffers = dict(params), dict(state), dict(buffers)
     with _unrolling(problem):
         return _dispatch(
@@ -792,6 +891,7 @@ def hypergradient(
             max_directions,
             chunk,
             compile,
+            tangents,
         )
 
 
@@ -824,12 +924,15 @@ def unroll(
     horizons of amortized tuning (:class:`~gradhpo.hyper.tuner.HyperTuner` ``every``).
     """
     _check_horizon(batches, None)
-    with torch.no_grad():
-        values = problem.hypers.values({k: v.detach() for k, v in problem.hypers.raw.items()})
+    values_at = problem.hypers.values_by_step(
+        {k: v.detach() for k, v in problem.hypers.raw.items()}
+    )
+    first = _first_step(problem, state)
     params, state, buffers = _detach(params), _detach(state), _detach(buffers)
     losses: list[Tensor] = []
     with _unrolling(problem), torch.no_grad():
-        for batch in batches:
+        for k, batch in enumerate(batches):
+            values = values_at(_step_at(first, k))
             params, state, buffers, loss = _step(problem, params, state, buffers, values, batch)
             losses.append(loss)
     return params, state, buffers, torch.stack(losses)
@@ -847,6 +950,7 @@ def _dispatch(
     max_directions: int,
     chunk: int | None,
     compile: bool,
+    tangents: Mapping[str, Tensor] | None,
 ) -> HypergradResult:
     if method == "greedy":
         if len(batches) != 1:
@@ -867,4 +971,5 @@ def _dispatch(
         max_directions,
         chunk,
         compile,
+        tangents,
     )

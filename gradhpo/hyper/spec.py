@@ -12,13 +12,19 @@ into unconstrained *raw* leaf tensors and maps them to valid values:
 * ``sigmoid``: ``value = low + (high - low) * sigmoid(raw)`` with default bounds (0, 1).
 
 Values are never clamped after the fact: every raw value maps to a valid hyperparameter.
+
+A hyperparameter can also be a **schedule** over training (:class:`Schedule`): S segments,
+each its own raw scalar (or per-tensor value), piecewise constant or linearly interpolated
+between S knots. Its raw tensor has a leading (S,) dimension and its value depends on the
+training step (:meth:`HyperParameters.values` ``step=``); linear interpolation mixes the
+*constrained* knot values, so every step's value stays valid.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,6 +36,8 @@ __all__ = [
     "LOSS_HYPERS",
     "GRANULARITIES",
     "TRANSFORMS",
+    "INTERPOLATIONS",
+    "Schedule",
     "HyperSpec",
     "HyperParameters",
     "parse_specs",
@@ -45,6 +53,7 @@ LOSS_HYPERS = ("l2", "example_weight")
 HYPER_NAMES = OPTIMIZER_HYPERS + LOSS_HYPERS
 GRANULARITIES = ("scalar", "per_tensor", "per_element", "per_example")
 TRANSFORMS = ("log", "softplus", "sigmoid")
+INTERPOLATIONS = ("constant", "linear")
 
 _DEFAULT_TRANSFORM = {
     "lr": "log",
@@ -66,6 +75,85 @@ def _inverse_softplus(v: float) -> float:
     return v + math.log(-math.expm1(-v)) if v < 20 else v
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A hyperparameter as a function of the training step: ``segments`` raw values over
+    ``steps`` training steps.
+
+    * ``constant``: step t uses segment ``min(t * S // steps, S - 1)`` (equal-length segments);
+    * ``linear``: S knots at steps ``i * (steps - 1) / (S - 1)``; between two knots the value
+      is interpolated linearly (S = 1 is a constant).
+
+    Steps at or past ``steps`` use the last segment / knot. ``steps`` may be left ``None``
+    and filled in from the training budget (``HyperParameters(total_steps=)``).
+    """
+
+    segments: int
+    interpolation: str = "constant"
+    steps: int | None = None
+    field_name: str = "schedule"
+
+    def __post_init__(self) -> None:
+        where = self.field_name
+        if not _is_int(self.segments) or self.segments < 1:
+            raise ValueError(f"{where}.segments: must be an integer >= 1, got {self.segments!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"{where}.interpolation: unknown {self.interpolation!r}; choose one of "
+                f"{list(INTERPOLATIONS)}"
+            )
+        if self.steps is not None:
+            if not _is_int(self.steps) or self.steps < 1:
+                raise ValueError(f"{where}.steps: must be an integer >= 1, got {self.steps!r}")
+            if self.segments > self.steps:
+                raise ValueError(
+                    f"{where}.segments: {self.segments} segments need at least as many training "
+                    f"steps, got steps={self.steps}"
+                )
+
+    @classmethod
+    def parse(cls, value: Schedule | Mapping[str, Any], field_name: str) -> Schedule:
+        if isinstance(value, Schedule):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{field_name}: expected a mapping like {{segments: 5}}, got {value!r}")
+        unknown = sorted(set(value) - {"segments", "interpolation", "steps"})
+        if unknown:
+            raise ValueError(
+                f"{field_name}: unknown key(s) {unknown}; allowed: segments, interpolation, steps"
+            )
+        if "segments" not in value:
+            raise ValueError(f"{field_name}.segments is required, got {dict(value)!r}")
+        return cls(**value, field_name=field_name)
+
+    def with_steps(self, steps: int) -> Schedule:
+        return Schedule(self.segments, self.interpolation, steps, self.field_name)
+
+    def weights(self, step: int) -> tuple[tuple[int, float], ...]:
+        """The segments (knots) that step ``step`` reads and their weights (sum 1)."""
+        if self.steps is None:
+            raise ValueError(f"{self.field_name}.steps: not set (give steps or total_steps)")
+        s, t = self.segments, max(int(step), 0)
+        if self.interpolation == "constant" or s == 1:
+            return ((min(t * s // self.steps, s - 1), 1.0),)
+        last = self.steps - 1
+        position = min(t, last) * (s - 1) / last
+        i = min(int(position), s - 2)
+        frac = position - i
+        if frac == 0.0:
+            return ((i, 1.0),)
+        if frac == 1.0:
+            return ((i + 1, 1.0),)
+        return ((i, 1.0 - frac), (i + 1, frac))
+
+    def to_config(self) -> dict[str, Any]:
+        return {"segments": self.segments, "interpolation": self.interpolation, "steps": self.steps}
+
+
 @dataclass(frozen=True)
 class HyperSpec:
     """One tuned hyperparameter.
@@ -80,6 +168,9 @@ class HyperSpec:
             l2, example weights; sigmoid for momentum and betas).
         low, high: optional bounds of the value (both or none; required open interval for
             ``sigmoid``, default (0, 1)).
+        schedule: make the hyperparameter a :class:`Schedule` over training (or a mapping
+            ``{segments: S, interpolation: constant|linear, steps: T}``); ``scalar`` or
+            ``per_tensor`` granularity. Every segment starts at ``init``.
     """
 
     name: str
@@ -88,6 +179,7 @@ class HyperSpec:
     transform: str | None = None
     low: float | None = None
     high: float | None = None
+    schedule: Schedule | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.name not in HYPER_NAMES:
@@ -133,6 +225,14 @@ class HyperSpec:
             )
         for value in inits:
             self._check_value(value)
+        if self.schedule is not None:
+            schedule = Schedule.parse(self.schedule, f"{self.name}.schedule")
+            if self.granularity not in ("scalar", "per_tensor"):
+                raise ValueError(
+                    f"{self.name}.schedule: needs granularity 'scalar' or 'per_tensor', got "
+                    f"{self.granularity!r}"
+                )
+            object.__setattr__(self, "schedule", schedule)
 
     def _check_value(self, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -184,7 +284,15 @@ def parse_specs(specs: Sequence[HyperSpec | Mapping[str, Any]]) -> list[HyperSpe
     parsed: list[HyperSpec] = []
     for i, spec in enumerate(specs):
         if isinstance(spec, Mapping):
-            unknown = set(spec) - {"name", "init", "granularity", "transform", "low", "high"}
+            unknown = set(spec) - {
+                "name",
+                "init",
+                "granularity",
+                "transform",
+                "low",
+                "high",
+                "schedule",
+            }
             if unknown:
                 raise ValueError(f"hypers[{i}]: unknown key(s) {sorted(unknown)}")
             if "name" not in spec or "init" not in spec:
@@ -207,9 +315,12 @@ class HyperParameters:
 
     ``raw`` maps keys to leaf tensors with ``requires_grad=True``: ``name`` for a scalar or a
     per-example vector, ``name/param`` for per-tensor (0-d) and per-element (param-shaped)
-    values. :meth:`values` maps raw tensors to what optimizers and losses read:
+    values; a scheduled hyperparameter's leaves have a leading (S,) segment dimension.
+    :meth:`values` maps raw tensors to what optimizers and losses read:
     ``{hyper name: {param name: tensor broadcastable to the param}}``, and for
     ``example_weight`` the vector of weights itself.
+
+    ``total_steps`` fills in the length of schedules that do not give their own ``steps``.
     """
 
     def __init__(
@@ -218,8 +329,12 @@ class HyperParameters:
         params: Mapping[str, Tensor],
         *,
         num_examples: int | None = None,
+        total_steps: int | None = None,
     ) -> None:
-        self.specs = parse_specs(specs)
+        specs = parse_specs(specs)
+        if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
+            raise ValueError(f"total_steps: must be an integer >= 1, got {total_steps!r}")
+        self.specs = [self._resolve_schedule(spec, total_steps) for spec in specs]
         if not params:
             raise ValueError("HyperParameters: the model has no parameters")
         self.param_shapes = {k: tuple(v.shape) for k, v in params.items()}
@@ -236,10 +351,11 @@ class HyperParameters:
                         f"{spec.name}.init: per-parameter values must name exactly the model's "
                         f"parameters; missing {missing}, unknown {extra}"
                     )
+            segments = () if spec.schedule is None else (spec.schedule.segments,)
             keys: list[tuple[str, str | None]] = []
             if spec.granularity == "scalar":
                 keys.append((spec.name, None))
-                self.raw[spec.name] = self._leaf(spec.to_raw(spec.init_for("")), ())
+                self.raw[spec.name] = self._leaf(spec.to_raw(spec.init_for("")), segments)
             elif spec.granularity == "per_example":
                 if num_examples is None or num_examples < 1:
                     raise ValueError(
@@ -253,9 +369,24 @@ class HyperParameters:
                     key = f"{spec.name}/{pname}"
                     keys.append((key, pname))
                     leaf_shape = () if spec.granularity == "per_tensor" else shape
-                    self.raw[key] = self._leaf(spec.to_raw(spec.init_for(pname)), leaf_shape)
+                    self.raw[key] = self._leaf(
+                        spec.to_raw(spec.init_for(pname)), (*segments, *leaf_shape)
+                    )
             self._keys[spec.name] = keys
         self.num_examples = num_examples
+        self.scheduled = any(spec.schedule is not None for spec in self.specs)
+
+    @staticmethod
+    def _resolve_schedule(spec: HyperSpec, total_steps: int | None) -> HyperSpec:
+        schedule = spec.schedule
+        if schedule is None or schedule.steps is not None:
+            return spec
+        if total_steps is None:
+            raise ValueError(
+                f"{spec.name}.schedule.steps: unknown; give the schedule's steps or the "
+                "training budget (total_steps, from training.epochs in a config)"
+            )
+        return replace(spec, schedule=schedule.with_steps(total_steps))
 
     def _leaf(self, value: float, shape: tuple[int, ...]) -> Tensor:
         return torch.full(shape, value, dtype=self.dtype, device=self.device, requires_grad=True)
@@ -274,54 +405,126 @@ class HyperParameters:
         """Number of scalar hyperparameters (what forward mode pays for)."""
         return sum(t.numel() for t in self.raw.values())
 
-    def values(self, raw: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
-        """Constrained values (differentiable functions of ``raw``, default ``self.raw``)."""
+    def position(self, step: int | None) -> tuple[Any, ...]:
+        """What distinguishes the values at ``step`` from those at other steps: equal
+        positions give equal values (a cache key; ``()`` without schedules)."""
+        if not self.scheduled:
+            return ()
+        if step is None:
+            raise ValueError(
+                f"scheduled hyperparameters {[s.name for s in self.specs if s.schedule]} need "
+                "the training step to give their values"
+            )
+        return tuple(s.schedule.weights(step) for s in self.specs if s.schedule is not None)
+
+    def _constrained(self, spec: HyperSpec, leaf: Tensor, step: int | None) -> Tensor:
+        if spec.schedule is None:
+            return spec.constrain(leaf)
+        mix = spec.schedule.weights(step)  # type: ignore[arg-type]
+        if len(mix) == 1:
+            return spec.constrain(leaf[mix[0][0]])
+        (i, a), (j, b) = mix
+        return a * spec.constrain(leaf[i]) + b * spec.constrain(leaf[j])
+
+    def values(
+        self, raw: Mapping[str, Tensor] | None = None, step: int | None = None
+    ) -> dict[str, Any]:
+        """Constrained values (differentiable functions of ``raw``, default ``self.raw``) at
+        training step ``step`` (needed only by scheduled hyperparameters)."""
         raw = self.raw if raw is None else raw
+        self.position(step)  # refuses a missing step for schedules
         out: dict[str, Any] = {}
         for spec in self.specs:
             keys = self._keys[spec.name]
             if spec.granularity in ("scalar", "per_example"):
-                value = spec.constrain(raw[spec.name])
+                value = self._constrained(spec, raw[spec.name], step)
                 out[spec.name] = (
                     value
                     if spec.granularity == "per_example"
                     else {p: value for p in self.param_shapes}
                 )
             else:
-                out[spec.name] = {pname: spec.constrain(raw[key]) for key, pname in keys}
+                out[spec.name] = {
+                    pname: self._constrained(spec, raw[key], step) for key, pname in keys
+                }
         return out
+
+    def values_by_step(self, raw: Mapping[str, Tensor] | None = None):
+        """``step -> values(raw, step)`` that computes each distinct position once (every
+        step of an unroll without schedules shares one set of values and its graph)."""
+        cache: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+        def at(step: int | None) -> dict[str, Any]:
+            key = self.position(step)
+            if key not in cache:
+                cache[key] = self.values(raw, step)
+            return cache[key]
+
+        return at
 
     @torch.no_grad()
     def summary(self) -> dict[str, float]:
         """Flat ``{key: value}`` of the current values for logging; per-element and
-        per-example values are summarized by their mean."""
+        per-example values are summarized by their mean; a schedule gives one entry per
+        segment (``lr[0]``, ``lr[1]``, ...)."""
         result: dict[str, float] = {}
         for spec in self.specs:
             for key, _ in self._keys[spec.name]:
-                result[key] = float(spec.constrain(self.raw[key]).mean())
+                value = spec.constrain(self.raw[key])
+                if spec.schedule is None:
+                    result[key] = float(value.mean())
+                else:
+                    for i in range(spec.schedule.segments):
+                        result[f"{key}[{i}]"] = float(value[i].mean())
         return result
 
     @torch.no_grad()
-    def set_values(self, values: Mapping[str, float]) -> None:
-        """Set constrained values by key (``"lr"``, ``"lr/conv.weight"``...); a scalar name
-        also sets every per-tensor/per-element entry of that hyperparameter."""
-        updates: dict[str, float] = {}
-        for key, value in values.items():
-            name = key.split("/", 1)[0]
-            spec = self.spec(name)
-            targets = (
-                [key]
-                if key in self.raw
-                else [k for k, _ in self._keys[name]]
-                if key == name
-                else []
-            )
-            if not targets:
+    def current(self, step: int) -> dict[str, float]:
+        """``{name: mean value at training step step}`` (what a schedule gives now)."""
+        return {
+            name: float(torch.stack([v.mean() for v in per.values()]).mean())
+            if isinstance(per, Mapping)
+            else float(per.mean())
+            for name, per in self.values({k: v.detach() for k, v in self.raw.items()}, step).items()
+        }
+
+    def _targets(self, key: str) -> tuple[HyperSpec, list[tuple[str, int | None]]]:
+        """Raw entries that a summary key names: ``lr``, ``lr/param``, ``lr[3]``,
+        ``lr/param[3]`` (a scheduled name without an index sets every segment)."""
+        base, index = key, None
+        if key.endswith("]") and "[" in key:
+            base, _, tail = key[:-1].rpartition("[")
+            if not tail.isdigit():
                 raise KeyError(f"unknown hyperparameter key {key!r}; known: {sorted(self.raw)}")
+            index = int(tail)
+        name = base.split("/", 1)[0]
+        spec = self.spec(name)
+        if base in self.raw:
+            entries = [base]
+        elif base == name:
+            entries = [k for k, _ in self._keys[name]]
+        else:
+            raise KeyError(f"unknown hyperparameter key {key!r}; known: {sorted(self.raw)}")
+        if index is not None:
+            if spec.schedule is None or index >= spec.schedule.segments:
+                raise KeyError(
+                    f"hyperparameter key {key!r}: {name} has no segment {index}"
+                    + ("" if spec.schedule is None else f" (segments: {spec.schedule.segments})")
+                )
+        return spec, [(entry, index) for entry in entries]
+
+    @torch.no_grad()
+    def set_values(self, values: Mapping[str, float]) -> None:
+        """Set constrained values by key (``"lr"``, ``"lr/conv.weight"``, ``"lr[2]"`` for a
+        schedule's segment...); a scalar name also sets every per-tensor/per-element entry and
+        every segment of that hyperparameter."""
+        updates: list[tuple[str, int | None, float]] = []
+        for key, value in values.items():
+            spec, targets = self._targets(key)
             raw_value = spec.to_raw(value)  # validates before anything changes
-            updates.update({t: raw_value for t in targets})
-        for key, raw_value in updates.items():
-            self.raw[key].fill_(raw_value)
+            updates.extend((entry, index, raw_value) for entry, index in targets)
+        for entry, index, raw_value in updates:
+            (self.raw[entry] if index is None else self.raw[entry][index]).fill_(raw_value)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.raw.items()}

@@ -1,0 +1,256 @@
+"""Hyperparameter schedules: segment arithmetic, spec errors, hypergradients of every method
+against float64 central finite differences on a tiny tanh MLP, and carried forward mode
+against reverse mode over the same full horizon."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradhpo.hyper.methods import InnerProblem, Objective, hypergradient, inner_step
+from gradhpo.hyper.optimizers import STEP_KEY, make_optimizer
+from gradhpo.hyper.spec import HyperParameters, HyperSpec, Schedule, parse_specs
+
+DT = torch.float64
+K = 6
+
+
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+
+
+def make_batches(k: int = K, n: int = 5, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(n, 3, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g))
+        for _ in range(k)
+    ]
+
+
+# ---------------------------------------------------------------------- the arithmetic
+def test_constant_segments_split_the_steps_evenly() -> None:
+    s = Schedule(3, steps=9)
+    assert [s.weights(t)[0][0] for t in range(12)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2]
+    assert all(w == 1.0 for t in range(12) for _, w in s.weights(t))
+
+
+def test_linear_knots_interpolate_and_hold_the_last_value() -> None:
+    s = Schedule(3, "linear", steps=5)  # knots at steps 0, 2, 4
+    assert s.weights(0) == ((0, 1.0),)
+    assert s.weights(1) == ((0, 0.5), (1, 0.5))
+    assert s.weights(2) == ((1, 1.0),)
+    assert s.weights(3) == ((1, 0.5), (2, 0.5))
+    assert s.weights(4) == s.weights(10) == ((2, 1.0),)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "match"),
+    [
+        ({"segments": 0}, r"lr\.schedule\.segments: must be an integer >= 1, got 0"),
+        ({"segments": 2.5}, r"lr\.schedule\.segments: must be an integer >= 1, got 2\.5"),
+        ({"segments": 11, "steps": 10}, r"lr\.schedule\.segments: 11 segments .* steps=10"),
+        (
+            {"segments": 3, "interpolation": "cubic"},
+            r"lr\.schedule\.interpolation: unknown 'cubic'",
+        ),
+        ({"segments": 3, "steps": 0}, r"lr\.schedule\.steps: must be an integer >= 1, got 0"),
+        ({"segments": 3, "knots": 2}, r"lr\.schedule: unknown key\(s\) \['knots'\]"),
+        ({"interpolation": "linear"}, r"lr\.schedule\.segments is required"),
+        ("five", r"lr\.schedule: expected a mapping"),
+    ],
+)
+def test_bad_schedule_specs_name_the_value(schedule, match) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        parse_specs([{"name": "lr", "init": 0.1, "schedule": schedule}])
+
+
+def test_schedule_needs_scalar_or_per_tensor_granularity() -> None:
+    with pytest.raises(ValueError, match=r"lr\.schedule: needs granularity .* 'per_element'"):
+        HyperSpec("lr", 0.1, granularity="per_element", schedule={"segments": 2})
+
+
+def test_schedule_length_comes_from_the_budget_or_fails_clearly() -> None:
+    params = {n: p.detach() for n, p in tiny_mlp().named_parameters()}
+    with pytest.raises(ValueError, match=r"lr\.schedule\.steps: unknown"):
+        HyperParameters([{"name": "lr", "init": 0.1, "schedule": {"segments": 2}}], params)
+    with pytest.raises(ValueError, match=r"lr\.schedule\.segments: 4 segments .* steps=3"):
+        HyperParameters(
+            [{"name": "lr", "init": 0.1, "schedule": {"segments": 4}}], params, total_steps=3
+        )
+    hypers = HyperParameters(
+        [{"name": "lr", "init": 0.1, "schedule": {"segments": 2}}], params, total_steps=10
+    )
+    assert hypers.spec("lr").schedule.steps == 10
+    assert hypers.raw["lr"].shape == (2,)
+    with pytest.raises(ValueError, match="need the training step"):
+        hypers.values()
+
+
+def test_summary_and_set_values_address_segments() -> None:
+    params = {n: p.detach() for n, p in tiny_mlp().named_parameters()}
+    hypers = HyperParameters(
+        [
+            {"name": "lr", "init": 0.1, "schedule": {"segments": 3, "steps": 9}},
+            {
+                "name": "momentum",
+                "init": 0.5,
+                "granularity": "per_tensor",
+                "schedule": {"segments": 2, "steps": 9},
+            },
+        ],
+        params,
+    )
+    hypers.set_values({"lr[1]": 0.2, "momentum/0.weight[1]": 0.9})
+    summary = hypers.summary()
+    assert summary["lr[0]"] == pytest.approx(0.1) and summary["lr[1]"] == pytest.approx(0.2)
+    assert summary["momentum/0.weight[1]"] == pytest.approx(0.9)
+    assert summary["momentum/0.bias[1]"] == pytest.approx(0.5)
+    assert hypers.current(4)["lr"] == pytest.approx(0.2)
+    hypers.set_values({"lr": 0.05})  # a name without index sets every segment
+    assert all(hypers.summary()[f"lr[{i}]"] == pytest.approx(0.05) for i in range(3))
+    with pytest.raises(KeyError, match=r"lr has no segment 3"):
+        hypers.set_values({"lr[3]": 0.1})
+
+
+# ---------------------------------------------------------------------- hypergradients
+CASES = [
+    ("sgd", [{"name": "lr", "init": 0.3, "schedule": {"segments": 3}}]),
+    ("sgd", [{"name": "lr", "init": 0.3, "schedule": {"segments": 3, "interpolation": "linear"}}]),
+    (
+        "momentum",
+        [
+            {"name": "lr", "init": 0.2, "schedule": {"segments": 2, "interpolation": "linear"}},
+            {
+                "name": "momentum",
+                "init": 0.7,
+                "granularity": "per_tensor",
+                "schedule": {"segments": 2},
+            },
+        ],
+    ),
+    (
+        "adamw",
+        [
+            {"name": "lr", "init": 0.05, "schedule": {"segments": 4}},
+            {"name": "weight_decay", "init": 0.1, "schedule": {"segments": 2}},
+        ],
+    ),
+]
+START = 2  # the unroll starts at training step 2 of a schedule over 10 steps
+
+
+def setup(optimizer: str, specs: list[dict]):
+    model = tiny_mlp()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    specs = [{**s, "schedule": {**s["schedule"], "steps": START + K + 2}} for s in specs]
+    hypers = HyperParameters(specs, params)
+    with torch.no_grad():  # distinct segment values, so a wrong segment shows
+        for leaf in hypers.raw.values():
+            leaf.add_(
+                0.1 * torch.arange(leaf.shape[0], dtype=DT).reshape(-1, *[1] * (leaf.dim() - 1))
+            )
+    opt = make_optimizer(optimizer)
+    state = opt.init(params)
+    state[STEP_KEY] = state[STEP_KEY] + START
+    return InnerProblem(model, opt, hypers), params, state
+
+
+def objective_value(problem, params, state, batches, objective) -> torch.Tensor:
+    with torch.no_grad():
+        losses = []
+        for k, batch in enumerate(batches):
+            params, state, _, loss = inner_step(
+                problem, params, state, {}, problem.hypers.raw, batch, step=START + k
+            )
+            losses.append(loss)
+        return objective.final(params, {}) + objective.train_weight * torch.stack(losses).mean()
+
+
+def finite_differences(problem, params, state, batches, objective, h=1e-6) -> dict:
+    fd = {}
+    for key, leaf in problem.hypers.raw.items():
+        grad = torch.zeros_like(leaf)
+        for i in range(leaf.numel()):
+            out = []
+            for sign in (1.0, -1.0):
+                with torch.no_grad():
+                    leaf.view(-1)[i] += sign * h
+                out.append(objective_value(problem, params, state, batches, objective))
+                with torch.no_grad():
+                    leaf.view(-1)[i] -= sign * h
+            grad.view(-1)[i] = (out[0] - out[1]) / (2 * h)
+        fd[key] = grad
+    return fd
+
+
+def assert_close(got: dict, want: dict, rtol: float = 1e-6) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        scale = want[key].abs().max().clamp_min(1e-10)
+        err = float((got[key] - want[key]).abs().max() / scale)
+        assert err < rtol, f"{key}: relative error {err:.2e}: got {got[key]}, want {want[key]}"
+
+
+@pytest.mark.parametrize("method", ["reverse", "checkpointed", "forward"])
+@pytest.mark.parametrize(("optimizer", "specs"), CASES)
+def test_schedule_hypergradients_match_finite_differences(method, optimizer, specs) -> None:
+    problem, params, state = setup(optimizer, specs)
+    batches = make_batches()
+    val = make_batches(1, n=8, seed=9)[0]
+    objective = Objective.validation(problem.model, *val)
+    objective = Objective(final=objective.final, train_weight=0.5)
+    result = hypergradient(method, problem, params, state, {}, batches, objective)
+    fd = finite_differences(problem, params, state, batches, objective)
+    assert_close(result.grads, fd)
+    # Segments that no step of the unroll reads get exactly zero.
+    lr_schedule = problem.hypers.spec("lr").schedule
+    read = {i for k in range(K) for i, _ in lr_schedule.weights(START + k)}
+    for i in set(range(lr_schedule.segments)) - read:
+        assert float(result.grads["lr"][i]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        [{"name": "lr", "init": 0.3, "schedule": {"segments": 3, "interpolation": "linear"}}],
+        [
+            {"name": "lr", "init": 0.2, "schedule": {"segments": 2}},
+            {"name": "momentum", "init": 0.6, "schedule": {"segments": 3}},
+        ],
+    ],
+)
+def test_carried_forward_mode_equals_reverse_over_the_whole_horizon(specs) -> None:
+    problem, params, state = setup("momentum", specs)
+    batches = make_batches()
+    val = make_batches(1, n=8, seed=9)[0]
+    objective = Objective.validation(problem.model, *val)
+    full = hypergradient("reverse", problem, params, state, {}, batches, objective)
+    # The same horizon in three pieces of 2 steps, the tangents carried between them.
+    tangents, p, s = None, params, state
+    for piece in (batches[:2], batches[2:4], batches[4:]):
+        part = hypergradient(
+            "forward", problem, p, s, {}, piece, objective, tangents=tangents, chunk=2
+        )
+        tangents, p, s = part.tangents, part.params, part.state
+    assert_close(part.grads, full.grads, rtol=1e-9)
+    for name in full.params:
+        torch.testing.assert_close(part.params[name], full.params[name], rtol=0, atol=1e-12)
+
+
+def test_carried_tangents_are_checked() -> None:
+    problem, params, state = setup("sgd", CASES[0][1])
+    batches = make_batches(2)
+    objective = Objective.validation(problem.model, *make_batches(1, seed=9)[0])
+    result = hypergradient("forward", problem, params, state, {}, batches, objective)
+    bad = dict(result.tangents)
+    bad["params/0.weight"] = bad["params/0.weight"][:1]
+    with pytest.raises(ValueError, match=r"tangents\['params/0.weight'\]: shape"):
+        hypergradient("forward", problem, params, state, {}, batches, objective, tangents=bad)
+    with pytest.raises(ValueError, match="only forward mode carries tangents"):
+        hypergradient(
+            "reverse", problem, params, state, {}, batches, objective, tangents=result.tangents
+        )
+    with pytest.raises(ValueError, match="compile: scheduled hyperparameters"):
+        hypergradient("forward", problem, params, state, {}, batches, objective, compile=True)
