@@ -7,7 +7,10 @@
 * :mod:`~gradhpo.hyper.methods` - :func:`hypergradient` through K inner steps: ``reverse``
   (optionally truncated), ``checkpointed``, ``forward``, ``greedy``.
 * :mod:`~gradhpo.hyper.implicit` - implicit differentiation at convergence (CG / Neumann).
-* :mod:`~gradhpo.hyper.tuner` - :class:`HyperTuner`, the online loop used by training runs.
+* :mod:`~gradhpo.hyper.tuner` - :class:`HyperTuner`, the online loop used by training runs
+  (``carry=True``: forward mode carried across the whole run).
+* :mod:`~gradhpo.hyper.offline` - :class:`OfflineTuner`, long-horizon tuning: each outer step
+  differentiates a whole training run (schedules against the short-horizon bias).
 """
 
 from gradhpo.hyper.implicit import (
@@ -24,6 +27,7 @@ from gradhpo.hyper.methods import (
     hypergradient,
     inner_step,
 )
+from gradhpo.hyper.offline import OfflineReport, OfflineTuner
 from gradhpo.hyper.optimizers import (
     INNER_OPTIMIZERS,
     SGD,
@@ -32,7 +36,7 @@ from gradhpo.hyper.optimizers import (
     InnerOptimizer,
     make_optimizer,
 )
-from gradhpo.hyper.spec import HyperParameters, HyperSpec
+from gradhpo.hyper.spec import HyperParameters, HyperSpec, Schedule
 from gradhpo.hyper.tuner import HyperTuner, TunerReport
 
 __all__ = [
@@ -48,7 +52,10 @@ __all__ = [
     "InnerProblem",
     "METHODS",
     "Objective",
+    "OfflineReport",
+    "OfflineTuner",
     "SGD",
+    "Schedule",
     "TunerReport",
     "hypergradient",
     "implicit_hypergradient",

@@ -478,6 +478,7 @@ DEFAULT_HYPERPARAMETERS: dict[str, dict[str, float]] = {
     "adamw": {"lr": 1e-3, "weight_decay": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
 }
 
+
 def check_hyper_value(name: str, value: Any, label: str | None = None) -> float:
     """Validate one hyperparameter value; ``label`` is the field name used in messages."""
     label = label or name
@@ -543,7 +544,9 @@ def optimizer_config(optimizer: Mapping[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def torch_optimizer(params: list[torch.nn.Parameter], spec: Mapping[str, Any]) -> torch.optim.Optimizer:
+def torch_optimizer(
+    params: list[torch.nn.Parameter], spec: Mapping[str, Any]
+) -> torch.optim.Optimizer:
     """The torch.optim twin of an :func:`optimizer_config` (same arithmetic as the inner
     optimizers, step for step up to rounding)."""
     name = spec["name"]
@@ -621,8 +624,7 @@ def to_torch_state(
     ``state``. SGD's buffers appear where torch would have created them (momentum started),
     Adam's slots once it has stepped, as in torch."""
     hypers = {
-        name: float(state[HYPER_PREFIX + name])
-        for name in OPTIMIZER_HYPERPARAMETERS[spec["name"]]
+        name: float(state[HYPER_PREFIX + name]) for name in OPTIMIZER_HYPERPARAMETERS[spec["name"]]
     }
     per_param: dict[int, dict[str, Tensor]] = {}
     if spec["name"] == "sgd":
@@ -662,13 +664,19 @@ def from_torch_state(
     inner = make_optimizer(spec["name"], **_inner_kwargs(spec))
     state = inner.init(dict(params), hypers=hypers)
     if spec["name"] == "sgd":
-        present = [per_param.get(k, {}).get("momentum_buffer") is not None for k in range(len(names))]
+        present = [
+            per_param.get(k, {}).get("momentum_buffer") is not None for k in range(len(names))
+        ]
         if any(present) and not all(present):
             raise ValueError("optimizer state has momentum buffers for only some parameters")
         for k, name in enumerate(names):
             if present[k]:
-                state[f"momentum_buffer/{name}"] = per_param[k]["momentum_buffer"].to(params[name]).clone()
-                state[f"momentum_started/{name}"] = torch.ones_like(state[f"momentum_started/{name}"])
+                state[f"momentum_buffer/{name}"] = (
+                    per_param[k]["momentum_buffer"].to(params[name]).clone()
+                )
+                state[f"momentum_started/{name}"] = torch.ones_like(
+                    state[f"momentum_started/{name}"]
+                )
         return state
     present = [k in per_param for k in range(len(names))]
     if any(present) and not all(present):

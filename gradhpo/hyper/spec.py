@@ -89,7 +89,7 @@ class Schedule:
       is interpolated linearly (S = 1 is a constant).
 
     Steps at or past ``steps`` use the last segment / knot. ``steps`` may be left ``None``
-    and filled in from the training budget (``HyperParameters(total_steps=)``).
+    and filled in from the training budget (``HyperParameters(budget=)``).
     """
 
     segments: int
@@ -136,7 +136,7 @@ class Schedule:
     def weights(self, step: int) -> tuple[tuple[int, float], ...]:
         """The segments (knots) that step ``step`` reads and their weights (sum 1)."""
         if self.steps is None:
-            raise ValueError(f"{self.field_name}.steps: not set (give steps or total_steps)")
+            raise ValueError(f"{self.field_name}.steps: not set (give steps or a budget)")
         s, t = self.segments, max(int(step), 0)
         if self.interpolation == "constant" or s == 1:
             return ((min(t * s // self.steps, s - 1), 1.0),)
@@ -320,7 +320,7 @@ class HyperParameters:
     ``{hyper name: {param name: tensor broadcastable to the param}}``, and for
     ``example_weight`` the vector of weights itself.
 
-    ``total_steps`` fills in the length of schedules that do not give their own ``steps``.
+    ``budget`` (training steps) fills in the length of schedules that do not give their own ``steps``.
     """
 
     def __init__(
@@ -329,12 +329,12 @@ class HyperParameters:
         params: Mapping[str, Tensor],
         *,
         num_examples: int | None = None,
-        total_steps: int | None = None,
+        budget: int | None = None,
     ) -> None:
         specs = parse_specs(specs)
-        if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
-            raise ValueError(f"total_steps: must be an integer >= 1, got {total_steps!r}")
-        self.specs = [self._resolve_schedule(spec, total_steps) for spec in specs]
+        if budget is not None and (not _is_int(budget) or budget < 1):
+            raise ValueError(f"budget: must be an integer >= 1, got {budget!r}")
+        self.specs = [self._resolve_schedule(spec, budget) for spec in specs]
         if not params:
             raise ValueError("HyperParameters: the model has no parameters")
         self.param_shapes = {k: tuple(v.shape) for k, v in params.items()}
@@ -377,16 +377,16 @@ class HyperParameters:
         self.scheduled = any(spec.schedule is not None for spec in self.specs)
 
     @staticmethod
-    def _resolve_schedule(spec: HyperSpec, total_steps: int | None) -> HyperSpec:
+    def _resolve_schedule(spec: HyperSpec, budget: int | None) -> HyperSpec:
         schedule = spec.schedule
         if schedule is None or schedule.steps is not None:
             return spec
-        if total_steps is None:
+        if budget is None:
             raise ValueError(
                 f"{spec.name}.schedule.steps: unknown; give the schedule's steps or the "
-                "training budget (total_steps, from training.epochs in a config)"
+                "training budget in steps (budget=; in a config, from training.epochs)"
             )
-        return replace(spec, schedule=schedule.with_steps(total_steps))
+        return replace(spec, schedule=schedule.with_steps(budget))
 
     def _leaf(self, value: float, shape: tuple[int, ...]) -> Tensor:
         return torch.full(shape, value, dtype=self.dtype, device=self.device, requires_grad=True)

@@ -14,6 +14,16 @@ The horizons counted are those whose weights were applied (a rolled-back horizon
 the same role), and the counts are part of :meth:`HyperTuner.state_dict`, so a resume
 continues the cycle exactly.
 
+Carried forward mode (``carry=True``, method ``forward``): the tangents d(weights)/d(hypers)
+are not restarted at every horizon but carried across the whole run (real-time recurrent
+hyperparameter optimization, RTHO / OHO): each hyper step's hypergradient accounts for every
+earlier step, at a memory cost independent of the run's length. ``carry_decay`` < 1
+multiplies the carried tangents by that factor at every horizon (forgetting old steps);
+the tangents restart from zero after a rejected step and are part of the state dict.
+
+Scheduled hyperparameters (:class:`~gradhpo.hyper.spec.Schedule`) take their length from
+``budget`` when their spec does not give it.
+
 Non-finite values are handled, never fatal: if an inner loss, the objective, the new weights
 or the hypergradient is NaN/inf, the hyper step is rejected, the weights go back to where the
 horizon started and the hyperparameters to their values before the previous hyper update
@@ -114,6 +124,10 @@ class HyperTuner:
         loss_fn: per-example loss ``loss_fn(outputs, targets) -> (B,)`` of the training and
             validation objectives (default: cross-entropy over class indices, which refuses
             float targets and single-output models rather than returning 0).
+        carry: forward mode only: carry the tangents across horizons (see module docstring).
+        carry_decay: factor in (0, 1] applied to the carried tangents at every horizon.
+        budget: the training budget in inner steps, the length of schedules that do not
+            give their own ``steps``.
     """
 
     def __init__(
@@ -136,6 +150,9 @@ class HyperTuner:
         compile: bool = False,
         every: int = 1,
         loss_fn: LossFn | None = None,
+        carry: bool = False,
+        carry_decay: float = 1.0,
+        budget: int | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method: unknown {method!r}; choose one of {list(METHODS)}")
@@ -177,6 +194,20 @@ class HyperTuner:
                 f"compile: only forward mode steps are compiled, got method {method!r}"
             )
         every = _check_positive_int("every (M)", every)
+        if not isinstance(carry, bool):
+            raise ValueError(f"carry must be true or false, got {carry!r}")
+        if carry and method != "forward":
+            raise ValueError(f"carry: only forward mode carries tangents, got method {method!r}")
+        if carry and every != 1:
+            raise ValueError(
+                f"carry: the carried tangents need every horizon differentiated, got every={every}"
+            )
+        if (
+            isinstance(carry_decay, bool)
+            or not isinstance(carry_decay, (int, float))
+            or not 0 < carry_decay <= 1
+        ):
+            raise ValueError(f"carry_decay must be a number in (0, 1], got {carry_decay!r}")
 
         if isinstance(optimizer, str):
             inner = make_optimizer(optimizer, **dict(optimizer_kwargs or {}))
@@ -188,7 +219,7 @@ class HyperTuner:
             raise TypeError(f"optimizer must be a name or an InnerOptimizer, got {optimizer!r}")
 
         params = {n: p.detach() for n, p in model.named_parameters()}
-        self.hypers = HyperParameters(hypers, params, num_examples=num_examples)
+        self.hypers = HyperParameters(hypers, params, num_examples=num_examples, budget=budget)
         unusable = [
             s.name
             for s in self.hypers.specs
@@ -212,6 +243,9 @@ class HyperTuner:
         self.chunk = chunk
         self.compile = compile
         self.every = every
+        self.carry = carry
+        self.carry_decay = float(carry_decay)
+        self.tangents: dict[str, torch.Tensor] | None = None  # carried forward mode
         self.opt_state = inner.init(params)
         raw_leaves = list(self.hypers.raw.values())
         if hyper_optimizer == "adam":
@@ -266,6 +300,7 @@ class HyperTuner:
             max_directions=self.max_directions,
             chunk=self.chunk,
             compile=self.compile,
+            tangents=self._carried(),
         )
         grads = [result.grads[k] for k in self.hypers.raw]
         grad_norm = torch.linalg.vector_norm(
@@ -289,6 +324,8 @@ class HyperTuner:
         self.outer.zero_grad(set_to_none=True)
         self._write_back(result.params, result.buffers)
         self.opt_state = result.state
+        if self.carry:
+            self.tangents = result.tangents
         self._count(len(batches), tuned=True)
         self.hyper_steps += 1
         self.consecutive_rejections = 0
@@ -359,6 +396,7 @@ class HyperTuner:
         self.rejected_steps += 1
         self.consecutive_rejections += 1
         self.hypers.load_state_dict(self._previous_raw)
+        self.tangents = None  # carried tangents restart from the rolled-back point
         if weights_finite:
             # The inner steps were fine, only the hypergradient was not: keep the progress.
             self._write_back(result.params, result.buffers)
@@ -375,6 +413,14 @@ class HyperTuner:
             weights_updated=weights_finite,
             tuned=tuned,
         )
+
+    def _carried(self) -> dict[str, torch.Tensor] | None:
+        """The tangents to start this horizon from (carried forward mode), decayed."""
+        if not self.carry or self.tangents is None:
+            return None
+        if self.carry_decay == 1.0:
+            return self.tangents
+        return {k: v * self.carry_decay for k, v in self.tangents.items()}
 
     @torch.no_grad()
     def _write_back(
@@ -400,6 +446,9 @@ class HyperTuner:
             "horizons": self.horizons,
             "tuned_steps": self.tuned_steps,
             "total_steps": self.total_steps,
+            "tangents": None
+            if self.tangents is None
+            else {k: v.detach().clone() for k, v in self.tangents.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -416,3 +465,5 @@ class HyperTuner:
         self.horizons = int(state.get("horizons", 0))
         self.tuned_steps = int(state.get("tuned_steps", 0))
         self.total_steps = int(state.get("total_steps", 0))
+        tangents = state.get("tangents")
+        self.tangents = None if tangents is None else {k: v.clone() for k, v in tangents.items()}

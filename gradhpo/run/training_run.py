@@ -65,6 +65,8 @@ TUNER_KEYS = (
     "every",
     "chunk",
     "compile",
+    "carry",
+    "carry_decay",
 )
 _TUNER_DEFAULTS: dict[str, Any] = {
     "method": "reverse",
@@ -79,6 +81,8 @@ _TUNER_DEFAULTS: dict[str, Any] = {
     "every": 1,
     "chunk": None,
     "compile": False,
+    "carry": False,
+    "carry_decay": 1.0,
 }
 #: Keys of a run config's ``training`` section that a run reads (``epochs`` is the loop's).
 TRAINING_KEYS = ("epochs", "batch_size", "seed", "device", "augment", "eval_batch_size")
@@ -143,6 +147,8 @@ class TrainingRun:
             "method": "reverse", "horizon": 10, ...}``. The optimizer then runs as the
             differentiable inner optimizer of :mod:`gradhpo.hyper` (same arithmetic as
             torch.optim); a spec without ``init`` starts from the optimizer config's value.
+        epochs: the training budget in epochs (``training.epochs``): the length of tuned
+            schedules (``schedule: {segments: S}``) that do not give their own ``steps``.
     """
 
     def __init__(
@@ -157,6 +163,7 @@ class TrainingRun:
         augment: bool = False,
         eval_batch_size: int = 1024,
         tuner: Mapping[str, Any] | None = None,
+        epochs: int | None = None,
     ) -> None:
         for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -165,6 +172,10 @@ class TrainingRun:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         if not isinstance(augment, bool):
             raise TypeError(f"augment must be true or false, got {augment!r}")
+        if epochs is not None and (
+            isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
+        ):
+            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
         # Denormal floats make late-training CPU steps up to ~25x slower; flushing them is harmless.
         torch.set_flush_denormal(True)
 
@@ -188,6 +199,7 @@ class TrainingRun:
                 "seed": seed,
                 "augment": augment,
                 "eval_batch_size": eval_batch_size,
+                **({} if epochs is None else {"epochs": epochs}),
             },
         }
 
@@ -203,14 +215,15 @@ class TrainingRun:
                 model, self.data.input_shape, self.data.num_classes
             ).to(self.device)
         self._buffers = list(self.model.buffers())
+        self.batches = self._train_batches(batch_size, seed, Augment() if augment else None)
         self.tuner: HyperTuner | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         if tuner is None:
             self.optimizer = torch_optimizer(list(self.model.parameters()), self.optimizer_spec)
         else:
-            self.tuner, self._tuner_settings = self._make_tuner(tuner)
+            budget = None if epochs is None else epochs * len(self.batches)
+            self.tuner, self._tuner_settings = self._make_tuner(tuner, budget)
         self.loss_fn = nn.CrossEntropyLoss()
-        self.batches = self._train_batches(batch_size, seed, Augment() if augment else None)
         self.val_batches: BatchIterator | None = None
         if self.tuner is not None and self.tuner.objective == "val":
             self.val_batches = BatchIterator(
@@ -224,7 +237,9 @@ class TrainingRun:
         self.diverged = False
         self.last_report: TunerReport | None = None
 
-    def _make_tuner(self, tuner: Mapping[str, Any]) -> tuple[HyperTuner, dict[str, Any]]:
+    def _make_tuner(
+        self, tuner: Mapping[str, Any], budget: int | None
+    ) -> tuple[HyperTuner, dict[str, Any]]:
         if not isinstance(tuner, Mapping):
             raise TypeError(f"tuner must be a mapping, got {tuner!r}")
         unknown = sorted(set(tuner) - set(TUNER_KEYS))
@@ -270,6 +285,9 @@ class TrainingRun:
             every=settings["every"],
             chunk=settings["chunk"],
             compile=settings["compile"],
+            carry=settings["carry"],
+            carry_decay=settings["carry_decay"],
+            budget=budget,
         )
         return tuner_obj, settings
 
@@ -562,8 +580,8 @@ class TrainingRun:
     ) -> TrainingRun:
         """Build a run from a run config in the YAML shape (:attr:`config`'s form: ``data``,
         ``model``, ``optimizer``, ``tuner`` and ``training`` with ``batch_size``, ``seed``,
-        ``device``, ``augment``, ``eval_batch_size``); a job's ``name``, ``output``,
-        ``search``, ``pbt`` sections and ``training.epochs`` are ignored.
+        ``device``, ``augment``, ``eval_batch_size``, ``epochs`` (the length of tuned
+        schedules); a job's ``name``, ``output``, ``search``, ``pbt`` sections are ignored.
 
         ``data`` (already loaded splits) takes the place of ``config["data"]`` so that many
         runs of a job share one copy of the data set; ``device`` and ``seed`` override the
@@ -587,7 +605,7 @@ class TrainingRun:
             if config.get("data") is None:
                 raise ValueError("run config: 'data' is required (a data set name or mapping)")
             data = config["data"]
-        kwargs = {k: v for k, v in training.items() if k not in ("epochs", "device")}
+        kwargs = {k: v for k, v in training.items() if k != "device"}
         if seed is not None:
             kwargs["seed"] = seed
         chosen = device if device is not None else training.get("device", "auto")

@@ -77,10 +77,10 @@ def test_schedule_length_comes_from_the_budget_or_fails_clearly() -> None:
         HyperParameters([{"name": "lr", "init": 0.1, "schedule": {"segments": 2}}], params)
     with pytest.raises(ValueError, match=r"lr\.schedule\.segments: 4 segments .* steps=3"):
         HyperParameters(
-            [{"name": "lr", "init": 0.1, "schedule": {"segments": 4}}], params, total_steps=3
+            [{"name": "lr", "init": 0.1, "schedule": {"segments": 4}}], params, budget=3
         )
     hypers = HyperParameters(
-        [{"name": "lr", "init": 0.1, "schedule": {"segments": 2}}], params, total_steps=10
+        [{"name": "lr", "init": 0.1, "schedule": {"segments": 2}}], params, budget=10
     )
     assert hypers.spec("lr").schedule.steps == 10
     assert hypers.raw["lr"].shape == (2,)
@@ -254,3 +254,129 @@ def test_carried_tangents_are_checked() -> None:
         )
     with pytest.raises(ValueError, match="compile: scheduled hyperparameters"):
         hypergradient("forward", problem, params, state, {}, batches, objective, compile=True)
+
+
+# ---------------------------------------------------------------------- in the tuner and a run
+def test_tuner_carry_equals_reverse_over_the_run_while_hypers_stand_still() -> None:
+    """HyperTuner(carry=True): the third horizon's hypergradient is reverse mode's over all
+    six steps (an outer step too small to move the hypers keeps them fixed)."""
+    from gradhpo.hyper.tuner import HyperTuner
+
+    batches = make_batches()
+    val = make_batches(1, n=8, seed=9)[0]
+    specs = [{"name": "lr", "init": 0.3, "schedule": {"segments": 3}}]
+    tuner = HyperTuner(
+        tiny_mlp(),
+        specs,
+        method="forward",
+        horizon=2,
+        carry=True,
+        budget=K,
+        hyper_optimizer="sgd",
+        hyper_lr=1e-300,
+    )
+    model = tiny_mlp()
+    problem = InnerProblem(
+        model,
+        make_optimizer("sgd"),
+        HyperParameters(specs, dict(model.named_parameters()), budget=K),
+    )
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    full = hypergradient(
+        "reverse",
+        problem,
+        params,
+        problem.optimizer.init(params),
+        {},
+        batches,
+        Objective.validation(model, *val),
+    )
+    for i in range(3):
+        report = tuner.step(batches[2 * i : 2 * i + 2], val)
+    want = float(torch.linalg.vector_norm(full.grads["lr"]))
+    assert report.hypergrad_norm == pytest.approx(want, rel=1e-9)
+    # Without carrying, the last horizon alone sees only its own segment.
+    fresh = HyperTuner(
+        tiny_mlp(),
+        specs,
+        method="forward",
+        horizon=2,
+        budget=K,
+        hyper_optimizer="sgd",
+        hyper_lr=1e-300,
+    )
+    for i in range(3):
+        short = fresh.step(batches[2 * i : 2 * i + 2], val)
+    assert short.hypergrad_norm != pytest.approx(want, rel=1e-3)
+
+
+def test_tuner_carry_options_are_checked() -> None:
+    from gradhpo.hyper.tuner import HyperTuner
+
+    specs = [{"name": "lr", "init": 0.3}]
+    with pytest.raises(
+        ValueError, match="carry: only forward mode carries tangents, got method 'reverse'"
+    ):
+        HyperTuner(tiny_mlp(), specs, method="reverse", carry=True)
+    with pytest.raises(ValueError, match="carry: .* every=2"):
+        HyperTuner(tiny_mlp(), specs, method="forward", carry=True, every=2)
+    with pytest.raises(ValueError, match=r"carry_decay must be a number in \(0, 1\], got 0"):
+        HyperTuner(tiny_mlp(), specs, method="forward", carry=True, carry_decay=0)
+
+
+def run_config(method: str = "forward", carry: bool = True) -> dict:
+    return {
+        "data": {"name": "synthetic", "seed": 0},
+        "model": {"name": "mlp", "depth": 1, "width": 8},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "tuner": {
+            "hypers": [
+                {"name": "lr", "schedule": {"segments": 4, "interpolation": "linear"}},
+                {"name": "momentum", "schedule": {"segments": 2}},
+            ],
+            "method": method,
+            "horizon": 3,
+            "carry": carry,
+            "carry_decay": 0.9,
+            "hyper_lr": 0.1,
+        },
+        "training": {"epochs": 2, "batch_size": 32, "seed": 1, "device": "cpu"},
+    }
+
+
+def test_scheduled_run_resumes_bit_identically(tmp_path) -> None:
+    from gradhpo.run import TrainingRun
+
+    uninterrupted = TrainingRun.from_config(run_config())
+    budget = 2 * uninterrupted.steps_per_epoch
+    assert uninterrupted.tuner.hypers.spec("lr").schedule.steps == budget
+    uninterrupted.step(7)
+    uninterrupted.step(8)
+    first = TrainingRun.from_config(run_config())
+    first.step(7)
+    path = first.save(tmp_path / "run.pt")
+    first.step(4)
+    resumed = TrainingRun.from_checkpoint(path)
+    assert resumed.tuner.tangents is not None
+    resumed.step(8)
+    for name, value in uninterrupted.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    assert uninterrupted.hyperparameters == resumed.hyperparameters
+    values = resumed.hyperparameters
+    assert {f"lr[{i}]" for i in range(4)} | {"momentum[0]", "momentum[1]"} <= set(values)
+    # The first segments moved, the schedule is no longer flat.
+    assert values["lr[0]"] != pytest.approx(0.05, rel=1e-6)
+
+
+def test_schedule_errors_in_a_run_config_name_the_value() -> None:
+    from gradhpo.run import TrainingRun
+
+    config = run_config()
+    config["tuner"]["hypers"][0]["schedule"] = {"segments": 0}
+    with pytest.raises(ValueError, match=r"lr\.schedule\.segments: must be an integer >= 1, got 0"):
+        TrainingRun.from_config(config)
+    config = run_config()
+    config["training"]["epochs"] = 1
+    config["tuner"]["hypers"][0]["schedule"] = {"segments": 10_000}
+    with pytest.raises(ValueError, match=r"lr\.schedule\.segments: 10000 segments .* steps="):
+        TrainingRun.from_config(config)
