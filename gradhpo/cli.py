@@ -7,6 +7,8 @@ stderr and exit with code 2; nothing is written to disk before the config has be
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,7 @@ from gradhpo.jobs.pbt import prepare_pbt, run_pbt
 from gradhpo.jobs.rundir import open_run_dir
 from gradhpo.jobs.train import prepare_train, run_train
 from gradhpo.jobs.tune import prepare_study, run_study
+from gradhpo.jobs.worker import STORAGE_ENV, prepare_worker, run_worker
 from gradhpo.models import ModelConfigError
 from gradhpo.report import write_pbt_report, write_report
 
@@ -111,6 +114,36 @@ def _build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--timeout", type=float, default=None, help="seconds for this run")
     resume.add_argument("--no-progress", action="store_true", help="hide progress bars")
     resume.set_defaults(func=_cmd_resume)
+
+    worker = sub.add_parser(
+        "worker",
+        help="attach this process to a running study and run its trials",
+        description=(
+            "Run trials of the study in DIR until it holds its number of finished trials, "
+            "beside the other drivers (gradhpo tune, resume, other workers; on any machine "
+            "that reaches DIR and the study's storage). A config-driven study runs its "
+            "config's trials; a study made from Python needs --objective and --trials. The "
+            "best trial is not evaluated here: gradhpo tune or resume does that."
+        ),
+    )
+    worker.add_argument("dir", type=Path, help="study directory (shared by every worker)")
+    worker.add_argument(
+        "--storage",
+        default=None,
+        help="the study's storage URL when study.json cannot name it (a password); "
+        "default: $GRADHPO_STORAGE",
+    )
+    worker.add_argument(
+        "--objective", default=None, help="module:function, for a study made from Python"
+    )
+    worker.add_argument("--trials", type=int, default=None, help="total trials of the study")
+    worker.add_argument("--timeout", type=float, default=None, help="seconds for this worker")
+    worker.add_argument(
+        "--seed", type=int, default=None, help="sampler seed of this worker (default: random)"
+    )
+    worker.add_argument("--threads", type=int, default=None, help="torch threads")
+    worker.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    worker.set_defaults(func=_cmd_worker)
 
     report = sub.add_parser(
         "report",
@@ -289,6 +322,43 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     _print_best(study.name, summary)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    _quiet_optuna()
+    _check_count("--trials", args.trials)
+    _check_count("--threads", args.threads)
+    if args.timeout is not None and not args.timeout > 0:
+        raise UserError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
+    if args.seed is not None and args.seed < 0:
+        raise UserError(f"--seed: expected an integer >= 0, got {args.seed!r}")
+    storage = args.storage or os.environ.get(STORAGE_ENV) or None
+    try:
+        job = prepare_worker(args.dir, storage=storage, objective=args.objective)
+    except _TUNE_ERRORS as exc:
+        raise UserError(str(exc)) from exc
+    if job.config is None and args.trials is None:
+        raise UserError("--trials: required for a study made from Python (with --objective)")
+    study = job.study
+    print(
+        f"{study.name}: worker on {socket.gethostname()} (pid {os.getpid()}) attached to "
+        f"{study.directory} ({study.dashboard_hint}) with "
+        f"{len(study.finished_trials())} finished trial(s)"
+    )
+    result = run_worker(
+        job,
+        trials=args.trials,
+        timeout=args.timeout,
+        seed=args.seed,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{study.name}: this worker ran {len(result['ran'])} trial(s) in "
+        f"{result['seconds']:.1f} s (sampler seed {result['seed']}); the study holds "
+        f"{result['finished']} of {result['target']}"
+    )
     return 0
 
 
