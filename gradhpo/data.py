@@ -52,6 +52,7 @@ __all__ = [
     "SYSTEM_DATA_DIRS",
     "Split",
     "default_data_dir",
+    "carve_split",
     "kfold_indices",
     "load_data",
     "load_dataset",
@@ -674,6 +675,31 @@ def _stratified_subset(y: torch.Tensor, size: int, generator: torch.Generator) -
     return torch.sort(torch.cat(chosen)).values
 
 
+def carve_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """``(rest, carved)``: a seeded, class-stratified ``fraction`` of ``split`` carved out
+    (at least one sample, at most all but one), e.g. a hyper-validation split taken from the
+    train split so that hyperparameters fitted by hypergradient never see the validation
+    split that selects trials. Both keep ``split``'s order."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"fraction must be a number in (0, 1), got {fraction!r}")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    n, classes = len(split), len(torch.unique(split.y))
+    size = min(max(1, round(n * fraction)), n - 1)
+    if size < classes:
+        raise ValueError(
+            f"fraction: {fraction} of {n} samples is {size}, fewer than the {classes} classes "
+            "(a stratified split needs one sample per class)"
+        )
+    carved = _stratified_subset(split.y, size, torch.Generator().manual_seed(seed))
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[carved] = False
+    rest = keep.nonzero().squeeze(1)
+    carved = carved.to(split.y.device)
+    rest = rest.to(split.y.device)
+    return Split(split.x[rest], split.y[rest]), Split(split.x[carved], split.y[carved])
+
+
 def _check_train_size(value: Any, y_train: torch.Tensor) -> int:
     """``train_size`` as an int in [classes in the train split, train split size]."""
     n, n_classes = len(y_train), len(torch.unique(y_train))
@@ -1014,4 +1040,3 @@ def load_data(
     spec = {k: (str(v) if k == "data_dir" and v is not None else v) for k, v in data.items()}
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     return spec, load_dataset(spec["name"], **kwargs)
-

@@ -249,3 +249,33 @@ def test_cuda_run_matches_cpu_closely(synthetic: DataSplits) -> None:
     assert next(gpu.model.parameters()).is_cuda
     cpu_loss, gpu_loss = cpu.step(5), gpu.step(5)
     assert math.isfinite(gpu_loss) and abs(cpu_loss - gpu_loss) < 0.5
+
+
+def test_hyper_validation_split_is_carved_from_train(synthetic: DataSplits, tmp_path) -> None:
+    """tuner.hyper_val_fraction: the tuner's objective batches come from a stratified part of
+    the train split, which the run no longer trains on; val and test are untouched."""
+    tuner = {"hypers": [{"name": "lr"}], "horizon": 2, "hyper_val_fraction": 0.2}
+    run = make_run(synthetic, tuner=tuner)
+    n = len(synthetic.train)
+    assert len(run.hyper_val) == round(0.2 * n) and len(run.data.train) == n - len(run.hyper_val)
+    assert torch.equal(run.data.val.x, synthetic.val.x)
+    # Disjoint: every train sample is in exactly one of the two.
+    rows = {tuple(r.tolist()) for r in synthetic.train.x.flatten(1)}
+    mine = [tuple(r.tolist()) for r in torch.cat([run.data.train.x, run.hyper_val.x]).flatten(1)]
+    assert len(mine) == n and set(mine) == rows
+    # Stratified: the class shares match the train split's.
+    share = torch.bincount(synthetic.train.y).float() / n
+    carved = torch.bincount(run.hyper_val.y, minlength=len(share)).float() / len(run.hyper_val)
+    assert (carved - share).abs().max() < 0.05
+    assert run.val_batches is not None and run.val_batches.x is run.hyper_val.x
+    run.step(4)
+    path = run.save(tmp_path / "run.pt")
+    resumed = TrainingRun.from_checkpoint(path, data=synthetic, device="cpu")
+    assert torch.equal(resumed.hyper_val.x, run.hyper_val.x)
+
+
+@pytest.mark.parametrize("fraction", [0, 1.0, "a", 1e-9])
+def test_bad_hyper_validation_fraction(synthetic: DataSplits, fraction) -> None:
+    tuner = {"hypers": [{"name": "lr"}], "hyper_val_fraction": fraction}
+    with pytest.raises(ValueError, match=r"tuner\.hyper_val_fraction"):
+        make_run(synthetic, tuner=tuner)

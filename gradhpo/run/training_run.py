@@ -21,13 +21,14 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradhpo.data import Augment, BatchIterator, DataSplits, load_data
+from gradhpo.data import Augment, BatchIterator, DataSplits, carve_split, load_data
 from gradhpo.files import write_torch
 from gradhpo.hyper.optimizers import (
     OPTIMIZER_HYPERPARAMETERS,
@@ -67,6 +68,7 @@ TUNER_KEYS = (
     "compile",
     "carry",
     "carry_decay",
+    "hyper_val_fraction",
 )
 _TUNER_DEFAULTS: dict[str, Any] = {
     "method": "reverse",
@@ -83,6 +85,7 @@ _TUNER_DEFAULTS: dict[str, Any] = {
     "compile": False,
     "carry": False,
     "carry_decay": 1.0,
+    "hyper_val_fraction": None,
 }
 #: Keys of a run config's ``training`` section that a run reads (``epochs`` is the loop's).
 TRAINING_KEYS = ("epochs", "batch_size", "seed", "device", "augment", "eval_batch_size")
@@ -187,6 +190,16 @@ class TrainingRun:
 
         data_spec, splits = load_data(data)
         self.data = splits.to(self.device)
+        # The tuner's validation objective: the val split, or a hyper-validation split carved
+        # from train (tuner.hyper_val_fraction), so val stays unseen by the hypergradients.
+        self.hyper_val = self.data.val
+        fraction = None if tuner is None else dict(tuner).get("hyper_val_fraction")
+        if fraction is not None:
+            try:
+                train, self.hyper_val = carve_split(self.data.train, fraction, seed=0)
+            except ValueError as error:
+                raise ValueError(f"tuner.hyper_val_{error}") from None
+            self.data = replace(self.data, train=train)
         self.model_config = dict(model)
         # The run's config in the YAML shape (what from_config reads and checkpoints keep).
         self.config: dict[str, Any] = {
@@ -227,9 +240,9 @@ class TrainingRun:
         self.val_batches: BatchIterator | None = None
         if self.tuner is not None and self.tuner.objective == "val":
             self.val_batches = BatchIterator(
-                self.data.val.x,
-                self.data.val.y,
-                min(self._tuner_settings["val_batch_size"], len(self.data.val)),
+                self.hyper_val.x,
+                self.hyper_val.y,
+                min(self._tuner_settings["val_batch_size"], len(self.hyper_val)),
                 shuffle=True,
                 seed=seed + 1,
             )
