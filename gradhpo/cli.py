@@ -1,7 +1,10 @@
 """The ``gradhpo`` command.
 
-User mistakes (bad config, unknown model, missing data files...) are printed as one line on
-stderr and exit with code 2; nothing is written to disk before the config has been checked.
+User mistakes (bad config, unknown model, missing data files, damaged run directories...)
+are printed as one line on stderr and exit with code 2; nothing is written to disk before
+the config has been checked. A study that learned nothing (every trial failed the same way,
+or none completed) prints its trial counts and one error line and exits with code 1, as a
+diverged `gradhpo train` does.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from gradhpo import __version__
 from gradhpo.config import ConfigError, load_yaml
 from gradhpo.data import DatasetNotFoundError
 from gradhpo.jobs.pbt import prepare_pbt, run_pbt
-from gradhpo.jobs.rundir import open_run_dir
+from gradhpo.jobs.rundir import check_writable_dir, open_run_dir
 from gradhpo.jobs.train import prepare_train, run_train
-from gradhpo.jobs.tune import prepare_study, run_study
+from gradhpo.jobs.tune import StudyFailed, counts_line, prepare_study, run_study
 from gradhpo.jobs.worker import STORAGE_ENV, prepare_worker, run_worker
 from gradhpo.models import ModelConfigError
 from gradhpo.report import write_pbt_report, write_report
@@ -30,6 +33,7 @@ from gradhpo.report import write_pbt_report, write_report
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
 class UserError(Exception):
@@ -112,6 +116,15 @@ def _build_parser() -> argparse.ArgumentParser:
     resume.add_argument("dir", type=Path, help="study directory (holds study.db, config.yaml)")
     resume.add_argument("--trials", type=int, default=None, help="new total number of trials")
     resume.add_argument("--timeout", type=float, default=None, help="seconds for this run")
+    resume.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=(
+            "start this driver's sampler from SEED instead of the saved state (several "
+            "drivers at once never evaluate a proposal twice in any case)"
+        ),
+    )
     resume.add_argument("--no-progress", action="store_true", help="hide progress bars")
     resume.set_defaults(func=_cmd_resume)
 
@@ -245,12 +258,31 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         study, config, space, folds = prepare_study(raw=raw)
     except _TUNE_ERRORS as exc:
         raise UserError(str(exc)) from exc
-    print(
-        f"{study.name}: study in {study.directory} ({study.dashboard_hint})"
-    )
-    summary = run_study(
-        study, config, space, folds, timeout=args.timeout, progress=not args.no_progress
-    )
+    print(f"{study.name}: study in {study.directory} ({study.dashboard_hint})")
+    return _run_and_print(study, config, space, folds, args, trials=None)
+
+
+def _run_and_print(
+    study: Any, config: dict[str, Any], space: Any, folds: Any, args: Any, trials: int | None
+) -> int:
+    """Run the study, print how its trials ended and the best one; StudyFailed (nothing
+    learned) is printed after the counts as one error line, exit code 1."""
+    asked = trials if trials is not None else config["search"]["trials"]
+    try:
+        summary = run_study(
+            study,
+            config,
+            space,
+            folds,
+            trials=trials,
+            timeout=args.timeout,
+            progress=not args.no_progress,
+        )
+    except StudyFailed as exc:
+        print(f"{study.name}: {counts_line(study.trial_counts(), asked)}")
+        print(f"gradhpo: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{study.name}: {counts_line(study.trial_counts(), asked)}")
     _print_best(study.name, summary)
     return 0
 
@@ -291,6 +323,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     if kind == "pbt":
         if args.trials is not None:
             raise UserError("--trials: not used by a PBT run")
+        if args.seed is not None:
+            raise UserError("--seed: not used by a PBT run (its seeds are in its config)")
         try:
             manager, config, population = prepare_pbt(resume_dir=args.dir)
         except _TUNE_ERRORS as exc:
@@ -300,6 +334,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         _print_pbt(config["name"], best)
         return 0
     _check_count("--trials", args.trials)
+    _check_count("--seed", args.seed, minimum=0)
     if args.timeout is not None and not args.timeout > 0:
         raise UserError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
     if not args.dir.is_dir():
@@ -308,21 +343,13 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         study, config, space, folds = prepare_study(resume_dir=args.dir)
     except _TUNE_ERRORS as exc:
         raise UserError(str(exc)) from exc
+    if args.seed is not None:
+        study.reseed(args.seed)
     finished = len(study.finished_trials())
     recovered = study.recover_stale_trials()
     note = f"; continuing interrupted trial(s) {recovered}" if recovered else ""
     print(f"{study.name}: resuming with {finished} finished trial(s){note}")
-    summary = run_study(
-        study,
-        config,
-        space,
-        folds,
-        trials=args.trials,
-        timeout=args.timeout,
-        progress=not args.no_progress,
-    )
-    _print_best(study.name, summary)
-    return 0
+    return _run_and_print(study, config, space, folds, args, trials=args.trials)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -370,6 +397,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise UserError(
             f"{str(args.dir)!r} holds a `gradhpo train` run; its metrics are in metrics.json"
         )
+    check_writable_dir("--out", args.out if args.out is not None else args.dir / "report")
     if kind == "pbt":
         result = write_pbt_report(args.dir, args.out)
         print(f"{args.dir.name}: PBT report; wrote " + ", ".join(str(f) for f in result["files"]))
@@ -378,8 +406,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     best = result["best"]
     if best is not None:
         _print_best(args.dir.name, best)
+    states = [row["state"] for row in result["rows"]]
+    tally = ", ".join(
+        f"{states.count(state)} {word}"
+        for state, word in (("complete", "complete"), ("pruned", "pruned"), ("fail", "failed"))
+    )
+    running = states.count("running") + states.count("waiting")
     print(
-        f"{args.dir.name}: {len(result['rows'])} trial(s); wrote "
+        f"{args.dir.name}: {len(states)} trial(s): {tally}"
+        + (f", {running} unfinished" if running else "")
+        + "; wrote "
         + ", ".join(str(f) for f in result["files"])
     )
     return 0

@@ -27,7 +27,15 @@ import yaml
 from gradhpo.config import ConfigError, load_yaml
 from gradhpo.files import write_json, write_text
 
-__all__ = ["KINDS", "MARKER", "create_run_dir", "open_run_dir", "run_dir_of"]
+__all__ = [
+    "KINDS",
+    "MARKER",
+    "check_output_dirs",
+    "check_writable_dir",
+    "create_run_dir",
+    "open_run_dir",
+    "run_dir_of",
+]
 
 MARKER = "gradhpo.json"
 LAYOUT = 1
@@ -46,6 +54,41 @@ def run_dir_of(config: Mapping[str, Any]) -> Path:
     if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
         raise ConfigError(f"name: must be a plain folder name inside output.dir, got {name!r}")
     return Path(config["output"]["dir"]) / name
+
+
+def check_writable_dir(field: str, path: str | os.PathLike[str]) -> Path:
+    """Check, without creating anything, that the folder ``path`` (the value of ``field``,
+    e.g. ``output.tensorboard_dir``) exists as a writable folder or can be created: its
+    nearest existing ancestor is a folder this process may write into. A ConfigError naming
+    the field, the value and the obstacle otherwise (a regular file on the way, no write
+    permission). Root passes every permission check, as the operating system lets it."""
+    path = Path(path)
+    probe = path
+    while not os.path.lexists(probe):
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if os.path.lexists(probe) and not probe.is_dir():
+        problem = (
+            "is a file, not a folder"
+            if probe == path
+            else f"cannot be created: {str(probe)!r} is a file"
+        )
+        raise ConfigError(f"{field}: {str(path)!r} {problem}; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{field}: {str(path)!r} is not writable (no write permission in "
+            f"{str(probe)!r}); choose another path"
+        )
+    return path
+
+
+def check_output_dirs(config: Mapping[str, Any]) -> None:
+    """``output.dir`` and ``output.tensorboard_dir`` of a validated config can be written
+    (see :func:`check_writable_dir`): checked in the pre-flight, before anything is made."""
+    output = config["output"]
+    check_writable_dir("output.dir", output["dir"])
+    check_writable_dir("output.tensorboard_dir", output["tensorboard_dir"])
 
 
 def create_run_dir(

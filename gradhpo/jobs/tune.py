@@ -17,15 +17,32 @@ A tune config is a train config (see :mod:`gradhpo.config`) plus a ``search`` se
 ``training.epochs`` is the number of epochs of each trial. Inside a trial the continuous
 hyperparameters named in ``tuner`` are adapted by hypergradient as in ``gradhpo train``; a
 search parameter such as ``optimizer.lr`` then sets their starting value.
+
+How trials end and what ``search.trials`` counts:
+
+* ``search.trials`` is the number of *finished* trials the study holds at the end: complete,
+  pruned and failed ones (a study must end even where some region of the space always
+  fails). What they were is never left implicit: ``gradhpo tune`` / ``resume`` print
+  "N of M trials finished: c complete, p pruned (d diverged), f failed" and how to run more,
+  and :meth:`~gradhpo.search.Study.trial_counts` gives the same numbers.
+* A diverged trial (non-finite training loss) is PRUNED with the reason in its user
+  attribute ``diverged``, under every metric (:mod:`gradhpo.search.trial`).
+* A study that learns nothing stops and says why (:class:`StudyFailed`, exit code 1): when
+  its first ``SAME_FAILURE_STOP`` finished trials (or all of them, when fewer are asked for)
+  failed with the same exception type (see :func:`same_failure`), the drivers stop after those
+  trials; and a study that ends with finished trials but none complete fails as well.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,12 +61,12 @@ from gradhpo.config import (
 from gradhpo.data import DataSplits
 from gradhpo.execution import Executor, make_executor
 from gradhpo.files import write_json
-from gradhpo.jobs.rundir import create_run_dir, open_run_dir, run_dir_of
+from gradhpo.jobs.rundir import check_output_dirs, create_run_dir, open_run_dir, run_dir_of
 from gradhpo.run import EarlyStopping, Epoch, TrainingRun, fit, resolve_device
 from gradhpo.run.builder import build_run, load_job_data
 from gradhpo.run.loop import METRICS, worst
 from gradhpo.search.drivers import distinct_sampler
-from gradhpo.search.samplers import make_pruner, make_sampler
+from gradhpo.search.samplers import SAMPLERS, make_pruner, make_sampler
 from gradhpo.search.space import SearchSpace
 from gradhpo.search.study import (
     RESUME_FROM,
@@ -58,10 +75,15 @@ from gradhpo.search.study import (
     is_retried,
     load_study,
 )
+from gradhpo.search.trial import prune_diverged
 from gradhpo.tensorboard_logger import TensorBoardLogger
 
 __all__ = [
+    "SAME_FAILURE_STOP",
     "SEARCH_DEFAULTS",
+    "StudyFailed",
+    "counts_line",
+    "same_failure",
     "validate_tune_config",
     "ConfigObjective",
     "prepare_study",
@@ -82,6 +104,53 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "executor": None,
     "baseline": False,
 }
+
+
+#: A study whose first this many finished trials all failed for the same reason stops.
+SAME_FAILURE_STOP = 3
+
+
+class StudyFailed(RuntimeError):
+    """A study that learned nothing: its first trials all failed for the same reason, or it
+    ended with finished trials of which none completed. The message says why."""
+
+
+def _same(reason: str) -> str:
+    """What makes two failures "the same": the exception's type ("OSError: [Errno 28] ..."
+    -> "OSError"; its text names each trial's own paths and parameters), or for other
+    reasons (an objective's bad return value) the text with its numbers blanked."""
+    match = re.match(r"([A-Za-z_][\w.]*): ", reason)
+    return match.group(1) if match else re.sub(r"\d+", "#", reason)
+
+
+def same_failure(study: Study, n_trials: int) -> str | None:
+    """The error of the study's first trial when its first ``min(SAME_FAILURE_STOP,
+    n_trials)`` finished trials (and every later one) failed for the same reason (the same
+    exception type) and none completed or was pruned; ``None`` otherwise."""
+    finished = sorted(study.finished_trials(), key=lambda t: t.number)
+    k = min(SAME_FAILURE_STOP, n_trials)
+    if len(finished) < k or any(t.state != optuna.trial.TrialState.FAIL for t in finished):
+        return None
+    reasons = [str(t.user_attrs.get("error", "unknown error")) for t in finished]
+    if len({_same(r) for r in reasons}) != 1:
+        return None
+    return reasons[0]
+
+
+def counts_line(counts: Mapping[str, int], asked: int) -> str:
+    """The line "N of M trials finished: c complete, p pruned (d diverged), f failed" and, where
+    the study holds fewer usable trials than asked, why and what to do."""
+    text = (
+        f"{counts['finished']} of {asked} trials finished: {counts['complete']} complete, "
+        f"{counts['pruned']} pruned"
+        + (f" ({counts['diverged']} diverged)" if counts["diverged"] else "")
+        + f", {counts['failed']} failed"
+    )
+    if counts["failed"]:
+        text += " (failed trials count toward the total; their errors are in `gradhpo report`)"
+    if counts["finished"] < asked:
+        text += f"; {asked - counts['finished']} not run"
+    return text
 
 
 def validate_tune_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchSpace]:
@@ -174,6 +243,7 @@ class ConfigObjective:
     def __call__(self, trial: optuna.trial.Trial) -> float:
         params = self.space.suggest(trial)
         self.study.heartbeat(trial)  # also saves the sampler state now that params are drawn
+        self.study.claim(trial)  # a proposal another trial holds is not evaluated twice
         runs = self.build_runs(params)
         tdir = self.study.trial_dir(trial.number)
         tdir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +269,9 @@ class ConfigObjective:
 
         def checkpoint(epoch: Epoch) -> None:
             """best_<fold>.pt at the best epoch, last_<fold>.pt and progress.json each epoch
-            (what a retried trial continues from)."""
+            (what a retried trial continues from); nothing for a diverged epoch."""
+            if epoch.diverged:
+                return
             history.append({"epoch": epoch.epoch, "value": epoch.value, "folds": epoch.records})
             for i, run in enumerate(runs):
                 if epoch.improved:
@@ -216,11 +288,11 @@ class ConfigObjective:
             )
 
         def report(epoch: Epoch) -> None:
-            trial.report(epoch.value, epoch.epoch)
             self.study.heartbeat(trial)
             if epoch.diverged:
-                trial.set_user_attr("diverged", True)
-            elif not stopping[0] and trial.should_prune():
+                return  # the trial ends as diverged below; no made-up value is reported
+            trial.report(epoch.value, epoch.epoch)
+            if not stopping[0] and trial.should_prune():
                 self._finish_logs(loggers, trial, params, runs, epoch.best)
                 raise optuna.TrialPruned(
                     f"pruned at epoch {epoch.epoch} ({self.metric}={epoch.value:.4f})"
@@ -255,10 +327,13 @@ class ConfigObjective:
         finally:
             if bar is not None:
                 bar.close()
-        if done:
-            best = done[-1].best
         trial.set_user_attr("hyperparameters", runs[0].hyperparameters)
         trial.set_user_attr("epochs", len(history))
+        if done and done[-1].diverged:
+            self._finish_logs(loggers, trial, params, runs, best)
+            prune_diverged(trial, done[-1].epoch)
+        if done:
+            best = done[-1].best
         self._finish_logs(loggers, trial, params, runs, best)
         return worst(self.metric) if best is None else best
 
@@ -434,19 +509,99 @@ def prepare_study(
 
 
 def _preflight(config: Mapping[str, Any], space: SearchSpace, data: DataSplits) -> None:
-    """Build a run (on the CPU, no training) at the base point and at every corner value of
-    every parameter, so an unknown model, a bad choice or an optimizer/tuner mismatch is a
-    config error now rather than a failed trial later. Also builds the sampler and pruner."""
-    s = config["search"]
-    make_sampler(s["sampler"], space, seed=s["seed"])
-    make_pruner(s["pruner"], max_resource=config["training"]["epochs"])
+    """Exercise, without writing anything, what every trial will do, so that a mistake that
+    would fail every trial is one config error now rather than N failed trials later:
+    the output folders can be made (``output.dir``, ``output.tensorboard_dir``), the device
+    exists, the sampler and pruner run a short dry study (:func:`dry_run_search`), and a run
+    builds (on the CPU, no training) at the base point and at every corner value of every
+    parameter (an unknown model, a bad choice, an optimizer/tuner mismatch, a size over the
+    limits)."""
+    check_output_dirs(config)
     try:
         resolve_device(config["training"]["device"])
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"training.device: {exc}") from exc
+    dry_run_search(config, space)
     for label, params in space.corner_params():
         where = "config" if label == "base point" else label
         build_run(space.apply(config, params), data=data, device="cpu", where=where)
+
+
+#: Most trials of the pre-flight's dry study (enough to leave the start-up phase of every
+#: sampler with its default settings: NSGA-II's population of 50 is the largest).
+DRY_RUN_TRIALS = 60
+_STARTUP_ARGS = ("n_startup_trials", "population_size")
+
+
+def _dry_trials(spec: Any, cls: type) -> int:
+    """Trials the dry study runs: past the sampler's start-up phase (the model-based phase,
+    e.g. CMA-ES after its first trial, reads arguments the start-up phase never touches)."""
+    given = spec if isinstance(spec, Mapping) else {}
+    params = inspect.signature(cls).parameters
+    startup = 1
+    for name in _STARTUP_ARGS:
+        value = given.get(name, params[name].default if name in params else None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            startup = max(startup, value)
+    return min(startup + 2, DRY_RUN_TRIALS)
+
+
+def dry_run_search(config: Mapping[str, Any], space: SearchSpace) -> None:
+    """Run the configured sampler and pruner on a throw-away in-memory study (no training:
+    made-up values, a few reported epochs per trial), so that an argument of the wrong type
+    (``n_startup_trials: x``) or an invalid value the constructor does not check (CMA-ES
+    ``sigma0: x``) is a ConfigError naming ``search.sampler`` / ``search.pruner`` instead of
+    an exception in every trial."""
+    s = config["search"]
+    epochs = config["training"]["epochs"]
+    spec = s["sampler"]
+    name = spec.get("name") if isinstance(spec, Mapping) else spec
+    n = _dry_trials(spec, SAMPLERS[name]) if name in SAMPLERS else 3
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sampler = make_sampler(spec, space, seed=s["seed"])
+            pruner = make_pruner(s["pruner"], max_resource=epochs)
+            study = optuna.create_study(
+                direction=METRICS[s["metric"]], sampler=sampler, pruner=pruner
+            )
+            # Samplers that exhaust a grid call study.stop(), legal only inside optimize.
+            study._thread_local.in_optimize_loop = True
+            for i in range(n + 3):
+                value = ((i * 7919) % 97) / 97.0
+                field = "search.sampler"
+                try:
+                    trial = study.ask()
+                    space.suggest(trial)
+                    field = "search.pruner"
+                    pruned = False
+                    for epoch in range(min(epochs, 3)):
+                        trial.report(value + 0.01 * epoch, epoch)
+                        # The first n trials complete (the sampler leaves its start-up
+                        # phase on complete trials); the last ones take the pruner's word.
+                        if trial.should_prune() and i >= n:
+                            pruned = True
+                            break
+                    field = "search.sampler"
+                    state = optuna.trial.TrialState.PRUNED if pruned else None
+                    study.tell(trial, None if pruned else value, state=state)
+                except ConfigError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - whatever a trial would meet
+                    raise ConfigError(
+                        f"{field}: {_spec_text(s[field.split('.')[1]])} fails in a dry run of "
+                        f"the study (trial {i}): {type(exc).__name__}: {exc}"
+                    ) from exc
+                if study._stop_flag:
+                    break
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _spec_text(spec: Any) -> str:
+    return repr(dict(spec)) if isinstance(spec, Mapping) else repr(spec)
 
 
 def run_trials(
@@ -461,7 +616,8 @@ def run_trials(
 ) -> list[int]:
     """Run (or continue) trials in this process until the study holds ``trials`` finished
     ones; returns the numbers of the trials this call finished. Failed trials are recorded
-    with their error and the study goes on."""
+    with their error and the study goes on, unless every trial so far failed for the same
+    reason (:func:`same_failure`): then the driver stops and :func:`run_study` raises."""
     s = config["search"]
     n_trials = trials if trials is not None else s["trials"]
     timeout = timeout if timeout is not None else s["timeout"]
@@ -471,6 +627,8 @@ def run_trials(
     def after_trial(st: Study, frozen: optuna.trial.FrozenTrial) -> None:
         finished.append(frozen.number)  # a failure is logged once by the study (gradhpo.search)
         _cleanup_checkpoints(st, s["keep_checkpoints"])
+        if frozen.state == optuna.trial.TrialState.FAIL and same_failure(st, n_trials):
+            st.stop()  # every trial so far failed the same way: run_study says why
 
     with tqdm(
         total=n_trials, desc=f"{study.name} trials", unit="trial", disable=not progress or None
@@ -499,9 +657,13 @@ def run_study(
 ) -> dict[str, Any] | None:
     """Run the study to ``trials`` finished trials — in this process, or with
     ``search.executor`` on several local processes or Ray workers, each a driver of the shared
-    study — then evaluate the best trial on the test set."""
+    study — then evaluate the best trial on the test set. The summary holds ``counts``
+    (:meth:`~gradhpo.search.Study.trial_counts` and ``asked``; also the study's user
+    attribute ``counts``). :class:`StudyFailed` when the study learned nothing (module
+    docstring)."""
     s = config["search"]
     executor = s.get("executor") or {"name": "serial"}
+    n_trials = trials if trials is not None else s["trials"]
     start = time.perf_counter()
     if executor.get("name", "serial") == "serial" and executor.get("workers", 1) == 1:
         run_trials(study, config, space, folds, trials=trials, timeout=timeout, progress=progress)
@@ -519,8 +681,19 @@ def run_study(
                 n_trials=trials if trials is not None else s["trials"],
                 timeout=timeout if timeout is not None else s["timeout"],
             )
+    counts = study.trial_counts()
+    study.optuna.set_user_attr("counts", {**counts, "asked": n_trials})
+    reason = same_failure(study, n_trials)
+    if reason is not None:
+        raise StudyFailed(
+            f"{study.name}: stopped: the first {min(SAME_FAILURE_STOP, n_trials)} trial(s) all "
+            f"failed with the same error: {reason}"
+        )
+    if counts["finished"] and not counts["complete"]:
+        raise StudyFailed(f"{study.name}: no trial completed ({counts_line(counts, n_trials)})")
     summary = evaluate_best(study, config, folds)
     if summary is not None:
+        summary["counts"] = {**counts, "asked": n_trials}
         summary["seconds"] = time.perf_counter() - start
         if s["baseline"]:
             summary["baseline"] = train_baseline(config, folds[0], summary["seconds"])

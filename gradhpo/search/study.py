@@ -33,7 +33,17 @@ What :class:`Study` adds to ``optuna.Study``:
 * a trial never stays RUNNING after its objective raised or returned something that is not a
   number in this process: it is FAIL with the reason in the user attribute ``error``
   (an interrupted trial, KeyboardInterrupt/SystemExit, is failed and queued again, so
-  ``gradhpo resume`` continues it from its checkpoint).
+  ``gradhpo resume`` continues it from its checkpoint); a pruned trial's reason is in the
+  user attribute ``pruned``;
+* several drivers never evaluate the same proposal twice: an objective calls
+  :meth:`Study.claim` once it has drawn its parameters (``gradhpo tune``'s objective and
+  :func:`~gradhpo.search.fit_trial` do), and a fresh proposal equal to the parameters of a
+  finished trial, or of a running trial that claimed them, is not evaluated: the trial is
+  closed as FAIL + ``gradhpo:duplicate`` (not counted) and the driver asks again (after
+  ``MAX_DUPLICATES`` in a row the space counts as exhausted and the driver stops, saying
+  so). While other drivers are running trials, each fresh trial's sampler draws from a seed
+  derived from the study's seed and the trial's number, so drivers that restored the same
+  saved sampler state do not propose the same points in the first place.
 
 A driver is identified by host, pid and a per-object token; a RUNNING trial is stale when its
 driver's process is gone (same host), when it is this process but not a live Study object, or
@@ -50,6 +60,7 @@ once the application configures logging (a handler on the root logger), the reco
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -81,9 +92,9 @@ from gradhpo.files import write_json
 from gradhpo.run.loop import METRICS
 from gradhpo.search.retry import RetryingStorage
 from gradhpo.search.samplers import (
-    load_sampler_state,
     make_pruner,
     make_sampler,
+    reseed_sampler,
     restore_sampler_rng_states,
     sampler_rng_states,
     save_sampler_state,
@@ -97,6 +108,8 @@ except ImportError:  # pragma: no cover - a future optuna without it: the public
 __all__ = [
     "FINISHED_STATES",
     "JOURNAL_FILE",
+    "MAX_DUPLICATES",
+    "DuplicateProposal",
     "SQLITE_FILE",
     "Study",
     "create_study",
@@ -115,6 +128,11 @@ SQLITE_FILE = "study.db"
 _EMBEDDED = {"journal": JOURNAL_FILE, "sqlite": SQLITE_FILE}
 _RETRIED = "gradhpo:retried"
 _SURPLUS = "gradhpo:surplus"
+_DUPLICATE = "gradhpo:duplicate"
+_CLAIMED = "gradhpo:claimed"
+#: Fresh proposals in a row that repeat evaluated parameters before a driver gives up (the
+#: space looks exhausted).
+MAX_DUPLICATES = 50
 _DRIVER = "gradhpo:driver"
 RESUME_FROM = "gradhpo:resume_from"
 _LIVE_TOKENS: weakref.WeakValueDictionary[str, Study] = weakref.WeakValueDictionary()
@@ -325,12 +343,103 @@ def _open_storage(
         path = directory / _EMBEDDED[kind]
         if not path.is_file():
             raise ConfigError(f"{str(directory)!r} is not a study directory: no {path.name}")
+        _check_storage_file(path, kind)
         opened: BaseStorage = _journal_storage(path) if kind == "journal" else _sqlite_storage(path)
     elif kind == "url":
         opened = _url_storage(value)
     else:
         opened = value
     return opened, _storage_record(kind, value)
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_storage_file(path: Path, kind: str) -> None:
+    """A study's own storage file must be whole before Optuna opens it: Optuna would turn an
+    empty file into a new database (SQLite) or read a damaged journal up to the damage and
+    then append after it, making it unreadable. Every problem is one ConfigError naming the
+    file; nothing is written."""
+    restore = "restore it from a backup, or start a new study under another name"
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise ConfigError(f"{str(path)!r}: empty (0 bytes): it holds no study; {restore}")
+        if kind == "sqlite":
+            with path.open("rb") as fh:
+                header = fh.read(len(_SQLITE_HEADER))
+            if header != _SQLITE_HEADER:
+                raise ConfigError(f"{str(path)!r}: not an SQLite database; {restore}")
+            _check_sqlite(path, restore)
+            return
+        with path.open("rb") as fh:
+            for number, line in enumerate(fh, start=1):
+                if not line.endswith(b"\n"):
+                    raise ConfigError(
+                        f"{str(path)!r}: damaged journal: line {number} is cut off (the file "
+                        "ends inside a record; a full disk or a partial copy?); "
+                        f"{restore}, or cut the file after line {number - 1} "
+                        f"(truncate -s {size - len(line)} {path}) to keep the trials "
+                        "recorded before it"
+                    )
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if not isinstance(record, dict) or "op_code" not in record:
+                    raise ConfigError(
+                        f"{str(path)!r}: damaged journal: line {number} is not an Optuna "
+                        f"journal record; {restore}"
+                    )
+    except OSError as exc:
+        raise ConfigError(f"{str(path)!r}: cannot read: {exc.strerror}") from exc
+
+
+def _check_sqlite(path: Path, restore: str) -> None:
+    """SQLite's own integrity check, read-only (``mode=ro``: no journal file is created)."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = conn.execute("PRAGMA quick_check").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(
+            f"{str(path)!r}: not a readable SQLite database ({exc}); {restore}"
+        ) from exc
+    if row is None or row[0] != "ok":
+        raise ConfigError(
+            f"{str(path)!r}: damaged SQLite database ({row[0] if row else 'no answer'}); {restore}"
+        )
+
+
+def _load_sampler_state(sampler: optuna.samplers.BaseSampler, path: Path) -> None:
+    """Restore the sampler state saved in ``path`` (see :mod:`gradhpo.search.samplers`). An
+    unreadable state is a ConfigError naming the file (continuing from a wrong state would
+    silently change the study's sequence); one of another kind of sampler is ignored (the
+    sampler starts from its seed)."""
+    if not path.is_file():
+        return
+    fix = "delete it to continue the study with the sampler started from its seed"
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(path)!r}: unreadable sampler state ({exc}); {fix}") from exc
+    if (
+        not isinstance(payload, dict)
+        or not isinstance(payload.get("sampler"), str)
+        or not isinstance(payload.get("rng"), dict)
+    ):
+        raise ConfigError(
+            f'{str(path)!r}: not a sampler state (expected {{"sampler": ..., "rng": '
+            f"{{...}}}}, got {_short(payload, 60)}); {fix}"
+        )
+    if payload["sampler"] != type(sampler).__name__:
+        return
+    try:
+        restore_sampler_rng_states(sampler, payload["rng"])
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ConfigError(f"{str(path)!r}: unusable sampler state ({exc}); {fix}") from exc
 
 
 def _read_meta(directory: Path, where: str) -> dict[str, Any]:
@@ -357,18 +466,40 @@ def load_optuna_study(
     reports, dashboards, dataframes); no sampler state, no recovery."""
     directory = _check_directory(directory, "load_optuna_study")
     meta = _read_meta(directory, "load_optuna_study")
-    opened, _ = _open_storage(directory, meta, storage, "load_optuna_study")
-    return optuna.load_study(study_name=meta["name"], storage=opened)
+    opened, record = _open_storage(directory, meta, storage, "load_optuna_study")
+    try:
+        return optuna.load_study(study_name=meta["name"], storage=opened)
+    except KeyError:
+        raise ConfigError(
+            f"{str(directory)!r}: the storage ({_describe(record)}) holds no study named "
+            f"{meta['name']!r}"
+        ) from None
 
 
 # ---------------------------------------------------------------------- trials
 def is_retried(trial: optuna.trial.FrozenTrial) -> bool:
     """A trial that does not count: a dead trial whose parameters were enqueued again (its
-    retry counts instead), or a surplus trial a driver asked while other drivers were already
-    running the last ones (see :meth:`Study.optimize`)."""
+    retry counts instead), a surplus trial a driver asked while other drivers were already
+    running the last ones (see :meth:`Study.optimize`), or a duplicate proposal that was
+    never evaluated (see :meth:`Study.claim`)."""
     return trial.state == TrialState.FAIL and bool(
-        trial.system_attrs.get(_RETRIED) or trial.system_attrs.get(_SURPLUS)
+        trial.system_attrs.get(_RETRIED)
+        or trial.system_attrs.get(_SURPLUS)
+        or trial.system_attrs.get(_DUPLICATE)
     )
+
+
+class DuplicateProposal(optuna.TrialPruned):
+    """Raised by :meth:`Study.claim`: the trial's parameters are those of another trial, so
+    it is not evaluated (the study closes it uncounted and asks again). A subclass of
+    ``optuna.TrialPruned``, so a plain Optuna loop records it as pruned, never as a value."""
+
+
+def derived_seed(seed: int | None, index: int) -> int:
+    """A 32-bit seed from a study's ``seed`` and an ``index`` (a driver, a trial number):
+    distinct indices give unrelated streams, the same pair always the same seed."""
+    digest = hashlib.sha256(f"gradhpo:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -416,8 +547,12 @@ class Study:
         *,
         stale_after: float = 600.0,
         storage_record: Mapping[str, Any] | None = None,
+        seed: int | None = None,
     ) -> None:
         self.directory = Path(directory)
+        #: The study's sampler seed (``study.json``); per-trial seeds of concurrent drivers
+        #: are derived from it.
+        self.seed = seed
         self.optuna = optuna_study
         self.sampler = optuna_study.sampler
         self.stale_after = float(stale_after)
@@ -491,6 +626,32 @@ class Study:
             for t in self.optuna.get_trials(deepcopy=False, states=FINISHED_STATES)
             if not is_retried(t)
         ]
+
+    def trial_counts(self) -> dict[str, int]:
+        """How the study's trials ended: ``complete``, ``pruned`` (of which ``diverged``:
+        pruned by the divergence rule), ``failed``, ``finished`` (the three together: what
+        ``n_trials`` counts), ``running``, ``waiting``, and ``not_counted`` (dead trials
+        retried under a new number, surplus and duplicate proposals never evaluated)."""
+        counts = dict.fromkeys(
+            ("complete", "pruned", "diverged", "failed", "finished", "running", "waiting"), 0
+        )
+        counts["not_counted"] = 0
+        for t in self.optuna.get_trials(deepcopy=False):
+            if is_retried(t):
+                counts["not_counted"] += 1
+            elif t.state == TrialState.COMPLETE:
+                counts["complete"] += 1
+            elif t.state == TrialState.PRUNED:
+                counts["pruned"] += 1
+                counts["diverged"] += int(bool(t.user_attrs.get("diverged")))
+            elif t.state == TrialState.FAIL:
+                counts["failed"] += 1
+            elif t.state == TrialState.RUNNING:
+                counts["running"] += 1
+            elif t.state == TrialState.WAITING:
+                counts["waiting"] += 1
+        counts["finished"] = counts["complete"] + counts["pruned"] + counts["failed"]
+        return counts
 
     def _require_single(self, what: str) -> None:
         if self.is_multi_objective:
@@ -577,7 +738,65 @@ class Study:
             return trial
         trial = self._new_trial()
         self._unsaved.add(trial._trial_id)
+        if self.seed is not None and self._others_running(trial._trial_id):
+            # Drivers that restored the same saved state would draw the same points: while
+            # others run, each fresh trial draws from a seed of its own (study seed, number).
+            number = self.optuna._storage.get_trial_number_from_id(trial._trial_id)
+            with self._lock:
+                reseed_sampler(self.sampler, derived_seed(self.seed, number))
         return trial
+
+    def _others_running(self, trial_id: int) -> bool:
+        """Whether a trial other than ``trial_id`` is RUNNING under another driver."""
+        for t in self.optuna._storage.get_all_trials(
+            self.optuna._study_id, deepcopy=False, states=(TrialState.RUNNING,)
+        ):
+            driver = t.system_attrs.get(_DRIVER)
+            if t._trial_id != trial_id and (
+                not isinstance(driver, Mapping) or driver.get("token") != self.token
+            ):
+                return True
+        return False
+
+    def reseed(self, seed: int) -> None:
+        """Start this driver's sampler from ``seed`` (derived with the study's seed) instead
+        of continuing the saved state: ``gradhpo resume --seed``."""
+        with self._lock:
+            reseed_sampler(self.sampler, derived_seed(self.seed, 1_000_000 + int(seed)))
+
+    def claim(self, trial: optuna.trial.Trial) -> None:
+        """Claim the parameters ``trial`` has drawn, before any work is done on them; raise
+        :class:`DuplicateProposal` when they are those of another trial: a finished one
+        (retried, surplus and duplicate trials aside), one waiting in the queue, or a running
+        one that claimed them (a running trial of another driver still drawing is not
+        compared: its claim comes after this one's and finds this trial).
+
+        The claim is written before the others are read, so of two drivers that draw the same
+        point at the same time at least one sees the other's claim: two never both evaluate
+        it. Enqueued trials (retries of dead trials, the user's own points) are evaluated
+        whatever they repeat."""
+        storage = self.optuna._storage
+        storage.set_trial_system_attr(trial._trial_id, _CLAIMED, True)
+        mine = storage.get_trial(trial._trial_id)
+        if "fixed_params" in mine.system_attrs:
+            return
+        params = mine.params
+        for other in storage.get_all_trials(self.optuna._study_id, deepcopy=False):
+            if other._trial_id == trial._trial_id or is_retried(other):
+                continue
+            if other.state == TrialState.WAITING:
+                theirs = other.system_attrs.get("fixed_params")
+            elif other.state == TrialState.RUNNING and not (
+                other.system_attrs.get(_CLAIMED) or "fixed_params" in other.system_attrs
+            ):
+                continue
+            else:
+                theirs = other.params
+            if theirs == params:
+                raise DuplicateProposal(
+                    f"parameters {params} are those of trial {other.number} "
+                    f"({other.state.name.lower()})"
+                )
 
     def _new_trial(self) -> optuna.trial.Trial:
         """``optuna.Study.ask`` for a fresh trial, with this driver's heartbeat written in the
@@ -840,6 +1059,7 @@ class Study:
         ran: list[int],
         gc_after_trial: bool,
     ) -> None:
+        duplicates = 0
         while not self.optuna._stop_flag:
             trials = self.optuna.get_trials(deepcopy=False)
             done = running = 0
@@ -866,7 +1086,20 @@ class Study:
             trial = self.ask(waiting=waiting)
             if n_trials is not None and not waiting and self._surplus(trial, n_trials):
                 continue
-            self._run_one(objective, trial, catch)
+            if not self._run_one(objective, trial, catch):
+                duplicates += 1
+                if duplicates >= MAX_DUPLICATES:
+                    logger.warning(
+                        "Study %r: the sampler proposed only parameters that were already "
+                        "evaluated, %d times in a row; the search space looks exhausted, so "
+                        "this driver stops (%d finished trials).",
+                        self.name,
+                        duplicates,
+                        len(self.finished_trials()),
+                    )
+                    break
+                continue
+            duplicates = 0
             ran.append(trial.number)
             if callbacks:
                 frozen = self.optuna._storage.get_trial(trial._trial_id)
@@ -938,17 +1171,21 @@ class Study:
         objective: Callable[[optuna.trial.Trial], Any],
         trial: optuna.trial.Trial,
         catch: tuple[type[BaseException], ...],
-    ) -> None:
-        """Run the objective on ``trial`` and finish the trial, whatever happens."""
+    ) -> bool:
+        """Run the objective on ``trial`` and finish the trial, whatever happens; False when
+        it was a duplicate proposal (closed uncounted, see :meth:`claim`)."""
         try:
             result = objective(trial)
+        except DuplicateProposal as exc:
+            self._close_duplicate(trial, str(exc))
+            return False
         except optuna.TrialPruned as exc:
             self._finish(trial, TrialState.PRUNED, None, str(exc) or None)
-            return
+            return True
         except Exception as exc:
             self._finish(trial, TrialState.FAIL, None, f"{type(exc).__name__}: {exc}", exc)
             if isinstance(exc, catch):
-                return
+                return True
             raise
         except BaseException:
             # KeyboardInterrupt, SystemExit: fail the trial and queue its parameters again, so
@@ -960,6 +1197,16 @@ class Study:
             self._finish(trial, TrialState.FAIL, None, reason)
         else:
             self._finish(trial, TrialState.COMPLETE, values, None)
+        return True
+
+    def _close_duplicate(self, trial: optuna.trial.Trial, reason: str) -> None:
+        """Close a duplicate proposal: FAIL + ``gradhpo:duplicate`` (not counted, never
+        evaluated); the sampler's state after its draw is kept."""
+        storage = self.optuna._storage
+        self._save_sampler_state(trial)
+        storage.set_trial_system_attr(trial._trial_id, _DUPLICATE, reason)
+        storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        logger.debug("Trial %d not run: %s.", trial.number, reason)
 
     def _interrupted(self, trial: optuna.trial.Trial) -> None:
         try:
@@ -986,6 +1233,8 @@ class Study:
         try:
             if state == TrialState.FAIL and reason is not None:
                 storage.set_trial_user_attr(trial._trial_id, "error", reason)
+            elif state == TrialState.PRUNED and reason is not None:
+                storage.set_trial_user_attr(trial._trial_id, "pruned", reason)
             self._save_sampler_state(trial)
             if _tell_with_warning is not None:
                 _tell_with_warning(self.optuna, trial, values, state=state, suppress_warning=True)
@@ -1198,7 +1447,9 @@ def create_study(
         )
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "study.json", meta)
-    return Study(directory, study, stale_after=stale_after, storage_record=meta["storage"])
+    return Study(
+        directory, study, stale_after=stale_after, storage_record=meta["storage"], seed=seed
+    )
 
 
 def _plain_space(space: Any) -> Any:
@@ -1292,5 +1543,7 @@ def load_study(
             f"{str(directory)!r}: the storage ({_describe(record)}) holds no study named "
             f"{meta['name']!r}"
         ) from None
-    load_sampler_state(sampler, directory / "sampler_state.json")
-    return Study(directory, study, stale_after=stale_after, storage_record=record)
+    _load_sampler_state(sampler, directory / "sampler_state.json")
+    return Study(
+        directory, study, stale_after=stale_after, storage_record=record, seed=meta.get("seed")
+    )

@@ -1,8 +1,17 @@
-"""Train one :class:`~gradhpo.run.TrainingRun` inside a user's Optuna objective."""
+"""Train one :class:`~gradhpo.run.TrainingRun` inside a user's Optuna objective, and the one
+rule for a diverged trial.
+
+**A diverged trial is PRUNED**, whatever the metric: its training loss became non-finite, so
+it has no trustworthy final value (a made-up 0.0 accuracy would be a COMPLETE trial under
+``val_accuracy`` while an infinite ``val_loss`` would be a FAIL, as before this rule). The
+reason is recorded in the trial's user attribute ``diverged`` ("diverged: non-finite training
+loss in epoch 3"); the epochs before it stay reported as intermediate values, so samplers
+(TPE ranks pruned trials below every complete one) and pruners learn that the region is bad,
+and it is no error that stops a study. It is never the best trial."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import optuna
 
@@ -13,7 +22,23 @@ from gradhpo.tensorboard_logger import TensorBoardLogger
 if TYPE_CHECKING:
     from gradhpo.search.study import Study
 
-__all__ = ["check_direction", "fit_trial"]
+__all__ = ["DIVERGED", "check_direction", "diverged_reason", "fit_trial", "prune_diverged"]
+
+#: The user attribute that holds why a trial diverged.
+DIVERGED = "diverged"
+
+
+def diverged_reason(epoch: int) -> str:
+    """The recorded reason of a trial that diverged in ``epoch``."""
+    return f"diverged: non-finite training loss in epoch {epoch}"
+
+
+def prune_diverged(trial: optuna.trial.BaseTrial, epoch: int) -> NoReturn:
+    """End a diverged trial by the one rule (module docstring): the reason in the user
+    attribute ``diverged``, then ``optuna.TrialPruned`` with it."""
+    reason = diverged_reason(epoch)
+    trial.set_user_attr(DIVERGED, reason)
+    raise optuna.TrialPruned(reason)
 
 
 def _directions(trial: optuna.trial.BaseTrial, study: Study | None) -> list[str] | None:
@@ -51,10 +76,13 @@ def fit_trial(
     patience: int | None = None,
 ) -> float:
     """Train ``run`` for ``epochs``, report ``metric`` to the trial every epoch and prune
-    when the study's pruner says so; returns the best epoch's metric (the worst possible
-    value if the run diverged before its first evaluation).
+    when the study's pruner says so; returns the best epoch's metric. A run that diverges
+    ends the trial as PRUNED with the reason in its user attribute ``diverged`` (the one
+    rule, see the module docstring), under every metric.
 
-    ``study`` (a :class:`gradhpo.search.Study`) keeps the trial's heartbeat fresh;
+    ``study`` (a :class:`gradhpo.search.Study`) keeps the trial's heartbeat fresh and claims
+    the trial's parameters (:meth:`~gradhpo.search.Study.claim`: parameters another trial
+    holds are not trained again, the trial is closed uncounted and the study asks again);
     ``patience`` stops early after that many epochs without improvement.
 
     The study must optimize the metric in its direction (``val_loss`` minimized,
@@ -82,8 +110,11 @@ def fit_trial(
 
     if live:
         study.heartbeat(trial)  # type: ignore[union-attr]
+        study.claim(trial)  # type: ignore[union-attr]  # never evaluate a proposal twice
     hooks = [report] if early is None else [report, early]
     history = fit([run], epochs, metric=metric, hooks=hooks, loggers=[logger])
+    if history and history[-1].diverged:
+        prune_diverged(trial, history[-1].epoch)
     finished = [e for e in history if not e.diverged]
     if not finished:
         return worst(metric)

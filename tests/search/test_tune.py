@@ -232,6 +232,23 @@ BAD_CONFIGS = [
         {"type": "int", "low": 0, "high": 2},
         r"section 'data' cannot be searched",
     ),
+    # Values the constructors accept but every trial would fail on: the pre-flight's dry
+    # study of the sampler and pruner catches them.
+    (
+        "search/sampler",
+        {"name": "tpe", "n_startup_trials": "x"},
+        r"search.sampler: \{'n_startup_trials': 'x', 'name': 'tpe'\} fails in a dry run",
+    ),
+    (
+        "search/sampler",
+        {"name": "cmaes", "sigma0": "x"},
+        r"search.sampler: \{'name': 'cmaes', 'sigma0': 'x'\} fails in a dry run .*TypeError",
+    ),
+    (
+        "search/pruner",
+        {"name": "median", "n_warmup_steps": "x"},
+        r"search.pruner: .*'n_warmup_steps': 'x'",
+    ),
 ]
 
 
@@ -405,3 +422,113 @@ def test_baseline_must_be_a_boolean(tmp_path: Path, capsys, monkeypatch) -> None
     monkeypatch.chdir(tmp_path)
     assert tune(tmp_path, _set(TINY, "search/baseline", "yes")) == 2
     assert "search.baseline: expected true or false, got 'yes'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- pre-flight, all-fail, counts
+def test_an_unusable_tensorboard_dir_is_refused_by_the_pre_flight(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    config = copy.deepcopy(TINY)
+    config["output"] = {"tensorboard_dir": "afile/tb"}
+    assert tune(tmp_path, config) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "gradhpo: error: output.tensorboard_dir: 'afile/tb' cannot be created: 'afile' is a "
+        "file; choose another path\n"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_study_whose_trials_all_fail_the_same_way_stops_with_the_reason(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Not a silent exit 0 with N failed trials: the first 3 fail alike, the study stops."""
+    from gradhpo.jobs import tune as tune_job
+
+    monkeypatch.chdir(tmp_path)
+
+    def broken(self, params):
+        raise RuntimeError(f"disk quota exceeded writing trial with {params}")
+
+    monkeypatch.setattr(tune_job.ConfigObjective, "build_runs", broken)
+    config = _set(TINY, "search/trials", 6)
+    assert tune(tmp_path, config) == 1
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("gradhpo: error: tiny: stopped: the first 3 trial(s) all failed")
+    assert "RuntimeError: disk quota exceeded" in last
+    assert "3 of 6 trials finished: 0 complete, 0 pruned, 3 failed" in captured.out
+    assert [state for _, state in _trials(tmp_path / "runs" / "tiny")] == ["FAIL"] * 3
+    # Failures with different exceptions are not "the same reason": the study goes on.
+    calls = iter(range(100))
+
+    def flaky(self, params):
+        raise (RuntimeError, ValueError, KeyError)[next(calls) % 3]("flaky")
+
+    monkeypatch.setattr(tune_job.ConfigObjective, "build_runs", flaky)
+    config = _set(_set(TINY, "search/trials", 4), "name", "flaky")
+    assert tune(tmp_path, config) == 1  # ... but ends with none complete: still a failure
+    captured = capsys.readouterr()
+    assert "4 of 4 trials finished: 0 complete, 0 pruned, 4 failed" in captured.out
+    assert (
+        captured.err.strip()
+        .splitlines()[-1]
+        .startswith("gradhpo: error: flaky: no trial completed")
+    )
+
+
+@pytest.mark.parametrize("metric", ["val_accuracy", "val_loss"])
+def test_a_diverged_trial_is_pruned_with_its_reason_under_every_metric(
+    tmp_path: Path, capsys, monkeypatch, metric: str
+) -> None:
+    """One rule: PRUNED + user attr 'diverged' (it was COMPLETE 0.0 under val_accuracy and
+    FAIL under val_loss), reported in the counts; the study goes on and ends well."""
+    monkeypatch.chdir(tmp_path)
+    config = copy.deepcopy(TINY)
+    config.pop("tuner")
+    config["training"]["epochs"] = 1
+    config["search"] = {
+        "space": {"optimizer.lr": {"type": "categorical", "choices": [0.1, 1.0e9]}},
+        "sampler": "grid",
+        "pruner": None,
+        "metric": metric,
+        "trials": 2,
+    }
+    assert tune(tmp_path, config) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 trials finished: 1 complete, 1 pruned (1 diverged), 0 failed" in out
+    study = load_optuna_study(tmp_path / "runs" / "tiny")
+    by_lr = {t.params["optimizer.lr"]: t for t in study.trials}
+    bad = by_lr[1.0e9]
+    assert bad.state.name == "PRUNED" and bad.value is None
+    assert bad.user_attrs["diverged"] == "diverged: non-finite training loss in epoch 1"
+    assert by_lr[0.1].state.name == "COMPLETE"
+    assert study.user_attrs["counts"]["diverged"] == 1
+
+
+def test_fit_trial_prunes_a_diverged_run(tmp_path: Path) -> None:
+    from gradhpo.run import TrainingRun
+
+    study = create_study(tmp_path / "s", metric="val_loss", sampler="random", pruner=None)
+
+    def objective(trial):
+        lr = trial.suggest_float("lr", 1e9, 1e10, log=True)
+        config = {**TINY, "optimizer": {"name": "sgd", "lr": lr}, "tuner": None}
+        run = TrainingRun.from_config(config, device="cpu")
+        return fit_trial(trial, run, 1, metric="val_loss", study=study)
+
+    study.optimize(objective, n_trials=1)
+    (trial,) = study.trials
+    assert trial.state.name == "PRUNED" and trial.user_attrs["diverged"].startswith("diverged")
+    assert study.trial_counts() == {
+        "complete": 0,
+        "pruned": 1,
+        "diverged": 1,
+        "failed": 0,
+        "finished": 1,
+        "running": 0,
+        "waiting": 0,
+        "not_counted": 0,
+    }
