@@ -41,3 +41,36 @@ def test_ablation_runner_writes_its_outputs(tmp_path: Path) -> None:
         assert 0 < int(r["steps"]) <= 80 and 0.0 <= float(r["best_val_accuracy"]) <= 1.0
     assert (tmp_path / "out" / "best_so_far.png").read_bytes()[:4] == b"\x89PNG"
     assert "| hg_greedy |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_short_horizon_bias_writes_its_outputs(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "short_horizon_bias.py"),
+        "--seeds",
+        "0,1",
+        "--steps",
+        "24",
+        "--outer",
+        "2",
+        "--width",
+        "16",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    methods = ["constant", "greedy", "reverse_k10", "carried_forward", "long_horizon"]
+    assert [r["method"] for r in rows] == methods * 2
+    for r in rows:
+        assert float(r["test_loss"]) > 0 and 0.0 <= float(r["test_accuracy"]) <= 1.0
+        assert float(r["lr_10%"]) > 0
+    constant = [r for r in rows if r["method"] == "constant"]
+    assert all(float(r["lr_90%"]) == 0.05 for r in constant)  # untuned: the starting lr
+    lrs = list(csv.DictReader((tmp_path / "out" / "lr.csv").open()))
+    assert len(lrs) == 2 * len(methods) * 24
+    assert (tmp_path / "out" / "short_horizon_bias.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| long_horizon |" in (tmp_path / "out" / "summary.md").read_text()

@@ -401,6 +401,11 @@ class HyperParameters:
                 return s
         raise KeyError(f"hyperparameter {name!r} is not tuned; tuned: {list(self.names)}")
 
+    def keys_of(self, name: str) -> list[str]:
+        """The keys of :attr:`raw` that hold hyperparameter ``name``."""
+        self.spec(name)
+        return [key for key, _ in self._keys[name]]
+
     def numel(self) -> int:
         """Number of scalar hyperparameters (what forward mode pays for)."""
         return sum(t.numel() for t in self.raw.values())

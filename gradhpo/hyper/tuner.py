@@ -22,7 +22,10 @@ multiplies the carried tangents by that factor at every horizon (forgetting old 
 the tangents restart from zero after a rejected step and are part of the state dict.
 
 Scheduled hyperparameters (:class:`~gradhpo.hyper.spec.Schedule`) take their length from
-``budget`` when their spec does not give it.
+``budget`` when their spec does not give it. Online, a segment gets hypergradients only once
+the run reaches it, so with ``warm_segments`` (default) a segment reached for the first time
+starts from the current value of the segment before it, and the schedule continues where
+tuning has brought it instead of jumping back to ``init``.
 
 Non-finite values are handled, never fatal: if an inner loss, the objective, the new weights
 or the hypergradient is NaN/inf, the hyper step is rejected, the weights go back to where the
@@ -128,6 +131,8 @@ class HyperTuner:
         carry_decay: factor in (0, 1] applied to the carried tangents at every horizon.
         budget: the training budget in inner steps, the length of schedules that do not
             give their own ``steps``.
+        warm_segments: a schedule's segment reached for the first time starts from the
+            segment before it (see module docstring); False keeps every segment's own value.
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class HyperTuner:
         carry: bool = False,
         carry_decay: float = 1.0,
         budget: int | None = None,
+        warm_segments: bool = True,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method: unknown {method!r}; choose one of {list(METHODS)}")
@@ -246,6 +252,11 @@ class HyperTuner:
         self.carry = carry
         self.carry_decay = float(carry_decay)
         self.tangents: dict[str, torch.Tensor] | None = None  # carried forward mode
+        if not isinstance(warm_segments, bool):
+            raise ValueError(f"warm_segments must be true or false, got {warm_segments!r}")
+        self.warm_segments = warm_segments
+        # Per scheduled hyperparameter: the highest segment the run has reached.
+        self.segments_reached = {s.name: 0 for s in self.hypers.specs if s.schedule is not None}
         self.opt_state = inner.init(params)
         raw_leaves = list(self.hypers.raw.values())
         if hyper_optimizer == "adam":
@@ -285,6 +296,7 @@ class HyperTuner:
             raise ValueError(f"step: expected 1..{self.horizon} batches, got {len(batches)}")
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+        self._reach_segments(len(batches))
         if not self.next_is_tuned:
             return self._plain_step(params, buffers, batches)
         truncate = None if self.truncate is None else min(self.truncate, len(batches))
@@ -414,6 +426,23 @@ class HyperTuner:
             tuned=tuned,
         )
 
+    @torch.no_grad()
+    def _reach_segments(self, steps: int) -> None:
+        """Record the schedule segments that the next ``steps`` inner steps read; with
+        ``warm_segments``, a newly reached one starts from the segment before it."""
+        if not self.segments_reached:
+            return
+        first = int(self.opt_state["step"])
+        for spec in self.hypers.specs:
+            if spec.schedule is None:
+                continue
+            top = max(i for t in range(first, first + steps) for i, _ in spec.schedule.weights(t))
+            for i in range(self.segments_reached[spec.name] + 1, top + 1):
+                if self.warm_segments:
+                    for key in self.hypers.keys_of(spec.name):
+                        self.hypers.raw[key][i] = self.hypers.raw[key][i - 1]
+            self.segments_reached[spec.name] = max(top, self.segments_reached[spec.name])
+
     def _carried(self) -> dict[str, torch.Tensor] | None:
         """The tangents to start this horizon from (carried forward mode), decayed."""
         if not self.carry or self.tangents is None:
@@ -446,6 +475,7 @@ class HyperTuner:
             "horizons": self.horizons,
             "tuned_steps": self.tuned_steps,
             "total_steps": self.total_steps,
+            "segments_reached": dict(self.segments_reached),
             "tangents": None
             if self.tangents is None
             else {k: v.detach().clone() for k, v in self.tangents.items()},
@@ -465,5 +495,6 @@ class HyperTuner:
         self.horizons = int(state.get("horizons", 0))
         self.tuned_steps = int(state.get("tuned_steps", 0))
         self.total_steps = int(state.get("total_steps", 0))
+        self.segments_reached.update(state.get("segments_reached", {}))
         tangents = state.get("tangents")
         self.tangents = None if tangents is None else {k: v.clone() for k, v in tangents.items()}

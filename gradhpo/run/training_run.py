@@ -69,6 +69,7 @@ TUNER_KEYS = (
     "carry",
     "carry_decay",
     "hyper_val_fraction",
+    "warm_segments",
 )
 _TUNER_DEFAULTS: dict[str, Any] = {
     "method": "reverse",
@@ -86,6 +87,7 @@ _TUNER_DEFAULTS: dict[str, Any] = {
     "carry": False,
     "carry_decay": 1.0,
     "hyper_val_fraction": None,
+    "warm_segments": True,
 }
 #: Keys of a run config's ``training`` section that a run reads (``epochs`` is the loop's).
 TRAINING_KEYS = ("epochs", "batch_size", "seed", "device", "augment", "eval_batch_size")
@@ -301,6 +303,7 @@ class TrainingRun:
             carry=settings["carry"],
             carry_decay=settings["carry_decay"],
             budget=budget,
+            warm_segments=settings["warm_segments"],
         )
         return tuner_obj, settings
 

@@ -4,6 +4,8 @@ against reverse mode over the same full horizon."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -380,3 +382,41 @@ def test_schedule_errors_in_a_run_config_name_the_value() -> None:
     config["tuner"]["hypers"][0]["schedule"] = {"segments": 10_000}
     with pytest.raises(ValueError, match=r"lr\.schedule\.segments: 10000 segments .* steps="):
         TrainingRun.from_config(config)
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_newly_reached_segment_starts_from_the_one_before(warm) -> None:
+    from gradhpo.hyper.tuner import HyperTuner
+
+    batches, val = make_batches(), make_batches(1, n=8, seed=9)[0]
+    specs = [{"name": "lr", "init": 0.3, "schedule": {"segments": 3}}]
+
+    def tuner_at(state=None):
+        t = HyperTuner(
+            tiny_mlp(),
+            specs,
+            method="reverse",
+            horizon=2,
+            budget=K,
+            hyper_lr=0.2,
+            every=2,
+            warm_segments=warm,
+        )
+        if state is not None:
+            t.load_state_dict(state)
+        return t
+
+    tuner = tuner_at()
+    tuner.step(batches[:2], val)  # steps 0-1: segment 0 tuned, 1 and 2 untouched
+    moved = tuner.hypers.summary()["lr[0]"]
+    assert moved != pytest.approx(0.3) and tuner.hypers.summary()["lr[1]"] == pytest.approx(0.3)
+    state = tuner.state_dict()
+    tuner.step(batches[2:4], val)  # steps 2-3, a plain horizon: segment 1 reached, not tuned
+    assert tuner.segments_reached == {"lr": 1}
+    want = moved if warm else 0.3
+    assert tuner.hypers.summary()["lr[1]"] == pytest.approx(want, rel=1e-12)
+    assert tuner.hypers.summary()["lr[2]"] == pytest.approx(0.3)
+    # The reached segments are part of the state: a resumed tuner does not warm twice.
+    resumed = tuner_at(state)
+    assert resumed.segments_reached == {"lr": 0}
+    assert tuner_at(tuner.state_dict()).segments_reached == {"lr": 1}
