@@ -4,8 +4,6 @@ against reverse mode over the same full horizon."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
