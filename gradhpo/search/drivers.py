@@ -5,7 +5,8 @@ Each worker opens the study directory itself (the storage shared by all: the dir
 ``study.journal`` or ``study.db``, or the study's database URL) and runs trials until the study
 holds ``n_trials`` finished ones; :meth:`gradhpo.search.Study.optimize` counts finished trials
 in the storage and waits rather than overshoot, so any number of drivers — workers of one
-executor, or separate ``gradhpo resume`` processes — give exactly ``n_trials``. A driver that
+executor, or separate ``gradhpo resume`` processes — give exactly ``n_trials``, and never
+evaluate one proposal twice (:meth:`gradhpo.search.Study.claim`). A driver that
 starts after another one died recovers the dead one's RUNNING trial (its process is gone) and
 continues it from its last checkpoint.
 
@@ -28,7 +29,7 @@ import optuna
 
 from gradhpo.execution import Executor, make_executor
 from gradhpo.search.samplers import reseed_sampler
-from gradhpo.search.study import load_study
+from gradhpo.search.study import derived_seed, load_study
 
 __all__ = ["distinct_sampler", "objective_worker", "run_objective_study"]
 
@@ -37,9 +38,12 @@ def distinct_sampler(study: Any, worker: int, workers: int) -> None:
     """Drivers of one study restore the same saved sampler state (whichever driver saved it
     last); left alone, two drivers with a seeded sampler would propose the same points. A
     single worker keeps the saved state (it reproduces a serial run); with several, worker k
-    reseeds the sampler deterministically from k."""
+    reseeds the sampler from a seed derived from the study's seed and k. (While drivers run
+    side by side, :meth:`gradhpo.search.Study.ask` also gives every fresh trial a seed of its
+    own, and :meth:`~gradhpo.search.Study.claim` refuses a proposal another trial holds, so
+    separate ``gradhpo resume`` processes never evaluate a point twice either.)"""
     if workers > 1:
-        reseed_sampler(study.sampler, 1_000_003 * (worker + 1))
+        reseed_sampler(study.sampler, derived_seed(getattr(study, "seed", None), worker))
 
 
 def objective_worker(

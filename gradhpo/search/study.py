@@ -117,6 +117,7 @@ __all__ = [
     "load_optuna_study",
     "load_study",
     "mask_password",
+    "owning_study",
 ]
 
 #: States of trials that count towards ``n_trials``.
@@ -136,6 +137,7 @@ MAX_DUPLICATES = 50
 _DRIVER = "gradhpo:driver"
 RESUME_FROM = "gradhpo:resume_from"
 _LIVE_TOKENS: weakref.WeakValueDictionary[str, Study] = weakref.WeakValueDictionary()
+_BY_OPTUNA: weakref.WeakValueDictionary[int, Study] = weakref.WeakValueDictionary()
 _N_TRIALS_MODES = ("total", "more")
 
 logger = logging.getLogger("gradhpo.search")
@@ -489,6 +491,15 @@ def is_retried(trial: optuna.trial.FrozenTrial) -> bool:
     )
 
 
+def owning_study(trial: Any) -> Study | None:
+    """The live :class:`Study` whose ``optimize``/``ask`` made ``trial`` (``None`` for a
+    trial of a plain Optuna study, a FixedTrial, ...): how :func:`~gradhpo.search.fit_trial`
+    finds the study of a user's objective to keep its heartbeat and claim its proposal."""
+    owner = getattr(trial, "study", None)
+    study = _BY_OPTUNA.get(id(owner)) if owner is not None else None
+    return study if study is not None and study.optuna is owner else None
+
+
 class DuplicateProposal(optuna.TrialPruned):
     """Raised by :meth:`Study.claim`: the trial's parameters are those of another trial, so
     it is not evaluated (the study closes it uncounted and asks again). A subclass of
@@ -561,6 +572,7 @@ class Study:
         self._unsaved: set[int] = set()  # fresh trials whose sampler state is not saved yet
         self._lock = threading.Lock()
         _LIVE_TOKENS[self.token] = self
+        _BY_OPTUNA[id(optuna_study)] = self
         self._driver = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
 
     def __repr__(self) -> str:

@@ -17,6 +17,7 @@ import optuna
 
 from gradhpo.run import EarlyStopping, Epoch, TrainingRun, fit
 from gradhpo.run.loop import METRICS, check_metric, worst
+from gradhpo.search.study import owning_study
 from gradhpo.tensorboard_logger import TensorBoardLogger
 
 if TYPE_CHECKING:
@@ -80,7 +81,8 @@ def fit_trial(
     ends the trial as PRUNED with the reason in its user attribute ``diverged`` (the one
     rule, see the module docstring), under every metric.
 
-    ``study`` (a :class:`gradhpo.search.Study`) keeps the trial's heartbeat fresh and claims
+    ``study`` (a :class:`gradhpo.search.Study`; by default the one whose ``optimize`` runs
+    the trial) keeps the trial's heartbeat fresh and claims
     the trial's parameters (:meth:`~gradhpo.search.Study.claim`: parameters another trial
     holds are not trained again, the trial is closed uncounted and the study asks again);
     ``patience`` stops early after that many epochs without improvement.
@@ -97,6 +99,8 @@ def fit_trial(
         if patience
         else None
     )
+    if study is None:
+        study = owning_study(trial)  # a user objective run by Study.optimize / a driver
     live = study is not None and isinstance(trial, optuna.trial.Trial)
 
     def report(epoch: Epoch) -> None:
