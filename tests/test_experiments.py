@@ -74,3 +74,23 @@ def test_short_horizon_bias_writes_its_outputs(tmp_path: Path) -> None:
     assert len(lrs) == 2 * len(methods) * 24
     assert (tmp_path / "out" / "short_horizon_bias.png").read_bytes()[:4] == b"\x89PNG"
     assert "| long_horizon |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_schedule_benchmark_runs() -> None:
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "bench_schedules.py"),
+        "--rounds",
+        "1",
+        "--k",
+        "8",
+        "--t",
+        "8",
+        "--threads",
+        "1",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| mlp |")]
+    assert len(rows) == 8
+    assert all(float(row.split("|")[4]) > 0 for row in rows)
