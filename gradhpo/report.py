@@ -51,7 +51,11 @@ def _history(directory: Path, number: int) -> list[dict[str, Any]]:
     path = directory / "trials" / f"{number:04d}" / "progress.json"
     if not path.is_file():
         return []
-    return json.loads(path.read_text(encoding="utf-8")).get("history", [])
+    try:  # a damaged progress file costs that trial's curve, not the report
+        history = json.loads(path.read_text(encoding="utf-8")).get("history", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return history if isinstance(history, list) else []
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
