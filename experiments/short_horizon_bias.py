@@ -11,9 +11,10 @@ momentum, an MLP on MNIST-1D, a fixed budget of inner steps) five ways, from the
 * ``carried_forward``: online, forward mode with the tangents carried across the whole run
   (RTHO), the lr a 4-segment schedule;
 * ``long_horizon``: offline, the lr a 4-knot linear schedule over the whole budget; every outer
-  step trains the whole run and differentiates the final validation loss (forward mode, sign
-  updates with a shrinking step; OfflineTuner); the final schedule is then used for one run
-  on the same batches as the other methods.
+  step trains the whole run and differentiates the final validation loss (reverse mode by
+  default, ``--offline-method``; sign updates with a shrinking step; OfflineTuner); the
+  schedule of the outer step with the lowest validation loss is then used for one run on the
+  same batches as the other methods.
 
 Every method's hypergradient uses the validation split; the reported numbers are the final
 run's *test* loss and accuracy (never used for tuning), and the lr the run used at 10 %, 50 %
@@ -153,6 +154,7 @@ def long_horizon(data, cfg: dict[str, Any], seed: int, batches) -> dict[str, Any
         # A fresh batch order for every outer step: the schedule must not fit one order.
         report = tuner.step(batches_for(data, cfg, 1000 * (seed + 1) + outer), val)
         objectives.append(report.objective)
+    tuner.use_best()  # the schedule of the outer step with the lowest validation loss
     params, buffers, _ = tuner.train(batches)
     lrs = [tuner.hypers.current(t)["lr"] for t in range(cfg["steps"])]
     return {

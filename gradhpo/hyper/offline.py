@@ -15,6 +15,11 @@ hypergradient; Micaelli & Storkey 2021), ``normalized`` steps (the global direct
 hypergradient) or ``adam``, all with a step size that shrinks by ``decay`` every outer step,
 and optional norm clipping. A run whose loss or hypergradient is not finite is rejected:
 the hyperparameters go back to the last finite ones and the step size is halved.
+
+Hypergradients through a whole run can be chaotic (large, sign-flipping: a long unroll is a
+deep, badly conditioned computation), so the last iterate is not always the best: the tuner
+remembers the hyperparameters of the run with the lowest validation objective
+(:attr:`OfflineTuner.best_objective`); :meth:`OfflineTuner.use_best` loads them.
 """
 
 from __future__ import annotations
@@ -142,6 +147,8 @@ class OfflineTuner:
         self.outer_steps = 0
         self.rejected_steps = 0
         self._last_good = self.hypers.state_dict()
+        self.best_objective = math.inf
+        self._best = self.hypers.state_dict()
         self._adam = (
             torch.optim.Adam(list(self.hypers.raw.values()), lr=outer_lr)
             if update == "adam"
@@ -185,6 +192,9 @@ class OfflineTuner:
                 self.hypers.summary(),
             )
         self._last_good = self.hypers.state_dict()
+        if float(result.objective) < self.best_objective:
+            self.best_objective = float(result.objective)
+            self._best = self._last_good
         used = self.step_size
         with torch.no_grad():
             if self._adam is not None:
@@ -210,6 +220,12 @@ class OfflineTuner:
             self.hypers.summary(),
         )
 
+    def use_best(self) -> dict[str, float]:
+        """Load the hyperparameters of the run with the lowest objective so far (those of
+        the starting point before any step); returns their summary."""
+        self.hypers.load_state_dict(self._best)
+        return self.hypers.summary()
+
     def train(
         self, batches: Sequence[Batch]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
@@ -229,6 +245,8 @@ class OfflineTuner:
             "step_size": self.step_size,
             "outer_steps": self.outer_steps,
             "rejected_steps": self.rejected_steps,
+            "best_objective": self.best_objective,
+            "best": {k: v.clone() for k, v in self._best.items()},
             # A snapshot: torch.optim's state_dict shares its live tensors.
             "adam": None if self._adam is None else copy.deepcopy(self._adam.state_dict()),
         }
@@ -239,5 +257,7 @@ class OfflineTuner:
         self.step_size = float(state["step_size"])
         self.outer_steps = int(state["outer_steps"])
         self.rejected_steps = int(state["rejected_steps"])
+        self.best_objective = float(state["best_objective"])
+        self._best = {k: v.clone() for k, v in state["best"].items()}
         if self._adam is not None:
             self._adam.load_state_dict(state["adam"])

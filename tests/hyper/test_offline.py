@@ -117,3 +117,16 @@ def test_wrong_number_of_batches() -> None:
     tuner = OfflineTuner(tiny_mlp(), SPECS, budget=BUDGET)
     with pytest.raises(ValueError, match="expected budget=12 batches, got 3"):
         tuner.step(data(k=3), data(k=1)[0])
+
+
+def test_use_best_loads_the_hypers_of_the_lowest_objective() -> None:
+    batches, (val,) = data(), data(seed=2, k=1, n=64)
+    tuner = OfflineTuner(tiny_mlp(), SPECS, budget=BUDGET, outer_lr=0.5, decay=1.0)
+    seen = []
+    for _ in range(4):
+        before = tuner.hypers.state_dict()
+        seen.append((tuner.step(batches, val).objective, before))
+    objective, want = min(seen, key=lambda pair: pair[0])
+    assert tuner.best_objective == objective
+    tuner.use_best()
+    assert torch.equal(tuner.hypers.raw["lr"].detach(), want["lr"])
