@@ -158,3 +158,17 @@ def test_batched_pbt_config_limits(tmp_path: Path, capsys, monkeypatch) -> None:
     config["tuner"] = None
     assert pbt(tmp_path, config) == 2
     assert "a batched population can only explore optimizer.* values" in capsys.readouterr().err
+
+
+def test_pbt_hybrid_with_a_learned_lr_schedule(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A schedule is a hyperparameter like any other: members tune an lr schedule by
+    hypergradient between exploits, and the copied state carries it."""
+    monkeypatch.chdir(tmp_path)
+    config = copy.deepcopy(TINY)
+    config["tuner"]["hypers"] = [{"name": "lr", "schedule": {"segments": 2}}]
+    assert pbt(tmp_path, config) == 0
+    db = PBTDatabase(tmp_path / "runs" / "pop")
+    best = db.get_meta("best")["hyperparameters"]
+    db.close()
+    assert {"lr[0]", "lr[1]"} <= set(best) and "lr" not in best
+    assert best["lr[0]"] != 0.1  # the first segment was tuned
