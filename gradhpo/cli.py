@@ -23,7 +23,7 @@ from gradhpo import __version__
 from gradhpo.config import ConfigError, load_yaml
 from gradhpo.data import DatasetNotFoundError
 from gradhpo.jobs.pbt import prepare_pbt, run_pbt
-from gradhpo.jobs.rundir import check_writable_dir, open_run_dir
+from gradhpo.jobs.rundir import check_pbt_checkpoints, check_writable_dir, open_run_dir
 from gradhpo.jobs.train import prepare_train, run_train
 from gradhpo.jobs.tune import StudyFailed, counts_line, prepare_study, run_study
 from gradhpo.jobs.worker import STORAGE_ENV, prepare_worker, run_worker
@@ -308,7 +308,10 @@ def _cmd_pbt(args: argparse.Namespace) -> int:
     except _TUNE_ERRORS as exc:
         raise UserError(str(exc)) from exc
     print(f"{config['name']}: PBT run in {manager.db.directory}")
-    best = run_pbt(manager, config, population, progress=not args.no_progress)
+    try:
+        best = run_pbt(manager, config, population, progress=not args.no_progress)
+    finally:
+        manager.close()  # the database whole on disk (no -wal left) when the command ends
     _print_pbt(config["name"], best)
     return 0
 
@@ -325,12 +328,16 @@ def _cmd_resume(args: argparse.Namespace) -> int:
             raise UserError("--trials: not used by a PBT run")
         if args.seed is not None:
             raise UserError("--seed: not used by a PBT run (its seeds are in its config)")
+        check_pbt_checkpoints(args.dir)
         try:
             manager, config, population = prepare_pbt(resume_dir=args.dir)
         except _TUNE_ERRORS as exc:
             raise UserError(str(exc)) from exc
         print(f"{config['name']}: resuming the PBT run in {args.dir}")
-        best = run_pbt(manager, config, population, progress=not args.no_progress)
+        try:
+            best = run_pbt(manager, config, population, progress=not args.no_progress)
+        finally:
+            manager.close()
         _print_pbt(config["name"], best)
         return 0
     _check_count("--trials", args.trials)

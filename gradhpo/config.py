@@ -22,6 +22,8 @@ import yaml
 
 __all__ = [
     "ConfigError",
+    "SIZE_LIMITS",
+    "check_sizes",
     "load_yaml",
     "parse_yaml",
     "validate_train_config",
@@ -47,6 +49,20 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "output": {"dir": "runs", "tensorboard_dir": "tensorboard_logs"},
 }
 _TRAIN_SECTIONS = ("name", "data", "model", "optimizer", "tuner", "training", "output")
+
+#: The largest sizes a config may ask for. Above them a run cannot even allocate its model
+#: on the machines gradhpo is meant for, or trains for hours on what was a typo (``width:
+#: 100000`` tried to allocate 360 GB; ``width: 1000000000`` crashed in the allocator), so
+#: they are refused by validation, naming the field and the value. Every entry of a
+#: per-layer list is checked.
+SIZE_LIMITS: dict[str, int] = {
+    "model.width": 16384,
+    "model.head_width": 16384,
+    "model.depth": 1000,
+    "training.batch_size": 1 << 20,
+    "training.eval_batch_size": 1 << 20,
+    "training.epochs": 100_000,
+}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -132,6 +148,25 @@ def check_str(path: str, value: Any) -> str:
     return value
 
 
+def check_sizes(config: Mapping[str, Any], where: str | None = None) -> None:
+    """ConfigError when a size of the run config ``config`` (the YAML shape) is over its
+    :data:`SIZE_LIMITS` entry (``where``, e.g. a corner of a search space, prefixes the
+    message). Values of other types are left to the owner of the field."""
+    for path, limit in SIZE_LIMITS.items():
+        section, key = path.split(".")
+        block = config.get(section)
+        value = block.get(key) if isinstance(block, Mapping) else None
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, int) and not isinstance(v, bool) and v > limit:
+                shown = f"{value!r}" if isinstance(value, list) else f"{v!r}"
+                prefix = f"{where}: " if where else ""
+                raise ConfigError(
+                    f"{prefix}{path}: {shown} is over the limit of {limit} (sizes this large "
+                    "cannot be allocated or trained here; see gradhpo.config.SIZE_LIMITS)"
+                )
+
+
 def validate_train_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Check the structure of a ``gradhpo train`` config and fill in defaults.
 
@@ -164,6 +199,9 @@ def validate_train_config(config: Mapping[str, Any]) -> dict[str, Any]:
     check_int("training.eval_batch_size", training["eval_batch_size"], 1)
     check_str("output.dir", resolved["output"]["dir"])
     check_str("output.tensorboard_dir", resolved["output"]["tensorboard_dir"])
+    if "seed" in resolved["data"]:  # named here: the data loader only knows "seed"
+        check_int("data.seed", resolved["data"]["seed"], 0)
+    check_sizes(resolved)
     return resolved
 
 

@@ -172,7 +172,7 @@ def test_bad_tuner_section_one_line_exit_2(
         (b"name: \xff\xfe\ndata: {name: synthetic}\n", "not UTF-8"),
         (
             b"name: a\ndata: {name: synthetic, seed: -1}\nmodel: {name: cnn}\n",
-            "seed must be an integer >= 0, got -1",
+            "data.seed: expected an integer >= 0, got -1",
         ),
     ],
     ids=["duplicate-key", "not-utf8", "negative-data-seed"],

@@ -31,6 +31,7 @@ __all__ = [
     "KINDS",
     "MARKER",
     "check_output_dirs",
+    "check_pbt_checkpoints",
     "check_writable_dir",
     "create_run_dir",
     "open_run_dir",
@@ -86,9 +87,10 @@ def check_writable_dir(field: str, path: str | os.PathLike[str]) -> Path:
 def check_output_dirs(config: Mapping[str, Any]) -> None:
     """``output.dir`` and ``output.tensorboard_dir`` of a validated config can be written
     (see :func:`check_writable_dir`): checked in the pre-flight, before anything is made."""
-    output = config["output"]
-    check_writable_dir("output.dir", output["dir"])
-    check_writable_dir("output.tensorboard_dir", output["tensorboard_dir"])
+    output = config.get("output") or {}
+    for key in ("dir", "tensorboard_dir"):
+        if isinstance(output.get(key), (str, os.PathLike)):
+            check_writable_dir(f"output.{key}", output[key])
 
 
 def create_run_dir(
@@ -102,6 +104,7 @@ def create_run_dir(
     database), all in a hidden temporary sibling renamed into place at the end."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    check_output_dirs(config)  # a job must not fail later on a folder it cannot make
     directory = Path(directory)
     if directory.exists():
         existing = _kind_or_none(directory)
@@ -133,6 +136,39 @@ def create_run_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def check_pbt_checkpoints(directory: str | os.PathLike[str]) -> None:
+    """Before a PBT run is resumed: every member's current checkpoint (what the run continues
+    from) exists and loads (``torch.load(weights_only=True)``); otherwise one ConfigError
+    naming the file, with nothing changed (the checkpoint is read, never repaired)."""
+    import torch  # noqa: PLC0415 - only a resume needs it
+
+    from gradhpo.pbt.store import PBTDatabase  # noqa: PLC0415
+
+    db = PBTDatabase(directory)
+    try:
+        paths = [
+            (m["member"], db.checkpoint_path(m["checkpoint"]))
+            for m in db.members()
+            if m["checkpoint"] is not None
+        ]
+    except KeyError as exc:
+        raise ConfigError(f"{str(db.path)!r}: inconsistent PBT database ({exc})") from exc
+    finally:
+        db.close()
+    fix = "restore it from a backup or start a new run under another name"
+    for member, path in paths:
+        if not path.is_file():
+            raise ConfigError(f"{str(path)!r}: member {member}'s checkpoint is missing; {fix}")
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - whatever the damage: name the file
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ConfigError(
+                f"{str(path)!r}: member {member}'s checkpoint is unreadable "
+                f"({type(exc).__name__}: {first}); {fix}"
+            ) from exc
 
 
 def _kind_or_none(directory: Path) -> str | None:
@@ -173,4 +209,14 @@ def open_run_dir(directory: str | os.PathLike[str], kind: str | None = None) -> 
     path = directory / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{str(path)!r} is missing: the run directory is incomplete")
-    return found, load_yaml(path)
+    config = load_yaml(path)
+    if found == "pbt":
+        # SQLite would make an empty database of a missing or 0-byte file and start over.
+        db = directory / "pbt.db"
+        if not db.is_file() or db.stat().st_size == 0:
+            state = "missing" if not db.is_file() else "empty (0 bytes)"
+            raise ConfigError(
+                f"{str(db)!r} is {state}: the PBT run's members and scores are gone; restore "
+                "it from a backup or start a new run under another name"
+            )
+    return found, config

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -55,6 +56,7 @@ from gradhpo.config import (
     ConfigError,
     check_executor,
     check_int,
+    check_sizes,
     load_yaml,
     with_section,
 )
@@ -89,6 +91,8 @@ __all__ = [
     "prepare_study",
     "evaluate_best",
 ]
+
+logger = logging.getLogger("gradhpo.search")
 
 SEARCH_DEFAULTS: dict[str, Any] = {
     "space": None,
@@ -346,7 +350,8 @@ class ConfigObjective:
         early: EarlyStopping | None,
     ) -> tuple[int, list[dict[str, Any]], float | None]:
         """Continue a trial whose driver died: load its last checkpoints and history, report
-        the finished epochs again to this trial. Starts from scratch when nothing was saved."""
+        the finished epochs again to this trial. Starts from scratch when nothing was saved,
+        or when what was saved cannot be read (a warning names the file)."""
         # The dead trial may itself have been a retry: its own progress is the newest.
         retry_of = trial.user_attrs.get("gradhpo:retry_of", origin)
         for number in dict.fromkeys((retry_of, origin)):
@@ -354,15 +359,32 @@ class ConfigObjective:
             progress_file = old / "progress.json"
             if not progress_file.is_file():
                 continue
-            progress = json.loads(progress_file.read_text(encoding="utf-8"))
             if not all((old / f"last_{i}.pt").is_file() for i in range(len(runs))):
                 continue
-            for i, run in enumerate(runs):
-                state = torch.load(old / f"last_{i}.pt", map_location="cpu", weights_only=True)
-                run.load_state_dict(state)
+            try:
+                progress = json.loads(progress_file.read_text(encoding="utf-8"))
+                history = list(progress["history"])
+                states = [
+                    torch.load(old / f"last_{i}.pt", map_location="cpu", weights_only=True)
+                    for i in range(len(runs))
+                ]
+                for run, state in zip(runs, states, strict=True):
+                    run.load_state_dict(state)
+            except Exception as exc:  # noqa: BLE001 - any damage: the trial starts over
+                logger.warning(
+                    "Trial %d: cannot continue from trial %d's files in %s (%s: %s); it "
+                    "starts from scratch.",
+                    trial.number,
+                    int(number),
+                    old,
+                    type(exc).__name__,
+                    exc,
+                )
+                runs[:] = self.build_runs(self.space.suggest(trial))
+                continue
+            for i in range(len(runs)):
                 if (old / f"best_{i}.pt").is_file() and old != tdir:
                     shutil.copy2(old / f"best_{i}.pt", tdir / f"best_{i}.pt")
-            history = progress["history"]
             for record in history:
                 trial.report(record["value"], record["epoch"])
             if early is not None and progress.get("early"):
@@ -409,6 +431,28 @@ def _cleanup_checkpoints(study: Study, keep: str) -> None:
                 f.unlink(missing_ok=True)
 
 
+def _best_run(
+    study: Study, best: optuna.trial.FrozenTrial, fold: int, data: DataSplits, device: Any
+) -> TrainingRun:
+    """The best trial's best-epoch run of ``fold``; a missing or unreadable checkpoint is a
+    ConfigError naming the file (checked on resume before anything runs, and at the end)."""
+    path = study.trial_dir(best.number) / f"best_{fold}.pt"
+    fix = "restore the file, or run `gradhpo report` for the validation results"
+    if not path.is_file():
+        raise ConfigError(
+            f"{str(path)!r}: missing: the best trial {best.number}'s weights are gone, so its "
+            f"test accuracy cannot be measured; {fix}"
+        )
+    try:
+        return TrainingRun.from_checkpoint(path, data=data, device=device)
+    except Exception as exc:  # noqa: BLE001 - a damaged file: say which and what to do
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConfigError(
+            f"{str(path)!r}: unreadable checkpoint of the best trial {best.number} "
+            f"({type(exc).__name__}: {first}); {fix}"
+        ) from exc
+
+
 def evaluate_best(
     study: Study, config: Mapping[str, Any], folds: list[DataSplits]
 ) -> dict[str, Any] | None:
@@ -417,14 +461,10 @@ def evaluate_best(
     best = study.best_trial
     if best is None:
         return None
-    tdir = study.trial_dir(best.number)
-    results = []
-    for i, fold in enumerate(folds):
-        path = tdir / f"best_{i}.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"best trial {best.number} has no checkpoint {path}")
-        run = TrainingRun.from_checkpoint(path, data=fold, device=config["training"]["device"])
-        results.append(run.evaluate("test"))
+    results = [
+        _best_run(study, best, i, fold, config["training"]["device"]).evaluate("test")
+        for i, fold in enumerate(folds)
+    ]
     summary = {
         "trial": best.number,
         "metric": config["search"]["metric"],
@@ -488,6 +528,10 @@ def prepare_study(
     s = config["search"]
     if resume_dir is not None:
         study = load_study(resume_dir, search_space=space)
+        best = study.best_trial
+        if best is not None:  # what the end of the run evaluates must be readable now
+            for i, fold in enumerate(folds):
+                _best_run(study, best, i, fold, "cpu")
         return study, config, space, folds
     directory = run_dir_of(config)
 
@@ -524,7 +568,9 @@ def _preflight(config: Mapping[str, Any], space: SearchSpace, data: DataSplits) 
     dry_run_search(config, space)
     for label, params in space.corner_params():
         where = "config" if label == "base point" else label
-        build_run(space.apply(config, params), data=data, device="cpu", where=where)
+        corner = space.apply(config, params)
+        check_sizes(corner, where)
+        build_run(corner, data=data, device="cpu", where=where)
 
 
 #: Most trials of the pre-flight's dry study (enough to leave the start-up phase of every

@@ -398,9 +398,14 @@ def _check_storage_file(path: Path, kind: str) -> None:
 
 
 def _check_sqlite(path: Path, restore: str) -> None:
-    """SQLite's own integrity check, read-only (``mode=ro``: no journal file is created)."""
+    """SQLite's own integrity check of a cleanly closed database (no ``-wal`` file beside
+    it), opened as immutable: nothing is created or written. With a ``-wal`` file (a driver
+    was killed, or is running) the main file alone may lag behind: SQLite recovers it
+    when Optuna opens it, so only the header is checked."""
+    if path.with_name(path.name + "-wal").exists():
+        return
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
         try:
             row = conn.execute("PRAGMA quick_check").fetchone()
         finally:

@@ -295,3 +295,37 @@ def test_sampler_state_is_replaced_whole_and_an_unreadable_one_is_reported(
     restored = make_sampler("random", seed=0)
     assert load_sampler_state(restored, state)
     assert sampler_rng_states(restored) == sampler_rng_states(legacy)
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "zero-bytes", "text-line"])
+def test_a_damaged_storage_file_is_one_config_error_and_left_as_it_is(
+    tmp_path: Path, kind: str, damage: str
+) -> None:
+    """Optuna would make a new database of an empty SQLite file, and read a journal up to
+    its damage and then append after it (unreadable from then on)."""
+    from gradhpo.search.study import JOURNAL_FILE, SQLITE_FILE
+
+    study = create_study(tmp_path / "s", storage=kind, sampler="random", pruner=None, seed=0)
+    study.optimize(point, n_trials=3)
+    del study
+    gc.collect()
+    path = tmp_path / "s" / (JOURNAL_FILE if kind == "journal" else SQLITE_FILE)
+    data = path.read_bytes()
+    damaged = {
+        "garbage": b"\x00\x01 not a storage file \xff",
+        "truncated": data[: len(data) // 2],
+        "zero-bytes": b"",
+        "text-line": data + b"this line is no record\n",
+    }[damage]
+    if kind == "sqlite" and damage == "text-line":
+        pytest.skip("SQLite ignores bytes past its last page: still a readable database")
+    path.write_bytes(damaged)
+    listing = sorted(p.name for p in path.parent.iterdir())
+    with pytest.raises(ConfigError, match=path.name) as info:
+        load_study(tmp_path / "s")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=path.name):
+        load_optuna_study(tmp_path / "s")
+    assert path.read_bytes() == damaged
+    assert sorted(p.name for p in path.parent.iterdir()) == listing
