@@ -41,8 +41,8 @@ def _open(directory: Path) -> tuple[optuna.Study, dict[str, Any]]:
     if not meta_path.is_file():
         raise ConfigError(f"{str(directory)!r} is not a study directory (no study.json)")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        return load_optuna_study(directory), meta
+        study = load_optuna_study(directory)  # a damaged study.json is named by its reader
+        return study, json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{str(directory)!r}: cannot open the study: {exc}") from exc
 
