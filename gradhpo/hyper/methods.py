@@ -243,11 +243,14 @@ def inner_step(
     *,
     functional: bool = False,
     step: int | None = None,
+    constants: Mapping[str, Tensor] | None = None,
 ) -> tuple[Params, Params, Params, Tensor]:
     """One differentiable training step: (new params, new state, new buffers, data loss).
 
     ``step`` is the training step the hyperparameters are read at (needed only by scheduled
     hyperparameters; :func:`hypergradient` takes it from the optimizer's step count).
+    ``constants`` gives untuned optimizer hyperparameters as 0-d tensors (forward mode passes
+    them as primals with zero tangents: see :func:`_forward_constants`).
 
     Differentiable with respect to ``params``, ``state`` and ``raw``. The inner gradient is
     taken with ``torch.autograd.grad`` (``create_graph`` only where something upstream needs
@@ -255,6 +258,8 @@ def inner_step(
     ``functional=True``, which the step needs under ``torch.func`` transforms (forward mode).
     """
     values = problem.hypers.values(raw, step)
+    if constants:
+        values = {**values, **{n: {p: c for p in params} for n, c in constants.items()}}
     return _step(problem, params, state, buffers, values, batch, functional)
 
 
@@ -544,7 +549,7 @@ def _chunks(n: int, chunk: int | None) -> list[tuple[int, int]]:
 
 def _tangent_step(
     problem: InnerProblem,
-    primals: tuple[Params, Params, Params],
+    primals: tuple[Params, Params, Params, Params],
     fixed: Params,
     buffers: Params,
     batch: Batch,
@@ -554,18 +559,20 @@ def _tangent_step(
     step: int | None = None,
 ) -> tuple[Params, Tensor, Params, Params, Tensor, Params, Params]:
     """One forward-mode step for a chunk of c directions: primals ``(params, moving state,
-    raw)`` and tangents stacked on a leading (c,) dimension. Returns (new params, data loss,
-    their tangents (c, ...): params, moving state, loss; the full new state, new buffers)."""
+    raw, constants)`` and tangents stacked on a leading (c,) dimension (the constants'
+    tangents are zeros). Returns (new params, data loss, their tangents (c, ...): params,
+    moving state, loss; the full new state, new buffers)."""
     moving = list(primals[1])
 
-    def one_step(p: Params, s: Params, r: Params):
+    def one_step(p: Params, s: Params, r: Params, k: Params):
         new_p, new_s, new_b, loss = inner_step(
-            problem, p, {**s, **fixed}, buffers, r, batch, functional=True, step=step
+            problem, p, {**s, **fixed}, buffers, r, batch, functional=True, step=step, constants=k
         )
         return (new_p, {n: new_s[n] for n in moving}, loss), (new_s, new_b)
 
     def tangent_step(tp: Params, ts: Params, tr: Params):
-        return jvp(one_step, primals, (tp, ts, tr), has_aux=True)
+        tk = {n: torch.zeros_like(v) for n, v in primals[3].items()}
+        return jvp(one_step, primals, (tp, ts, tr, tk), has_aux=True)
 
     if next(iter(tan_r.values())).shape[0] == 1:  # one direction: a plain jvp (chunk=1)
         one = tuple({n: t[0] for n, t in part.items()} for part in (tan_p, tan_s, tan_r))
@@ -655,7 +662,8 @@ def _forward(
     for k, batch in enumerate(batches):
         rng = _get_rng(device)
         fixed = {n: v for n, v in state.items() if n not in moving}
-        primals = (params, {n: state[n] for n in moving}, raw)
+        constants = _forward_constants(problem, state, params)
+        primals = (params, {n: state[n] for n in moving}, raw, constants)
         for c in range(len(chunks)):
             _set_rng(device, rng)  # every chunk replays the same dropout masks
             p_next, loss, dp, ds, dloss, full_state, new_buffers = step_fn(
@@ -720,6 +728,29 @@ def _forward(
             **{_S + n: torch.cat([t[n] for t in tan_s]) for n in moving},
         },
     )
+
+
+def _forward_constants(problem: InnerProblem, state: Params, params: Params) -> Params:
+    """The optimizer's untuned, non-zero hyperparameters as 0-d tensors in the parameters'
+    dtype (the values the optimizer would use: carried in the state, else its defaults).
+
+    Forward mode passes them to the step as primals with zero tangents. Left as Python
+    numbers or plain tensors, every product of a constant with a tensor that carries a
+    tangent gets a symbolic zero tangent, whose arithmetic torch runs through its Python
+    reference implementations: a few hundred microseconds per operation, which made a
+    forward-mode step of a small MLP about ten times a plain one. The values are the same, so
+    the results are too (up to the sign of zeros)."""
+    optimizer = problem.optimizer
+    like = next(iter(params.values()))
+    out: Params = {}
+    for name in optimizer.hyper_names:
+        if name in problem.hypers.names:
+            continue
+        carried = state.get(HYPER_PREFIX + name)
+        value = float(carried) if carried is not None else float(optimizer.defaults[name])
+        if value != 0.0:
+            out[name] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return out
 
 
 #: Key prefixes of forward mode's tangents (:attr:`HypergradResult.tangents`).

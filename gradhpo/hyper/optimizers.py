@@ -346,7 +346,10 @@ class SGD(InnerOptimizer):
             # No momentum term; like torch.optim, no buffer is started.
             return p - lr * g, {"momentum_buffer": buf, "momentum_started": started}
         mu = self.hyper(hp, "momentum", pname, p)
-        candidate = torch.where(started, mu * buf + (1.0 - self.dampening) * g, g)
+        # (1 - dampening) * g only when dampening is set: 1.0 * g is g, and a product with a
+        # Python number is slow under forward-mode AD (see methods._forward_constants).
+        damped = g if self.dampening == 0.0 else (1.0 - self.dampening) * g
+        candidate = torch.where(started, mu * buf + damped, g)
         direction = g + mu * candidate if self.nesterov else candidate
         if not self._is_tuned(hp, "momentum", pname):  # a constant > 0: always on
             return p - lr * direction, {
