@@ -532,3 +532,36 @@ def test_fit_trial_prunes_a_diverged_run(tmp_path: Path) -> None:
         "waiting": 0,
         "not_counted": 0,
     }
+
+
+def test_a_retried_trial_with_damaged_files_starts_over(
+    tmp_path: Path, capsys, monkeypatch, caplog
+) -> None:
+    """A trial interrupted after its first epoch is queued again; if its last checkpoint is
+    damaged by then, the retry trains from scratch (a warning names the files) instead of
+    failing."""
+    from gradhpo.jobs import tune as tune_job
+
+    monkeypatch.chdir(tmp_path)
+    real = tune_job.write_json
+
+    def interrupted(path, payload, *args, **kwargs):
+        real(path, payload, *args, **kwargs)
+        if Path(path).name == "progress.json" and payload["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_job, "write_json", interrupted)
+    config = _set(TINY, "search/trials", 1)
+    assert tune(tmp_path, config) == 130
+    monkeypatch.setattr(tune_job, "write_json", real)
+    study_dir = tmp_path / "runs" / "tiny"
+    (study_dir / "trials" / "0000" / "last_0.pt").write_bytes(b"damaged")
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="gradhpo.search"):
+        assert main(["resume", str(study_dir), "--no-progress"]) == 0
+    assert "cannot continue from trial 0's files" in caplog.text
+    assert "starts from scratch" in caplog.text
+    (done,) = load_study(study_dir).finished_trials()
+    assert done.state.name == "COMPLETE" and done.user_attrs["epochs"] == 2
+    assert "gradhpo:resumed_at_epoch" not in done.user_attrs  # trained from epoch 0
+    assert "1 of 1 trials finished: 1 complete" in capsys.readouterr().out
