@@ -94,3 +94,36 @@ def test_schedule_benchmark_runs() -> None:
     rows = [line for line in done.stdout.splitlines() if line.startswith("| mlp |")]
     assert len(rows) == 8
     assert all(float(row.split("|")[4]) > 0 for row in rows)
+
+
+def test_ablation_at_equal_wall_clock_seconds(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "ablation.py"),
+        "--seconds",
+        "3",
+        "--seeds",
+        "1",
+        "--trial-epochs",
+        "1",
+        "--methods",
+        "random",
+        "hg_greedy",
+        "pbt",
+        "--out",
+        str(tmp_path / "out"),
+        "--results",
+        str(tmp_path / "RESULTS.md"),
+        "--threads",
+        "1",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "out" / "runs.csv").open()))
+    assert [r["method"] for r in rows] == ["random", "hg_greedy", "pbt"]
+    for r in rows:  # the clock stops every method (at its next evaluation: one epoch late at most)
+        assert 3.0 <= float(r["seconds"]) < 30 and int(r["steps"]) > 0
+    curves = list(csv.DictReader((tmp_path / "out" / "curves.csv").open()))
+    assert {"seconds", "test_of_best"} <= set(curves[0])
+    assert (tmp_path / "out" / "anytime_test_vs_seconds.png").read_bytes()[:4] == b"\x89PNG"
+    assert "3 wall-clock seconds" in (tmp_path / "RESULTS.md").read_text()
