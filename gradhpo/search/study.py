@@ -567,7 +567,8 @@ class Study:
     ) -> None:
         self.directory = Path(directory)
         #: The study's sampler seed (``study.json``); per-trial seeds of concurrent drivers
-        #: are derived from it.
+        #: are derived from it (and from the trial number alone for an unseeded study, whose
+        #: drivers also restore one saved state).
         self.seed = seed
         self.optuna = optuna_study
         self.sampler = optuna_study.sampler
@@ -755,7 +756,7 @@ class Study:
             return trial
         trial = self._new_trial()
         self._unsaved.add(trial._trial_id)
-        if self.seed is not None and self._others_running(trial._trial_id):
+        if self._others_running(trial._trial_id):
             # Drivers that restored the same saved state would draw the same points: while
             # others run, each fresh trial draws from a seed of its own (study seed, number).
             number = self.optuna._storage.get_trial_number_from_id(trial._trial_id)
