@@ -8,7 +8,9 @@
 * ``optimization_history.png``: each trial's value and the best so far;
 * ``hyperparameters.png``: every tuned hyperparameter's trajectory over epochs, one line per
   trial (per layer where the tuner was granular);
-* ``parallel_coordinates.png``: sampled parameters of finished trials, coloured by value.
+* ``parallel_coordinates.png``: sampled parameters of finished trials, coloured by value;
+* ``schedules.png`` (only when a tuned hyperparameter is a schedule, keys ``name[i]``): each
+  trial's learned schedule at its last epoch, value against segment, the best trial in bold.
 """
 
 from __future__ import annotations
@@ -186,6 +188,56 @@ def _plot_hypers(directory: Path, study: optuna.Study, path: Path) -> None:
     plt.close(fig)
 
 
+def _schedule_key(key: str) -> tuple[str, int] | None:
+    """``("lr", 3)`` for a schedule's segment key ``"lr[3]"``, else None."""
+    if not key.endswith("]") or "[" not in key:
+        return None
+    name, _, index = key[:-1].rpartition("[")
+    return (name, int(index)) if index.isdigit() else None
+
+
+def _plot_schedules(directory: Path, study: optuna.Study, path: Path) -> bool:
+    """The learned schedules (see module docstring); False (nothing written) without any."""
+    schedules: dict[str, dict[int, dict[int, float]]] = {}
+    for t in study.get_trials(deepcopy=False):
+        history = _history(directory, t.number)
+        folds = (history[-1].get("folds") or [{}]) if history else [{}]
+        for key, value in (folds[0].get("hypers") or {}).items():
+            parsed = _schedule_key(key)
+            if parsed is not None:
+                schedules.setdefault(parsed[0], {}).setdefault(t.number, {})[parsed[1]] = value
+    if not schedules:
+        return False
+    try:
+        best = study.best_trial.number
+    except ValueError:  # no finished trial (or several objectives)
+        best = None
+    names = sorted(schedules)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for number, segments in sorted(schedules[name].items()):
+            xs = sorted(segments)
+            bold = number == best
+            ax.plot(
+                xs,
+                [segments[i] for i in xs],
+                marker="o",
+                linewidth=2.5 if bold else 0.8,
+                alpha=1.0 if bold else 0.5,
+                label=f"trial {number} (best)" if bold else None,
+            )
+        if all(v > 0 for seg in schedules[name].values() for v in seg.values()):
+            ax.set_yscale("log")
+        ax.set_xlabel("segment (training progress)")
+        ax.set_title(f"learned {name} schedule", fontsize=9)
+        if best is not None and best in schedules[name]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
 def _plot_parallel(study: optuna.Study, path: Path) -> None:
     done = [
         t
@@ -260,6 +312,8 @@ def write_report(
             "parallel_coordinates.png",
         )
     ]
+    if _plot_schedules(directory, study, out / "schedules.png"):
+        files.append(out / "schedules.png")
     return {"best": best, "files": files, "rows": rows}
 
 
