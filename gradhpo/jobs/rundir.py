@@ -158,7 +158,11 @@ def check_pbt_checkpoints(directory: str | os.PathLike[str]) -> None:
     finally:
         db.close()
     fix = "restore it from a backup or start a new run under another name"
+    seen: set[Path] = set()
     for member, path in paths:
+        if path in seen:  # members that share a checkpoint: read it once
+            continue
+        seen.add(path)
         if not path.is_file():
             raise ConfigError(f"{str(path)!r}: member {member}'s checkpoint is missing; {fix}")
         try:
