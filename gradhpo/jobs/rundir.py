@@ -6,7 +6,9 @@
 
 A directory comes into existence whole: :func:`create_run_dir` builds it in a hidden sibling
 and renames it into place, so a kill during creation leaves either no run directory or a
-complete one (never a ``study.db`` without its config). :func:`open_run_dir` reads the
+complete one (never a ``study.db`` without its config); the hidden build folder a killed
+creator leaves (it is named after its host and process) is removed by the next creation of
+that directory. :func:`open_run_dir` reads the
 marker and the config and turns every unreadable state into a :class:`ConfigError` that
 names the file and says what to do. Directories made before the marker existed are
 recognised by their files.
@@ -14,9 +16,11 @@ recognised by their files.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -119,8 +123,13 @@ def create_run_dir(
         )
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_siblings(directory)
         tmp = Path(
-            tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp")
+            tempfile.mkdtemp(
+                dir=directory.parent,
+                prefix=f".{directory.name}.{socket.gethostname()}.{os.getpid()}.",
+                suffix=".tmp",
+            )
         )
     except OSError as exc:
         raise ConfigError(
@@ -173,6 +182,26 @@ def check_pbt_checkpoints(directory: str | os.PathLike[str]) -> None:
                 f"{str(path)!r}: member {member}'s checkpoint is unreadable "
                 f"({type(exc).__name__}: {first}); {fix}"
             ) from exc
+
+
+def _remove_dead_siblings(directory: Path) -> None:
+    """Remove the hidden build folders of ``directory`` left by creators that were killed
+    (``.<name>.<host>.<pid>.<random>.tmp``, this host, the process gone): litter, never a
+    run directory. Folders of live processes, other hosts or another naming stay."""
+    host = socket.gethostname()
+    for sibling in directory.parent.glob(f".{glob.escape(directory.name)}.*.tmp"):
+        parts = sibling.name[len(directory.name) + 2 :].split(".")
+        if len(parts) < 4 or ".".join(parts[:-3]) != host or not parts[-3].isdigit():
+            continue
+        pid = int(parts[-3])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(sibling, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _kind_or_none(directory: Path) -> str | None:
