@@ -37,6 +37,27 @@ def test_failure_during_creation_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_build_folders_of_killed_creators_are_removed(tmp_path: Path) -> None:
+    """A SIGKILL inside creation leaves the hidden build folder: the next creation removes
+    it when its process (named in the folder) is gone; live or foreign ones stay."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname()
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_pid.wait()
+    dead = tmp_path / f".x.{host}.{dead_pid.pid}.k1ll3d.tmp"
+    live = tmp_path / f".x.{host}.{os.getppid()}.al1ve.tmp"
+    foreign = tmp_path / ".x.another-host.1.f0re1gn.tmp"
+    for folder in (dead, live, foreign):
+        (folder / "study.db").parent.mkdir()
+        (folder / "study.db").write_bytes(b"half")
+    create_run_dir(tmp_path / "x", "study", CONFIG)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name, "x"])
+
+
 def test_existing_directory_is_refused_with_the_fix(tmp_path: Path) -> None:
     create_run_dir(tmp_path / "x", "pbt", CONFIG)
     with pytest.raises(
