@@ -565,3 +565,70 @@ def test_a_retried_trial_with_damaged_files_starts_over(
     assert done.state.name == "COMPLETE" and done.user_attrs["epochs"] == 2
     assert "gradhpo:resumed_at_epoch" not in done.user_attrs  # trained from epoch 0
     assert "1 of 1 trials finished: 1 complete" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tune_killed_at_many_points_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """`gradhpo tune` / `resume` killed (SIGKILL) inside study creation, between trials, in
+    the middle of trials and right at checkpoint writes; every restart continues, and the
+    study ends with exactly the trials, parameters and values of the uninterrupted run."""
+    monkeypatch.chdir(tmp_path)
+    config = copy.deepcopy(TINY)
+    config["search"]["trials"] = 5
+    config["training"]["epochs"] = 3
+    (tmp_path / "ref").mkdir()
+    cfg = write(tmp_path, config)
+    assert main(["tune", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress"]) == 0
+    reference = _by_origin(load_study(tmp_path / "ref" / "tiny"))
+
+    runs = tmp_path / "runs"
+    run_dir = runs / "tiny"
+    # Kill when the pattern first exists under runs/ (plus a delay); creation: the hidden
+    # sibling the study is built in (or, if it was too quick to be seen, the study itself).
+    kills = [
+        (".tiny.*.tmp", 0.0),
+        ("tiny/trials/0000/progress.json", 0.0),
+        ("tiny/trials/0001", 0.3),
+        ("tiny/trials/0002/last_0.pt", 0.0),
+        ("tiny/trials/0003/best_0.pt", 0.05),
+        ("tiny/trials/0004", 0.0),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    for pattern, delay in kills:
+        command = (
+            ["resume", str(run_dir)]
+            if (run_dir / "gradhpo.json").is_file()
+            else ["tune", str(cfg), "--out", str(runs)]
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gradhpo.cli", *command, "--no-progress"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 180
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                if list(runs.glob(pattern)) or (pattern.startswith(".") and run_dir.exists()):
+                    time.sleep(delay)
+                    break
+                time.sleep(0.005)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read().decode()
+    if not (run_dir / "gradhpo.json").is_file():
+        assert main(["tune", str(cfg), "--out", str(runs), "--no-progress"]) == 0
+    assert main(["resume", str(run_dir), "--no-progress"]) == 0
+    study = load_study(run_dir)
+    assert len(study.finished_trials()) == 5
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    resumed = _by_origin(study)
+    assert [p for p, _ in resumed] == [p for p, _ in reference]
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in reference], abs=1e-6)
