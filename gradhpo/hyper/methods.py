@@ -565,8 +565,18 @@ def _tangent_step(
     moving = list(primals[1])
 
     def one_step(p: Params, s: Params, r: Params, k: Params):
+        k = dict(k)
+        counter = {STEP_KEY: k.pop(STEP_KEY)} if STEP_KEY in k else {}
         new_p, new_s, new_b, loss = inner_step(
-            problem, p, {**s, **fixed}, buffers, r, batch, functional=True, step=step, constants=k
+            problem,
+            p,
+            {**s, **fixed, **counter},
+            buffers,
+            r,
+            batch,
+            functional=True,
+            step=step,
+            constants=k,
         )
         return (new_p, {n: new_s[n] for n in moving}, loss), (new_s, new_b)
 
@@ -739,7 +749,8 @@ def _forward_constants(problem: InnerProblem, state: Params, params: Params) -> 
     tangent gets a symbolic zero tangent, whose arithmetic torch runs through its Python
     reference implementations: a few hundred microseconds per operation, which made a
     forward-mode step of a small MLP about ten times a plain one. The values are the same, so
-    the results are too (up to the sign of zeros)."""
+    the results are too (up to the sign of zeros). The step counter is passed the same way
+    (Adam raises its betas to its power)."""
     optimizer = problem.optimizer
     like = next(iter(params.values()))
     out: Params = {}
@@ -750,6 +761,8 @@ def _forward_constants(problem: InnerProblem, state: Params, params: Params) -> 
         value = float(carried) if carried is not None else float(optimizer.defaults[name])
         if value != 0.0:
             out[name] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    if optimizer.reads_step and STEP_KEY in state and state[STEP_KEY].is_floating_point():
+        out[STEP_KEY] = state[STEP_KEY]
     return out
 
 

@@ -131,6 +131,8 @@ class InnerOptimizer:
     slots: ClassVar[tuple[str, ...]] = ()
     #: Per-parameter 0-d boolean state entries (e.g. whether SGD's momentum buffer exists).
     flags: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``_update_one`` reads ``t`` (the step number): Adam's bias corrections do.
+    reads_step: ClassVar[bool] = False
 
     def __init__(self, **defaults: float) -> None:
         self.defaults: dict[str, float] = dict(defaults)
@@ -241,7 +243,8 @@ class InnerOptimizer:
         """One optimizer step; returns new ``(params, state)`` and modifies nothing."""
         if STEP_KEY not in state:
             raise KeyError(f"state has no {STEP_KEY!r} entry; build it with init()")
-        step = state[STEP_KEY]
+        # This step's 1-based number (Adam's bias corrections), computed once per update.
+        t = state[STEP_KEY] + 1
         new_params: Params = {}
         new_state: State = {}
         carried = {
@@ -262,11 +265,11 @@ class InnerOptimizer:
                 if key not in state:
                     raise KeyError(f"state has no entry {key!r}; build it with init()")
                 slots[slot] = state[key]
-            new_p, new_slots = self._update_one(pname, p, grads[pname], slots, step, hp)
+            new_p, new_slots = self._update_one(pname, p, grads[pname], slots, t, hp)
             new_params[pname] = new_p
             for slot, value in new_slots.items():
                 new_state[f"{slot}/{pname}"] = value
-        new_state[STEP_KEY] = step + 1
+        new_state[STEP_KEY] = t
         for name, value in carried.items():
             new_state[HYPER_PREFIX + name] = value
         return new_params, new_state
@@ -277,9 +280,10 @@ class InnerOptimizer:
         p: Tensor,
         g: Tensor,
         slots: dict[str, Tensor],
-        step: Tensor,
+        t: Tensor,
         hp: HyperValues | None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One parameter's update; ``t`` is the step's 1-based number (state step + 1)."""
         raise NotImplementedError
 
 
@@ -337,7 +341,7 @@ class SGD(InnerOptimizer):
     def _config(self) -> dict[str, Any]:
         return {**self.defaults, "nesterov": self.nesterov, "dampening": self.dampening}
 
-    def _update_one(self, pname, p, g, slots, step, hp):
+    def _update_one(self, pname, p, g, slots, t, hp):
         lr = self.hyper(hp, "lr", pname, p)
         if not self._is_const_zero(hp, "weight_decay", pname):
             g = g + self.hyper(hp, "weight_decay", pname, p) * p
@@ -395,6 +399,7 @@ class Adam(InnerOptimizer):
     hyper_names: ClassVar[tuple[str, ...]] = ("lr", "beta1", "beta2", "eps", "weight_decay")
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
     decoupled: ClassVar[bool] = False
+    reads_step: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -419,7 +424,7 @@ class Adam(InnerOptimizer):
         )
         super().__init__(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
 
-    def _update_one(self, pname, p, g, slots, step, hp):
+    def _update_one(self, pname, p, g, slots, t, hp):
         lr = self.hyper(hp, "lr", pname, p)
         beta1 = self.hyper(hp, "beta1", pname, p)
         beta2 = self.hyper(hp, "beta2", pname, p)
@@ -430,7 +435,6 @@ class Adam(InnerOptimizer):
                 p = p * (1.0 - lr * wd)
             else:
                 g = g + wd * p
-        t = step + 1
         m = slots["exp_avg"]
         v = slots["exp_avg_sq"]
         m = m + (1.0 - beta1) * (g - m)
