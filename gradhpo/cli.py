@@ -67,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run a study: a sampler picks discrete choices, hypergradients tune the rest",
         description=(
             "Run a hyperparameter study from a YAML config (train sections plus 'search'). "
-            "The study lives in <output.dir>/<name>/ (SQLite storage, checkpoints, config); "
+            "The study lives in <output.dir>/<name>/ (Optuna journal storage, checkpoints, config); "
             "TensorBoard logs go to <output.tensorboard_dir>/<name>/<trial>."
         ),
     )

@@ -206,6 +206,26 @@ def validate_tune_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], Search
     return config, space
 
 
+#: A new study's tuner fits its hypergradients on this share of the training split
+#: (``tuner.hyper_val_fraction``) unless the config says otherwise.
+HYPER_VAL_FRACTION = 0.1
+
+
+def with_hyper_validation(config: dict[str, Any]) -> dict[str, Any]:
+    """A new study's config with ``tuner.hyper_val_fraction`` defaulted: trials are selected
+    on the validation split, so the tuner's objective must not be that split (a config can
+    set the key to null to use it anyway). Studies made before the default keep their stored
+    config as it is, so they resume exactly."""
+    tuner = config.get("tuner")
+    if (
+        isinstance(tuner, Mapping)
+        and tuner.get("objective", "val") == "val"
+        and "hyper_val_fraction" not in tuner
+    ):
+        config = {**config, "tuner": {**tuner, "hyper_val_fraction": HYPER_VAL_FRACTION}}
+    return config
+
+
 def load_folds(config: Mapping[str, Any]) -> list[DataSplits]:
     """The data once per study: one DataSplits, or one per cross-validation fold."""
     return load_job_data(config, config["search"]["cv_folds"])
@@ -523,6 +543,8 @@ def prepare_study(
     elif raw is None:
         raw = load_yaml(config_path)  # type: ignore[arg-type]
     config, space = validate_tune_config(raw)
+    if resume_dir is None:
+        config = with_hyper_validation(config)
     folds = load_folds(config)
     _preflight(config, space, folds[0])
     s = config["search"]

@@ -632,3 +632,25 @@ def test_tune_killed_at_many_points_resumes_to_the_uninterrupted_result(
     resumed = _by_origin(study)
     assert [p for p, _ in resumed] == [p for p, _ in reference]
     assert [v for _, v in resumed] == pytest.approx([v for _, v in reference], abs=1e-6)
+
+
+def test_a_new_study_fits_hypergradients_on_a_hyper_validation_split(tmp_path: Path) -> None:
+    """tuner.hyper_val_fraction defaults to 0.1 for a new study (kept in its stored config, so
+    a resume trains on the same data); null keeps the validation split."""
+    from gradhpo.jobs.tune import HYPER_VAL_FRACTION, with_hyper_validation
+
+    config = copy.deepcopy(TINY)
+    filled = with_hyper_validation(config)
+    assert filled["tuner"]["hyper_val_fraction"] == HYPER_VAL_FRACTION == 0.1
+    assert "hyper_val_fraction" not in config["tuner"]  # not modified in place
+    config["tuner"]["hyper_val_fraction"] = None
+    assert with_hyper_validation(config)["tuner"]["hyper_val_fraction"] is None
+    config["tuner"] = {**TINY["tuner"], "objective": "train_mean"}
+    assert "hyper_val_fraction" not in with_hyper_validation(config)["tuner"]
+    assert with_hyper_validation({**TINY, "tuner": None})["tuner"] is None
+
+    config = copy.deepcopy(TINY)
+    config["search"]["trials"] = 1
+    assert tune(tmp_path, config) == 0
+    stored = yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text())
+    assert stored["tuner"]["hyper_val_fraction"] == 0.1
