@@ -17,8 +17,8 @@ momentum, an MLP on MNIST-1D, a fixed budget of inner steps) five ways, from the
   same batches as the other methods.
 
 Every method's hypergradient uses the validation split; the reported numbers are the final
-run's *test* loss and accuracy (never used for tuning), and the lr the run used at 10 %, 50 %
-and 90 % of the budget. Seeds vary the data split, the weights and the batch order.
+run's *test* loss and accuracy (never used for tuning), and the lr at 10 %, 50 % and 90 % of
+the budget (online methods: the value after that horizon's hyper step). Seeds vary the data split, the weights and the batch order.
 
     python experiments/short_horizon_bias.py [--seeds 0,1,2] [--steps 600] [--outer 20]
 
@@ -123,9 +123,12 @@ def online(method: str, data, cfg: dict[str, Any], seed: int, batches) -> dict[s
     step = 0
     while step < cfg["steps"]:
         k = min(tuner.horizon, cfg["steps"] - step)
-        lrs.extend(tuner.hypers.current(step + i)["lr"] for i in range(k))
         report = tuner.step(batches[step : step + k], val)
-        step += k if report.weights_updated else 0
+        if report.weights_updated:
+            # The lr of these steps after the horizon's hyper step (a schedule segment reached
+            # in this horizon has been warm-started inside step()).
+            lrs.extend(tuner.hypers.current(step + i)["lr"] for i in range(k))
+            step += k
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     return {"model": model, "params": params, "buffers": buffers, "lrs": lrs}
