@@ -16,9 +16,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-# Each run is a new study folder runs/digits_search-<time>/ (a study name is never reused).
+# The main job: a study on Fashion-MNIST (real images, Debian's dataset-fashion-mnist, installed
+# here when missing and apt-get is usable as root), or on the bundled digits when it cannot be
+# installed. Each run is a new study folder runs/<config>-<time>/ (a study name is never reused).
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+
 run: $(STAMP)
-	$(BIN)/gradhpo tune experiments/configs/digits_search.yaml --name digits_search-$$(date +%Y%m%d-%H%M%S)
+	@if [ ! -d $(FASHION_MNIST_DIR) ] && [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+			|| echo "warning: could not install dataset-fashion-mnist with apt-get" >&2; \
+	fi
+	@if [ -d $(FASHION_MNIST_DIR) ]; then config=fmnist_search; else \
+		echo "Fashion-MNIST is not installed ($(FASHION_MNIST_DIR); as root: apt-get install -y dataset-fashion-mnist): running the digits study instead" >&2; \
+		config=digits_search; fi; \
+	$(BIN)/gradhpo tune experiments/configs/$$config.yaml --name $$config-$$(date +%Y%m%d-%H%M%S)
 
 # The default suite leaves out the tests marked slow (multi-process, Ray, kill-and-resume);
 # CI runs them in a second step with `make test-slow`.
