@@ -79,6 +79,13 @@ def _build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", type=Path, default=None, help="override output.dir")
     tune.add_argument("--name", default=None, help="override the study name (run folder)")
     tune.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL for the trials (e.g. postgresql://user:pw@host/db; default "
+        f"search.storage, else ${STORAGE_ENV}, else the journal file of the study folder); "
+        "a password is never written to disk",
+    )
+    tune.add_argument(
         "--seed", type=int, default=None, help="override training.seed (and the sampler's seed)"
     )
     tune.add_argument(
@@ -124,6 +131,11 @@ def _build_parser() -> argparse.ArgumentParser:
             "start this driver's sampler from SEED instead of the saved state (several "
             "drivers at once never evaluate a proposal twice in any case)"
         ),
+    )
+    resume.add_argument(
+        "--storage",
+        default=None,
+        help=f"the study's storage URL when study.json cannot name it (a password); default ${STORAGE_ENV}",
     )
     resume.add_argument("--no-progress", action="store_true", help="hide progress bars")
     resume.set_defaults(func=_cmd_resume)
@@ -255,11 +267,17 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.baseline and isinstance(raw.get("search"), dict):
         raw["search"]["baseline"] = True
     try:
-        study, config, space, folds = prepare_study(raw=raw)
+        study, config, space, folds = prepare_study(raw=raw, storage=_storage_arg(args))
     except _TUNE_ERRORS as exc:
         raise UserError(str(exc)) from exc
     print(f"{study.name}: study in {study.directory} ({study.dashboard_hint})")
     return _run_and_print(study, config, space, folds, args, trials=None)
+
+
+def _storage_arg(args: argparse.Namespace) -> str | None:
+    """The storage URL of ``tune``/``resume``: --storage, else $GRADHPO_STORAGE (None: the
+    config's search.storage or what study.json records)."""
+    return getattr(args, "storage", None) or os.environ.get(STORAGE_ENV) or None
 
 
 def _run_and_print(
@@ -277,6 +295,7 @@ def _run_and_print(
             trials=trials,
             timeout=args.timeout,
             progress=not args.no_progress,
+            storage=_storage_arg(args),
         )
     except StudyFailed as exc:
         print(f"{study.name}: {counts_line(study.trial_counts(), asked)}")
@@ -347,7 +366,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     if not args.dir.is_dir():
         raise UserError(f"study directory not found: {str(args.dir)!r}")
     try:
-        study, config, space, folds = prepare_study(resume_dir=args.dir)
+        study, config, space, folds = prepare_study(resume_dir=args.dir, storage=_storage_arg(args))
     except _TUNE_ERRORS as exc:
         raise UserError(str(exc)) from exc
     if args.seed is not None:

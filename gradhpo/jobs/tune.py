@@ -76,6 +76,7 @@ from gradhpo.search.study import (
     create_study,
     is_retried,
     load_study,
+    mask_password,
 )
 from gradhpo.search.trial import prune_diverged
 from gradhpo.tensorboard_logger import TensorBoardLogger
@@ -107,6 +108,7 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "keep_checkpoints": "best",
     "executor": None,
     "baseline": False,
+    "storage": None,
 }
 
 
@@ -201,9 +203,30 @@ def validate_tune_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], Search
     if not isinstance(s["baseline"], bool):
         raise ConfigError(f"search.baseline: expected true or false, got {s['baseline']!r}")
     s["executor"] = check_executor("search.executor", s["executor"])
+    s["storage"] = check_storage("search.storage", s["storage"])
     space = SearchSpace.from_config(s["space"])
     config["search"] = s
     return config, space
+
+
+def check_storage(field: str, value: Any) -> str | None:
+    """``search.storage``: null or ``journal`` (the study directory's journal file),
+    ``sqlite`` (a file there), or an Optuna storage URL without a password. A password would be
+    written into the study's config.yaml: it goes on the command line (``--storage``) or in
+    ``$GRADHPO_STORAGE`` instead."""
+    if value is None or value in ("journal", "sqlite"):
+        return value
+    if not isinstance(value, str) or "://" not in value:
+        raise ConfigError(
+            f"{field}: expected null, 'journal', 'sqlite' or a storage URL such as "
+            f"'postgresql://user@host/db', got {value!r}"
+        )
+    if mask_password(value) != value:
+        raise ConfigError(
+            f"{field}: {mask_password(value)!r} has a password, which would be written into "
+            "the study's config.yaml; give the URL with --storage or $GRADHPO_STORAGE instead"
+        )
+    return value
 
 
 #: A new study's tuner fits its hypergradients on this share of the training split
@@ -534,9 +557,13 @@ def prepare_study(
     *,
     raw: Mapping[str, Any] | None = None,
     resume_dir: str | os.PathLike[str] | None = None,
+    storage: str | None = None,
 ) -> tuple[Study, dict[str, Any], SearchSpace, list[DataSplits]]:
     """Validate everything, load the data, pre-flight check the space, then create (or open)
-    the study directory. Nothing is written before every check has passed."""
+    the study directory. Nothing is written before every check has passed.
+
+    ``storage`` (a URL, e.g. with a password, from the command line) takes the place of
+    ``search.storage``; it is not written anywhere (study.json keeps it masked)."""
     if resume_dir is not None:
         resume_dir = Path(resume_dir)
         _, raw = open_run_dir(resume_dir, "study")
@@ -548,8 +575,12 @@ def prepare_study(
     folds = load_folds(config)
     _preflight(config, space, folds[0])
     s = config["search"]
+    storage = storage or s["storage"]
     if resume_dir is not None:
-        study = load_study(resume_dir, search_space=space)
+        try:
+            study = load_study(resume_dir, storage=storage, search_space=space)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         best = study.best_trial
         if best is not None:  # what the end of the run evaluates must be readable now
             for i, fold in enumerate(folds):
@@ -567,10 +598,14 @@ def prepare_study(
             seed=s["seed"],
             max_resource=config["training"]["epochs"],
             search_space=space,
+            storage=storage,
         )
 
-    create_run_dir(directory, "study", config, populate=new_study)
-    study = load_study(directory, search_space=space)
+    try:
+        create_run_dir(directory, "study", config, populate=new_study)
+    except ValueError as exc:  # the storage cannot be opened (the message masks a password)
+        raise ConfigError(f"search.storage: {exc}") from None
+    study = load_study(directory, storage=storage, search_space=space)
     return study, config, space, folds
 
 
@@ -722,6 +757,7 @@ def run_study(
     trials: int | None = None,
     timeout: float | None = None,
     progress: bool = True,
+    storage: str | None = None,
 ) -> dict[str, Any] | None:
     """Run the study to ``trials`` finished trials — in this process, or with
     ``search.executor`` on several local processes or Ray workers, each a driver of the shared
@@ -748,6 +784,7 @@ def run_study(
                 workers=workers,
                 n_trials=trials if trials is not None else s["trials"],
                 timeout=timeout if timeout is not None else s["timeout"],
+                storage=storage,
             )
     counts = study.trial_counts()
     study.optuna.set_user_attr("counts", {**counts, "asked": n_trials})
@@ -776,14 +813,15 @@ def config_study_worker(
     timeout: float | None,
     worker: int = 0,
     workers: int = 1,
+    storage: str | None = None,
 ) -> dict[str, Any]:
     """Executor worker: one driver of the config-driven study in ``directory``, run to
     ``n_trials`` finished trials. ``config`` is the driver's already validated and
     pre-flighted config (plain data, so it pickles): the worker only opens the study and
-    loads its data."""
+    loads its data (``storage``: the study's URL when study.json cannot name it)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = SearchSpace.from_config(config["search"]["space"])
-    study = load_study(directory, search_space=space)
+    study = load_study(directory, storage=storage, search_space=space)
     distinct_sampler(study, worker, workers)
     folds = load_job_data(config, config["search"]["cv_folds"], cached=True)
     ran = run_trials(study, config, space, folds, trials=n_trials, timeout=timeout, progress=False)
@@ -798,8 +836,12 @@ def run_config_study(
     workers: int,
     n_trials: int,
     timeout: float | None = None,
+    storage: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``workers`` drivers of a config-driven study on ``executor``."""
     ex = make_executor(executor)
-    args = [(str(directory), dict(config), n_trials, timeout, k, workers) for k in range(workers)]
+    args = [
+        (str(directory), dict(config), n_trials, timeout, k, workers, storage)
+        for k in range(workers)
+    ]
     return ex.run(config_study_worker, args)
