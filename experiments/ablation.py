@@ -12,9 +12,10 @@ momentum 0.9.
 Methods:
   random, grid, tpe, tpe_hyperband, evolution  Optuna samplers over (lr, width), each trial a
                                               plain run of ``--trial-epochs`` epochs
-  hg_greedy, hg_truncated, hg_forward          one run whose lr is tuned by hypergradients
-                                              (greedy K=1; reverse K=10 truncated to 5;
-                                              forward K=10) for the whole budget
+  hg_greedy, hg_truncated, hg_forward,         one run whose lr is tuned by hypergradients
+  hg_carried                                  (greedy K=1; reverse K=10 truncated to 5;
+                                              forward K=10; forward K=10 with the tangents
+                                              carried across the run) for the whole budget
   sgd_hd                                       one run with the SGD-HD optimizer (online lr)
   pbt, pbt_hybrid                              PBT population of 4 sharing the budget; the
                                               hybrid's members also tune lr by hypergradient
@@ -95,6 +96,8 @@ HYPERGRADIENT = {
     "hg_greedy": {"method": "greedy", "horizon": 1},
     "hg_truncated": {"method": "reverse", "horizon": 10, "truncate": 5},
     "hg_forward": {"method": "forward", "horizon": 10},
+    # Forward mode carried across the whole run (RTHO): long-horizon, online.
+    "hg_carried": {"method": "forward", "horizon": 10, "carry": True, "carry_decay": 0.99},
 }
 METHODS = [*SAMPLERS, *HYPERGRADIENT, "sgd_hd", "pbt", "pbt_hybrid"]
 LR_LOW, LR_HIGH, LR_START = 1e-3, 1.0, 0.01
@@ -550,7 +553,7 @@ def anytime_plot(curves: list[dict], methods: list[str], seeds: int, path: Path,
     plt.close(fig)
 
 
-HEADLINE_MODES = ["hg_greedy", "hg_truncated", "sgd_hd", "pbt", "pbt_hybrid"]
+HEADLINE_MODES = ["hg_greedy", "hg_truncated", "hg_carried", "sgd_hd", "pbt", "pbt_hybrid"]
 
 
 def headline(args: argparse.Namespace) -> int:
