@@ -116,6 +116,7 @@ class Tracker:
         self.seconds = seconds
         self.steps = 0
         self.start = time.perf_counter()
+        self.end: float | None = None  # set by finish(): the clock stops
         self.paused = 0.0  # seconds spent on test evaluations, not charged to the method
         self.stopped = False
         self.best_val = -1.0
@@ -124,7 +125,12 @@ class Tracker:
 
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start - self.paused
+        """Seconds charged to the method (frozen once it has finished)."""
+        now = self.end if self.end is not None else time.perf_counter()
+        return now - self.start - self.paused
+
+    def finish(self) -> None:
+        self.end = time.perf_counter()
 
     @property
     def remaining(self) -> int:
@@ -325,6 +331,7 @@ def run_method(
         run_sgd_hd(task, data, seed, tracker)
     else:
         run_pbt(task, data, seed, tracker, hybrid=method == "pbt_hybrid", tmp=tmp)
+    tracker.finish()
     return tracker
 
 
@@ -584,7 +591,7 @@ def headline(args: argparse.Namespace) -> int:
             for mode in HEADLINE_MODES:
                 t = run_method(
                     mode, task, data, seed, None, args.trial_epochs, Path(tmp), tpe.elapsed / 5
-                )
+                )  # tpe.elapsed is frozen: run_method stopped its clock
                 rows.append((mode, seed, t.steps, t.best_val, t.best_test, t.elapsed))
                 print(
                     f"{mode} seed {seed}: val {t.best_val:.4f} test {t.best_test:.4f} steps {t.steps} "

@@ -127,3 +127,19 @@ def test_ablation_at_equal_wall_clock_seconds(tmp_path: Path) -> None:
     assert {"seconds", "test_of_best"} <= set(curves[0])
     assert (tmp_path / "out" / "anytime_test_vs_seconds.png").read_bytes()[:4] == b"\x89PNG"
     assert "3 wall-clock seconds" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_a_finished_methods_clock_is_frozen() -> None:
+    """The headline hands each mode 1/5 of TPE's seconds: TPE's figure must not keep growing
+    while the modes run (it did, giving later modes larger budgets)."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "experiments" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    tracker = ablation.Tracker(None, 10.0)
+    tracker.finish()
+    before = tracker.elapsed
+    time.sleep(0.05)
+    assert tracker.elapsed == before
