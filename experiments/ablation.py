@@ -10,6 +10,8 @@ epoch), with anytime curves of that number against seconds. The searched / tuned
 momentum 0.9.
 
 Methods:
+  plain                                        the control: one untuned run at the lr the
+                                              hypergradient modes start from (0.01)
   random, grid, tpe, tpe_hyperband, evolution  Optuna samplers over (lr, width), each trial a
                                               plain run of ``--trial-epochs`` epochs
   hg_greedy, hg_truncated, hg_forward,         one run whose lr is tuned by hypergradients
@@ -99,7 +101,7 @@ HYPERGRADIENT = {
     # Forward mode carried across the whole run (RTHO): long-horizon, online.
     "hg_carried": {"method": "forward", "horizon": 10, "carry": True, "carry_decay": 0.99},
 }
-METHODS = [*SAMPLERS, *HYPERGRADIENT, "sgd_hd", "pbt", "pbt_hybrid"]
+METHODS = ["plain", *SAMPLERS, *HYPERGRADIENT, "sgd_hd", "pbt", "pbt_hybrid"]
 LR_LOW, LR_HIGH, LR_START = 1e-3, 1.0, 0.01
 
 
@@ -329,6 +331,8 @@ def run_method(
         run_hypergradient(method, task, data, seed, tracker)
     elif method == "sgd_hd":
         run_sgd_hd(task, data, seed, tracker)
+    elif method == "plain":  # the control: one untuned run at the tuned modes' starting lr
+        _train_single(make_run(task, data, seed, LR_START), tracker)
     else:
         run_pbt(task, data, seed, tracker, hybrid=method == "pbt_hybrid", tmp=tmp)
     tracker.finish()
@@ -560,7 +564,7 @@ def anytime_plot(curves: list[dict], methods: list[str], seeds: int, path: Path,
     plt.close(fig)
 
 
-HEADLINE_MODES = ["hg_greedy", "hg_truncated", "hg_carried", "sgd_hd", "pbt", "pbt_hybrid"]
+HEADLINE_MODES = ["plain", "hg_greedy", "hg_truncated", "hg_carried", "sgd_hd", "pbt", "pbt_hybrid"]
 
 
 def headline(args: argparse.Namespace) -> int:
