@@ -43,7 +43,7 @@ def distinct_sampler(study: Any, worker: int, workers: int) -> None:
     own, and :meth:`~gradhpo.search.Study.claim` refuses a proposal another trial holds, so
     separate ``gradhpo resume`` processes never evaluate a point twice either.)"""
     if workers > 1:
-        reseed_sampler(study.sampler, derived_seed(getattr(study, "seed", None), worker))
+        reseed_sampler(study.sampler, derived_seed(getattr(study, "seed", None), worker, "driver"))
 
 
 def objective_worker(

@@ -511,10 +511,12 @@ class DuplicateProposal(optuna.TrialPruned):
     ``optuna.TrialPruned``, so a plain Optuna loop records it as pruned, never as a value."""
 
 
-def derived_seed(seed: int | None, index: int) -> int:
-    """A 32-bit seed from a study's ``seed`` and an ``index`` (a driver, a trial number):
-    distinct indices give unrelated streams, the same pair always the same seed."""
-    digest = hashlib.sha256(f"gradhpo:{seed}:{index}".encode()).digest()
+def derived_seed(seed: int | None, index: int, kind: str = "trial") -> int:
+    """A 32-bit seed from a study's ``seed``, a ``kind`` of index (``trial`` number,
+    ``driver`` index, ``reseed`` value) and the ``index``: distinct (kind, index) pairs give
+    unrelated streams, the same triple always the same seed. The kind keeps driver k's stream
+    from being trial k's (they were equal: two drivers then proposed the same point)."""
+    digest = hashlib.sha256(f"gradhpo:{kind}:{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
@@ -780,7 +782,7 @@ class Study:
         """Start this driver's sampler from ``seed`` (derived with the study's seed) instead
         of continuing the saved state: ``gradhpo resume --seed``."""
         with self._lock:
-            reseed_sampler(self.sampler, derived_seed(self.seed, 1_000_000 + int(seed)))
+            reseed_sampler(self.sampler, derived_seed(self.seed, int(seed), "reseed"))
 
     def claim(self, trial: optuna.trial.Trial) -> None:
         """Claim the parameters ``trial`` has drawn, before any work is done on them; raise

@@ -218,3 +218,14 @@ def test_tune_with_executor_processes_never_repeats_a_trial(tmp_path: Path, monk
     counted = _counted(tmp_path / "runs" / "workers")
     assert len(counted) == 8
     _assert_no_duplicates(counted)
+
+
+def test_driver_streams_are_not_trial_streams() -> None:
+    """Driver k's sampler seed must differ from the seed a fresh trial number k draws from
+    while drivers run side by side (they were equal: a proposal repeated across drivers)."""
+    from gradhpo.search.study import derived_seed
+
+    seeds = {derived_seed(0, i, "driver") for i in range(8)}
+    assert not seeds & {derived_seed(0, i) for i in range(8)}
+    assert not seeds & {derived_seed(0, i, "reseed") for i in range(8)}
+    assert derived_seed(0, 3) == derived_seed(0, 3, "trial")
