@@ -284,8 +284,18 @@ class TrainingRun:
             value = settings[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"tuner.{key} must be an integer >= 1, got {value!r}")
+        try:
+            tuner_obj = self._hyper_tuner(filled, settings, budget)
+        except (ValueError, TypeError) as exc:
+            # HyperTuner names its arguments ("carry must be ..."); say which section they are.
+            raise type(exc)(f"tuner: {exc}") from None
+        return tuner_obj, settings
+
+    def _hyper_tuner(
+        self, filled: list[Any], settings: Mapping[str, Any], budget: int | None
+    ) -> HyperTuner:
         inner_kwargs = {k: v for k, v in self.optimizer_spec.items() if k != "name"}
-        tuner_obj = HyperTuner(
+        return HyperTuner(
             self.model,
             filled,
             optimizer=self.optimizer_spec["name"],
@@ -305,7 +315,6 @@ class TrainingRun:
             budget=budget,
             warm_segments=settings["warm_segments"],
         )
-        return tuner_obj, settings
 
     # ------------------------------------------------------------------ data and RNG
     def _own_rng(self) -> Any:
