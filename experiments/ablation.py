@@ -487,33 +487,25 @@ def main() -> int:
     table = header + "\n\n" + "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, method in enumerate(args.methods):
-        for seed in range(args.seeds):
-            pts = [
-                (c["steps"], c["best_val"])
-                for c in curves
-                if c["method"] == method and c["seed"] == seed
-            ]
-            if pts:
-                ax.step(
-                    [p[0] for p in pts],
-                    [p[1] for p in pts],
-                    where="post",
-                    color=f"C{k % 10}",
-                    alpha=0.8,
-                    label=method if seed == 0 else None,
-                    linestyle="-" if k < 10 else "--",
-                )
-    ax.set_xlabel("training steps (all runs of the method)")
-    ax.set_ylabel("best validation accuracy so far")
-    ax.set_ylim(max(0.0, target - 0.3), 1.0)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"ablation on {args.task}: best so far vs compute")
-    fig.tight_layout()
-    fig.savefig(out / "best_so_far.png", dpi=100)
-    plt.close(fig)
-    anytime_plot(curves, args.methods, args.seeds, out / "anytime_test_vs_seconds.png", args.task)
+    plot_curves(
+        curves,
+        args.methods,
+        args.seeds,
+        ("steps", "training steps (all runs of the method)"),
+        ("best_val", "best validation accuracy so far"),
+        f"ablation on {args.task}: best so far vs compute",
+        out / "best_so_far.png",
+        ylim=(max(0.0, target - 0.3), 1.0),
+    )
+    plot_curves(  # anytime: the test accuracy of the configuration selected so far
+        curves,
+        args.methods,
+        args.seeds,
+        ("seconds", "wall-clock seconds (training and validation)"),
+        ("test_of_best", "test accuracy of the configuration selected on val"),
+        f"{args.task}: anytime test accuracy vs seconds",
+        out / "anytime_test_vs_seconds.png",
+    )
 
     args.results.write_text(
         "# Results\n\nWritten by `experiments/ablation.py` (latest run). Per-run CSV, curves and the "
@@ -534,16 +526,25 @@ def load_task_data(task: dict, train_size: int | None) -> Any:
     return load_dataset(spec.pop("name"), **spec)
 
 
-def anytime_plot(curves: list[dict], methods: list[str], seeds: int, path: Path, task: str) -> None:
-    """Test accuracy of each method's selected configuration (best validation so far)
-    against wall-clock seconds, one line per seed."""
+def plot_curves(
+    curves: list[dict],
+    methods: list[str],
+    seeds: int,
+    x: tuple[str, str],
+    y: tuple[str, str],
+    title: str,
+    path: Path,
+    ylim: tuple[float, float] | None = None,
+) -> None:
+    """One step line per method and seed of ``curves``' column ``y[0]`` against ``x[0]``
+    (``x[1]``, ``y[1]``: axis labels); NaN points (no test figure yet) are left out."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, method in enumerate(methods):
         for seed in range(seeds):
             pts = [
-                (c["seconds"], c["test_of_best"])
+                (c[x[0]], c[y[0]])
                 for c in curves
-                if c["method"] == method and c["seed"] == seed and not math.isnan(c["test_of_best"])
+                if c["method"] == method and c["seed"] == seed and not math.isnan(c[y[0]])
             ]
             if pts:
                 ax.step(
@@ -555,10 +556,12 @@ def anytime_plot(curves: list[dict], methods: list[str], seeds: int, path: Path,
                     label=method if seed == 0 else None,
                     linestyle="-" if k < 10 else "--",
                 )
-    ax.set_xlabel("wall-clock seconds (training and validation)")
-    ax.set_ylabel("test accuracy of the configuration selected on val")
+    ax.set_xlabel(x[1])
+    ax.set_ylabel(y[1])
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"{task}: anytime test accuracy vs seconds")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
