@@ -31,6 +31,7 @@ import optuna  # noqa: E402
 
 from gradhpo.config import ConfigError  # noqa: E402
 from gradhpo.files import atomic_write, write_text  # noqa: E402
+from gradhpo.hyper.spec import split_segment_key  # noqa: E402
 from gradhpo.pbt.store import PBTDatabase  # noqa: E402
 from gradhpo.run.loop import METRICS  # noqa: E402
 from gradhpo.search.study import is_retried, load_optuna_study  # noqa: E402
@@ -188,14 +189,6 @@ def _plot_hypers(directory: Path, study: optuna.Study, path: Path) -> None:
     plt.close(fig)
 
 
-def _schedule_key(key: str) -> tuple[str, int] | None:
-    """``("lr", 3)`` for a schedule's segment key ``"lr[3]"``, else None."""
-    if not key.endswith("]") or "[" not in key:
-        return None
-    name, _, index = key[:-1].rpartition("[")
-    return (name, int(index)) if index.isdigit() else None
-
-
 def _plot_schedules(directory: Path, study: optuna.Study, path: Path) -> bool:
     """The learned schedules (see module docstring); False (nothing written) without any."""
     schedules: dict[str, dict[int, dict[int, float]]] = {}
@@ -203,9 +196,9 @@ def _plot_schedules(directory: Path, study: optuna.Study, path: Path) -> bool:
         history = _history(directory, t.number)
         folds = (history[-1].get("folds") or [{}]) if history else [{}]
         for key, value in (folds[0].get("hypers") or {}).items():
-            parsed = _schedule_key(key)
-            if parsed is not None:
-                schedules.setdefault(parsed[0], {}).setdefault(t.number, {})[parsed[1]] = value
+            name, index = split_segment_key(key)
+            if name is not None and index is not None:
+                schedules.setdefault(name, {}).setdefault(t.number, {})[index] = value
     if not schedules:
         return False
     try:

@@ -41,6 +41,7 @@ __all__ = [
     "HyperSpec",
     "HyperParameters",
     "parse_specs",
+    "split_segment_key",
 ]
 
 Tensor = torch.Tensor
@@ -277,6 +278,15 @@ class HyperSpec:
         return float(self.init)
 
 
+def split_segment_key(key: str) -> tuple[str | None, int | None]:
+    """``("lr/conv.weight", 3)`` for a schedule segment's key ``"lr/conv.weight[3]"``,
+    ``(key, None)`` for a key without an index, ``(None, None)`` for a malformed index."""
+    if not (key.endswith("]") and "[" in key):
+        return key, None
+    base, _, tail = key[:-1].rpartition("[")
+    return (base, int(tail)) if tail.isdigit() else (None, None)
+
+
 def parse_specs(specs: Sequence[HyperSpec | Mapping[str, Any]]) -> list[HyperSpec]:
     """Accept :class:`HyperSpec` objects or plain mappings (from YAML) and check for repeats."""
     if isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence):
@@ -496,12 +506,9 @@ class HyperParameters:
     def _targets(self, key: str) -> tuple[HyperSpec, list[tuple[str, int | None]]]:
         """Raw entries that a summary key names: ``lr``, ``lr/param``, ``lr[3]``,
         ``lr/param[3]`` (a scheduled name without an index sets every segment)."""
-        base, index = key, None
-        if key.endswith("]") and "[" in key:
-            base, _, tail = key[:-1].rpartition("[")
-            if not tail.isdigit():
-                raise KeyError(f"unknown hyperparameter key {key!r}; known: {sorted(self.raw)}")
-            index = int(tail)
+        base, index = split_segment_key(key)
+        if base is None:
+            raise KeyError(f"unknown hyperparameter key {key!r}; known: {sorted(self.raw)}")
         name = base.split("/", 1)[0]
         spec = self.spec(name)
         if base in self.raw:

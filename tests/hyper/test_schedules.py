@@ -418,3 +418,12 @@ def test_a_newly_reached_segment_starts_from_the_one_before(warm) -> None:
     resumed = tuner_at(state)
     assert resumed.segments_reached == {"lr": 0}
     assert tuner_at(tuner.state_dict()).segments_reached == {"lr": 1}
+
+
+def test_segment_keys_split_one_way_for_the_tuner_and_the_report() -> None:
+    from gradhpo.hyper.spec import split_segment_key
+
+    assert split_segment_key("lr[3]") == ("lr", 3)
+    assert split_segment_key("lr/0.weight[12]") == ("lr/0.weight", 12)
+    assert split_segment_key("lr/0.weight") == ("lr/0.weight", None)
+    assert split_segment_key("lr[x]") == (None, None)
