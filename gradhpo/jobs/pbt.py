@@ -22,7 +22,8 @@ A PBT config is a train config plus a ``pbt`` section::
                                  # sync mode, optimizer.* values only, no tuner)
 
 With a ``tuner`` section the members also adapt their continuous hyperparameters by
-hypergradient between exploits (the hybrid mode).
+hypergradient between exploits (the hybrid mode); a tuned schedule spans a member's whole run
+(``pbt.steps``) unless it gives its own ``steps``.
 """
 
 from __future__ import annotations
@@ -214,6 +215,23 @@ class _Population:
             (self.data,) = load_job_data(self.config, cached=True)
 
 
+def schedules_over(config: Mapping[str, Any], steps: int) -> dict[str, Any]:
+    """``config`` with every tuned schedule that does not give its length spanning ``steps``
+    (a member's whole run). Left to the run, the length would be ``training.epochs`` epochs of
+    the member's batch size at build time, which PBT changes: a member rebuilt on resume after
+    exploring the batch size would read its schedule on another time axis than before."""
+    tuner = config.get("tuner")
+    if not tuner:
+        return dict(config)
+    hypers = []
+    for spec in tuner["hypers"]:
+        schedule = spec.get("schedule") if isinstance(spec, Mapping) else None
+        if isinstance(schedule, Mapping) and schedule.get("steps") is None:
+            spec = {**spec, "schedule": {**schedule, "steps": steps}}
+        hypers.append(spec)
+    return {**config, "tuner": {**tuner, "hypers": hypers}}
+
+
 def prepare_pbt(
     raw: Mapping[str, Any] | None = None, *, resume_dir: str | Path | None = None
 ) -> tuple[PopulationBasedTraining, dict[str, Any], _Population]:
@@ -224,6 +242,11 @@ def prepare_pbt(
         _, raw = open_run_dir(resume_dir, "pbt")
     config, space = validate_pbt_config(raw or {})
     (splits,) = load_job_data(config)
+    steps = config["pbt"]["steps"]
+    if steps is None:
+        per_epoch = len(splits.train) // min(config["training"]["batch_size"], len(splits.train))
+        steps = config["training"]["epochs"] * per_epoch
+    config = schedules_over(config, steps)
     population = _Population(config, space, splits)
     for label, params in space.corner_params():
         where = "config" if label == "base point" else label.replace("search.space", "pbt.space")
@@ -236,10 +259,6 @@ def prepare_pbt(
     directory = resume_dir or run_dir_of(config)
     population.group = None  # the pre-flight population is not the one that trains
     p = config["pbt"]
-    steps = p["steps"]
-    if steps is None:
-        per_epoch = len(splits.train) // min(config["training"]["batch_size"], len(splits.train))
-        steps = config["training"]["epochs"] * per_epoch
     if resume_dir is None:
         create_run_dir(directory, "pbt", config, populate=lambda tmp: PBTDatabase(tmp).close())
     manager = PopulationBasedTraining(
