@@ -88,14 +88,16 @@ class Ridge:
 
     def hessian(self, log_l2):
         coef = torch.as_tensor(log_l2, dtype=F64).exp() * torch.ones(self.d, dtype=F64)
-        return self.X.to(F64).T @ self.X.to(F64) / self.n + torch.diag(coef)
+        X = self.X.to("cpu", F64)  # the closed forms are references: float64 on the CPU
+        return X.T @ X / self.n + torch.diag(coef)
 
     def solve(self, log_l2):
         """Exact ``w*`` in float64."""
-        return torch.linalg.solve(self.hessian(log_l2), self.X.to(F64).T @ self.y.to(F64) / self.n)
+        X, y = self.X.to("cpu", F64), self.y.to("cpu", F64)
+        return torch.linalg.solve(self.hessian(log_l2), X.T @ y / self.n)
 
     def outer_grad(self, w):
-        Xv, yv = self.Xv.to(F64), self.yv.to(F64)
+        Xv, yv = self.Xv.to("cpu", F64), self.yv.to("cpu", F64)
         return Xv.T @ (Xv @ w - yv) / yv.numel()
 
     def closed_form(self, log_l2):
@@ -106,7 +108,8 @@ class Ridge:
         return per_element.sum() if log_l2.ndim == 0 else per_element
 
     def outer_at_optimum(self, log_l2):
-        return self.outer_loss({"w": self.solve(log_l2)}).item()
+        w = self.solve(log_l2).to(self.X.device, self.X.dtype)
+        return self.outer_loss({"w": w}).item()
 
 
 def _central_fd(fn, lam: torch.Tensor, h: float) -> torch.Tensor:
