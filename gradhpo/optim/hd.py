@@ -26,10 +26,10 @@ rule ``||g_t||`` is over every parameter of the unit that has a gradient (the no
 vector), ``||u_{t-1}||`` over the stored directions.
 
 ``beta`` is ``hypergrad_lr``; ``hypergrad_lr=0`` reproduces :mod:`torch.optim` exactly: the
-parameter update uses the same elementwise operations in the same order as torch's default
-single-tensor path (the one torch takes on CPU), checked bit for bit against torch 2.14 in the
-tests. On CUDA torch defaults to its multi-tensor path, whose arithmetic differs in rounding.
-The dot products are taken in the parameters' dtype and summed per unit in Python floats.
+parameter update uses the same elementwise operations in the same order as torch's
+multi-tensor (foreach) path, which on the CPU are those of its single-tensor path; checked bit
+for bit against torch 2.14 on the CPU with ``foreach`` False and True in the tests. The dot
+products are taken in the parameters' dtype and summed per unit in Python floats.
 
 Stacked levels (``hypergrad_lrs``, additive rule only)
     Chandra et al., "Gradient Descent: The Ultimate Optimizer" (NeurIPS 2022): beta itself can
@@ -119,15 +119,30 @@ State
     ``hypergrad_lrs`` and ``hd_prev_hypergrads``, kept in the param groups in the other modes).
     ``state_dict()`` adds one entry ``"hd"`` with ``adapt``, ``applied_steps``,
     ``skipped_lr_updates``, ``diverged`` and ``diverged_steps``; ``load_state_dict`` restores
-    them, so a reloaded optimizer continues the same trajectory bit for bit. (A state dict without ``"hd"``, e.g. from ``torch.optim.SGD``, loads with the counters
-    reset; the first step then adapts nothing.)
+    them, so a reloaded optimizer continues the same trajectory bit for bit. (A state dict
+    without ``"hd"``, e.g. from ``torch.optim.SGD``, loads with the counters reset; the first
+    step then adapts nothing.) The state is the same on both paths (see ``foreach``), so a
+    state dict saved on one continues on the other.
 
-Cost per step over the base optimizer: one dot product per parameter tensor, one stored direction
-per tensor (none extra for heavy-ball; one division for Adam, two passes for AdamW with weight
-decay), and for the multiplicative rule two norms. The elementwise work runs through
-``torch._foreach_*`` ops (per tensor in C++ on CPU), the dot products are read back with one
-host sync per step. Not supported: sparse gradients, complex parameters, ``maximize``,
-``amsgrad``, ``foreach``/``fused``/``capturable``/``differentiable`` switches, tensor lrs.
+Two paths (``foreach``), chosen per param group as torch.optim chooses them
+    ``foreach=None`` (default) takes the multi-tensor path where every parameter of the group
+    that has a gradient is on a device with foreach kernels (CUDA), else the per-tensor path;
+    ``True`` / ``False`` force one (foreach ops run on the CPU too). The elementwise update is
+    the same sequence of ``torch._foreach_*`` ops on both, the one torch's multi-tensor step
+    runs (on the CPU a ``_foreach_*`` op is a loop over the tensors in C++, which is why
+    ``hypergrad_lr=0`` equals torch.optim on either path there); the multi-tensor path runs it
+    once per device and dtype, so that CUDA takes its fused multi-tensor kernels. They differ in
+    the dot products: the per-tensor path takes one per tensor and sums them in Python floats;
+    the multi-tensor path concatenates the gradients and directions of each (device, dtype)
+    share of a unit into one vector and takes one dot product of it (two kernels however many
+    tensors), so its ``h`` differs from the per-tensor path's in rounding only. With
+    ``adapt="tensor"`` every tensor is its own unit, so both take one dot product per tensor.
+
+Cost per step over the base optimizer: the dot products, one stored direction per tensor (none
+extra for heavy-ball; one division for Adam, two passes for AdamW with weight decay), for the
+multiplicative rule two norms, and one host sync that reads the dot products back. Not
+supported: sparse gradients, complex parameters, ``maximize``, ``amsgrad``,
+``fused``/``capturable``/``differentiable`` switches, tensor lrs.
 """
 
 from __future__ import annotations
@@ -135,12 +150,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 __all__ = [
     "ADAPT_MODES",
@@ -158,6 +174,7 @@ RULES = ("additive", "multiplicative")
 ADAPT_MODES = ("optimizer", "group", "tensor")
 DEFAULT_LR_MIN = 1e-10
 MAX_LR = 1e30
+_T = TypeVar("_T")
 _SHARED_KEYS = ("lr", "hypergrad_lr", "hypergrad_lrs", "rule", "lr_min", "hd_prev_hypergrads")
 
 
@@ -165,11 +182,19 @@ _SHARED_KEYS = ("lr", "hypergrad_lr", "hypergrad_lrs", "rule", "lr_min", "hd_pre
 # validation helpers
 
 
-def _real(name: str, value: Any, requirement: str, ok: Callable[[float], bool]) -> float:
+def _finite(value: Any) -> float | None:
+    """``value`` as a float if it is a finite real number (not a bool), else ``None``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a {requirement})")
+        return None
     number = float(value)
-    if not (math.isfinite(number) and ok(number)):
+    return number if math.isfinite(number) else None
+
+
+def _real(
+    name: str, value: Any, requirement: str, ok: Callable[[float], bool] = lambda v: True
+) -> float:
+    number = _finite(value)
+    if number is None or not ok(number):
         raise ValueError(f"Invalid {name}: {value!r} (must be a {requirement})")
     return number
 
@@ -178,24 +203,24 @@ def _non_negative(name: str, value: Any) -> float:
     return _real(name, value, "finite number >= 0", lambda v: v >= 0)
 
 
+def _reals(
+    name: str, value: Any, requirement: str, ok: Callable[[float], bool], length: int | None = None
+) -> tuple[float, ...]:
+    """A sequence of finite numbers, each satisfying ``ok`` (and ``length`` of them if given)."""
+    checked: list[float | None] = [None]
+    if not isinstance(value, str | bytes | Tensor) and isinstance(value, Sequence):
+        checked = [_finite(v) for v in value]
+    if (length is not None and len(checked) != length) or any(
+        v is None or not ok(v) for v in checked
+    ):
+        raise ValueError(f"Invalid {name}: {value!r} (must be {requirement})")
+    return tuple(checked)  # type: ignore[arg-type]
+
+
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(choices)})")
     return value
-
-
-def _rates(name: str, value: Any) -> tuple[float, ...]:
-    message = f"Invalid {name}: {value!r} (must be a sequence of finite numbers >= 0)"
-    if isinstance(value, str | bytes | Tensor) or not isinstance(value, Sequence):
-        raise ValueError(message)
-    checked = []
-    for rate in value:
-        if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
-            raise ValueError(message)
-        if not (math.isfinite(float(rate)) and float(rate) >= 0):
-            raise ValueError(message)
-        checked.append(float(rate))
-    return tuple(checked)
 
 
 def _mean(values: list[float]) -> float:
@@ -220,6 +245,67 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum()
 
 
+def _dot_sum(grads: list[Tensor], directions: list[Tensor]) -> Tensor:
+    """``sum_i grads[i] . directions[i]`` as one 0-d tensor; for several pairs (one device and
+    dtype) one concatenation and one dot product, however many tensors."""
+    if len(grads) == 1:
+        return _dot(grads[0], directions[0])
+    flat = torch.cat([t.reshape(-1) for t in (*grads, *directions)])
+    half = flat.numel() // 2
+    return torch.dot(flat[:half], flat[half:])
+
+
+def _group_indices(indices: Iterable[int], key: Callable[[int], Any]) -> list[list[int]]:
+    """``indices`` grouped by ``key``, groups in order of first appearance."""
+    groups: dict[Any, list[int]] = {}
+    for i in indices:
+        groups.setdefault(key(i), []).append(i)
+    return list(groups.values())
+
+
+def _pick(items: list[_T], indices: list[int]) -> list[_T]:
+    return items if len(indices) == len(items) else [items[i] for i in indices]
+
+
+def _read(values: list[Tensor]) -> list[float]:
+    """The values of 0-d tensors as floats: one device-to-host copy (a host sync) per device."""
+    if len(values) == 1:
+        return [values[0].item()]
+    read = [0.0] * len(values)
+    for indices in _group_indices(range(len(values)), lambda i: values[i].device):
+        stacked = torch.stack([values[i] for i in indices]).tolist()
+        for i, value in zip(indices, stacked, strict=True):
+            read[i] = value
+    return read
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    checks = [
+        torch.isfinite(torch.cat([tensors[i].reshape(-1) for i in indices])).all()
+        for indices in _group_indices(range(len(tensors)), lambda i: tensors[i].device)
+    ]
+    return all(bool(check) for check in checks)
+
+
+def _move(params: list[Tensor], directions: list[Tensor], lrs: list[float]) -> None:
+    """``theta <- theta - lr * u`` per tensor, as torch's ``add_(u, alpha=-lr)``."""
+    if all(lr == lrs[0] for lr in lrs):
+        torch._foreach_add_(params, directions, alpha=-lrs[0])
+    else:
+        for p, d, lr in zip(params, directions, lrs, strict=True):
+            p.add_(d, alpha=-lr)
+
+
+def _store(
+    states: list[dict[str, Any]], directions: Sequence[Tensor], scales: list[float] | None = None
+) -> None:
+    """Keep ``u_t`` (the stored tensor times its scale) for the next step's hypergradient."""
+    for i, (state, d) in enumerate(zip(states, directions, strict=True)):
+        state["hd_direction"] = d
+        if scales is not None:
+            state["hd_direction_scale"] = scales[i]
+
+
 # --------------------------------------------------------------------------------------------
 # base class
 
@@ -229,12 +315,17 @@ class _Work:
     """What one param group contributes to a step: the tensors with a gradient."""
 
     group: dict[str, Any]
+    foreach: bool  # the multi-tensor path (see the module docstring)
     params: list[Tensor]
     grads: list[Tensor]  # g_t as the hypergradient sees it (with the L2 term for SGD/Adam)
     states: list[dict[str, Any]]
     directions: list[Tensor | None]  # u_{t-1} up to a scale, None where there is none
     scales: list[float]
-    dots: list[float]  # g_t . u_{t-1} per tensor (nan where no direction)
+    # positions of the tensors with a direction, grouped into the sets whose dot products are
+    # summed on the device (one tensor each on the per-tensor path), and per set that sum
+    # times the scale: sum g_t . u_{t-1}
+    sets: list[list[int]] = field(default_factory=list)
+    dots: list[float] = field(default_factory=list)
     grad_sq: list[float] | None = None  # ||g_t||^2 per tensor (multiplicative rule only)
     dir_sq: list[float] | None = None  # ||u_{t-1}||^2 per tensor (nan where no direction)
 
@@ -270,9 +361,12 @@ class HypergradientOptimizer(Optimizer):
     """Common machinery of the hypergradient-descent optimizers (see the module docstring).
 
     Subclasses define the base optimizer through ``_validate_settings`` (argument checks),
-    ``_effective_grads`` (``g_t`` used by both the update and the hypergradient) and ``_update``
-    (the torch.optim step, which also stores the new direction ``u_t``).
+    ``_coupled_weight_decay`` (whether ``g_t``, used by both the update and the hypergradient,
+    includes the L2 term) and ``_update`` (the torch.optim step of one device's and dtype's
+    tensors, which also stores the new direction ``u_t``).
     """
+
+    _coupled_weight_decay = True
 
     def __init__(
         self,
@@ -297,7 +391,12 @@ class HypergradientOptimizer(Optimizer):
         settings["weight_decay"] = _non_negative("weight_decay", settings["weight_decay"])
         settings["hypergrad_lr"] = _non_negative("hypergrad_lr", settings["hypergrad_lr"])
         settings["rule"] = _choice("rule", settings["rule"], RULES)
-        rates = settings["hypergrad_lrs"] = _rates("hypergrad_lrs", settings["hypergrad_lrs"])
+        rates = settings["hypergrad_lrs"] = _reals(
+            "hypergrad_lrs",
+            settings["hypergrad_lrs"],
+            "a sequence of finite numbers >= 0",
+            lambda v: v >= 0,
+        )
         if rates and settings["rule"] != "additive":
             raise ValueError(
                 f"Invalid hypergrad_lrs: {rates!r} (stacked levels need rule='additive'; "
@@ -316,13 +415,19 @@ class HypergradientOptimizer(Optimizer):
         settings["lr_min"] = _real(
             "lr_min", settings["lr_min"], "finite number > 0", lambda v: v > 0
         )
+        if not (settings["foreach"] is None or isinstance(settings["foreach"], bool)):
+            raise ValueError(
+                f"Invalid foreach: {settings['foreach']!r} (must be None, True or False)"
+            )
 
-    def _effective_grads(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-    ) -> list[Tensor]:
-        raise NotImplementedError
-
-    def _update(self, work: _Work, lrs: list[float]) -> None:
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        lrs: list[float],
+    ) -> None:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- torch.optim contract
@@ -454,7 +559,7 @@ class HypergradientOptimizer(Optimizer):
                 loss = closure()
         self._absorb_external_lr_changes()
         works = [self._collect(group) for group in self.param_groups]
-        self._compute_dots(works)
+        self._reduce(works)
         if not self._gradients_finite(works):
             self.diverged = True
             self.diverged_steps += 1
@@ -465,10 +570,16 @@ class HypergradientOptimizer(Optimizer):
             return loss  # nothing moved: the last applied step stays the reference
         step_index = self._applied_steps + 1
         for work, work_lrs in zip(works, lrs, strict=True):
-            if work.params:
-                self._update(work, work_lrs)
-                for state in work.states:
-                    state["hd_step"] = step_index
+            for part in self._parts(work):
+                self._update(
+                    work.group,
+                    _pick(work.params, part),
+                    _pick(work.grads, part),
+                    _pick(work.states, part),
+                    _pick(work_lrs, part),
+                )
+            for state in work.states:
+                state["hd_step"] = step_index
         self._applied_steps = step_index
         if self.adapt == "tensor":
             for group in self.param_groups:
@@ -493,7 +604,11 @@ class HypergradientOptimizer(Optimizer):
             params.append(p)
             grads.append(p.grad)
             states.append(self.state[p])
-        effective = self._effective_grads(group, params, grads) if params else []
+        foreach = group["foreach"]
+        if foreach is None:  # torch.optim's default: foreach where every tensor is on CUDA
+            foreach = _default_to_fused_or_foreach(params, differentiable=False)[1]
+        if params and group["weight_decay"] != 0 and self._coupled_weight_decay:
+            grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
         directions: list[Tensor | None] = []
         scales: list[float] = []
         for state in states:
@@ -503,59 +618,61 @@ class HypergradientOptimizer(Optimizer):
             else:
                 directions.append(None)
                 scales.append(1.0)
-        return _Work(group, params, effective, states, directions, scales, [])
+        return _Work(group, foreach, params, grads, states, directions, scales)
 
-    def _compute_dots(self, works: list[_Work]) -> None:
+    @staticmethod
+    def _parts(work: _Work) -> list[list[int]]:
+        """The work's tensors as they go to ``_update``: all at once on the per-tensor path, per
+        device and dtype on the multi-tensor path (torch's multi-tensor kernels need that)."""
+        params, indices = work.params, list(range(len(work.params)))
+        if work.foreach:
+            return _group_indices(indices, lambda i: (params[i].device, params[i].dtype))
+        return [indices] if indices else []
+
+    def _sets(self, work: _Work) -> list[list[int]]:
+        """The tensors with a direction, grouped into the sets whose dot products are summed on
+        the device: one per device, dtype and scale on the multi-tensor path (except with
+        ``adapt="tensor"``, where every tensor is its own unit), one per tensor otherwise."""
+        with_dir = [i for i, d in enumerate(work.directions) if d is not None]
+        if not work.foreach or self.adapt == "tensor":
+            return [[i] for i in with_dir]
+        grads, scales = work.grads, work.scales
+        return _group_indices(with_dir, lambda i: (grads[i].device, grads[i].dtype, scales[i]))
+
+    def _reduce(self, works: list[_Work]) -> None:
         """All dot products (and norms, for the multiplicative rule) with one host sync."""
-        dots: list[Tensor] = []
-        norms: list[Tensor] = []
+        pending: list[Tensor] = []
         for work in works:
-            dots.extend(
-                _dot(g, d)
-                for g, d in zip(work.grads, work.directions, strict=True)
-                if d is not None
-            )
+            work.sets = self._sets(work)
+            directions = cast(list[Tensor], work.directions)
+            for members in work.sets:
+                grads = [work.grads[i] for i in members]
+                pending.append(_dot_sum(grads, [directions[i] for i in members]))
             if work.group["rule"] == "multiplicative" and work.params:
-                norms.extend(torch._foreach_norm(work.grads))
-                with_dir = [d for d in work.directions if d is not None]
-                if with_dir:
-                    norms.extend(torch._foreach_norm(with_dir))
-        values = torch.stack(dots + norms).tolist() if dots or norms else []
-        position = 0
+                pending.extend(torch._foreach_norm(work.grads))
+                stored = [d for d in directions if d is not None]
+                if stored:
+                    pending.extend(torch._foreach_norm(stored))
+        values = iter(_read(pending) if pending else [])
         for work in works:
-            work.dots = []
-            for d, scale in zip(work.directions, work.scales, strict=True):
-                if d is None:
-                    work.dots.append(math.nan)
-                else:
-                    work.dots.append(values[position] * scale)
-                    position += 1
-        for work in works:
-            if work.group["rule"] != "multiplicative" or not work.params:
-                continue
-            n = len(work.params)
-            work.grad_sq = [v * v for v in values[position : position + n]]
-            position += n
-            work.dir_sq = []
-            for d, scale in zip(work.directions, work.scales, strict=True):
-                if d is None:
-                    work.dir_sq.append(math.nan)
-                else:
-                    work.dir_sq.append((values[position] * scale) ** 2)
-                    position += 1
+            work.dots = [next(values) * work.scales[members[0]] for members in work.sets]
+            if work.group["rule"] == "multiplicative" and work.params:
+                work.grad_sq = [v * v for v in (next(values) for _ in work.params)]
+                work.dir_sq = [
+                    math.nan if d is None else (next(values) * scale) ** 2
+                    for d, scale in zip(work.directions, work.scales, strict=True)
+                ]
 
     def _gradients_finite(self, works: list[_Work]) -> bool:
-        # A NaN or infinity in g_t makes g_t . u non-finite, so only tensors without a direction
-        # or with a non-finite dot product need an explicit look.
-        suspects = [
-            g
-            for work in works
-            for g, dot in zip(work.grads, work.dots, strict=True)
-            if not math.isfinite(dot)
-        ]
-        if not suspects:
-            return True
-        return bool(torch.stack([torch.isfinite(g).all() for g in suspects]).all())
+        # A NaN or infinity in g_t makes every dot product it enters non-finite, so only tensors
+        # without a direction or in a set with a non-finite dot product need an explicit look.
+        suspects: list[Tensor] = []
+        for work in works:
+            sets = zip(work.sets, work.dots, strict=True)
+            checked = {i for members, dot in sets if math.isfinite(dot) for i in members}
+            if len(checked) < len(work.grads):
+                suspects.extend(g for i, g in enumerate(work.grads) if i not in checked)
+        return not suspects or _all_finite(suspects)
 
     def _new_lr(
         self,
@@ -566,7 +683,9 @@ class HypergradientOptimizer(Optimizer):
         dir_sq: float,
         chain: _Chain | None = None,
     ) -> tuple[float, float]:
-        """One unit's lr update from its per-tensor dot products; returns ``(lr_t, h_t)``.
+        """One unit's lr update from its dot products ``g_t . u_{t-1}`` (one per tensor, or per
+        set of tensors summed on the device) and, for the multiplicative rule, the squared
+        norms; returns ``(lr_t, h_t)``.
 
         With a ``chain`` (stacked levels) its rates are updated first, in place, and the lr
         then moves with the new ``beta_1``; ``chain.previous`` is set for the next step.
@@ -655,8 +774,8 @@ class HypergradientOptimizer(Optimizer):
                 index = {id(p): pi for pi, p in enumerate(group["params"])}
                 work_lrs = []
                 levels = len(group["hypergrad_lrs"])
+                dot_of = {s[0]: dot for s, dot in zip(work.sets, work.dots, strict=True)}
                 for i, (p, state) in enumerate(zip(work.params, work.states, strict=True)):
-                    has_dir = work.directions[i] is not None
                     chain = None
                     if levels:
                         if len(state.get("hypergrad_lrs", ())) != levels:  # first gradient
@@ -667,7 +786,7 @@ class HypergradientOptimizer(Optimizer):
                     lr, h = self._new_lr(
                         state.get("lr", group["lr"]),
                         group,
-                        [work.dots[i]] if has_dir else [],
+                        [dot_of[i]] if i in dot_of else [],
                         work.grad_sq[i] if work.grad_sq else math.nan,
                         work.dir_sq[i] if work.dir_sq else math.nan,
                         chain,
@@ -683,9 +802,7 @@ class HypergradientOptimizer(Optimizer):
         lrs = []
         for key, unit in enumerate(units):
             settings = unit[0].group
-            dots = [
-                d for w in unit for d, u in zip(w.dots, w.directions, strict=True) if u is not None
-            ]
+            dots = [d for w in unit for d in w.dots]
             grad_sq = sum(v for w in unit for v in (w.grad_sq or []))
             dir_sq = sum(v for w in unit for v in (w.dir_sq or []) if not math.isnan(v))
             # a unit none of whose tensors has a gradient does not move: its chain stays
@@ -809,6 +926,7 @@ class SGDHD(HypergradientOptimizer):
         rule: str = "additive",
         adapt: str = "group",
         lr_min: float = DEFAULT_LR_MIN,
+        foreach: bool | None = None,
     ) -> None:
         if nesterov is not None:  # as torch.optim.SGD(nesterov=...); SGDNHD is SGDHD(nesterov=True)
             if not isinstance(nesterov, bool):
@@ -824,6 +942,7 @@ class SGDHD(HypergradientOptimizer):
             "hypergrad_lrs": hypergrad_lrs,
             "rule": rule,
             "lr_min": lr_min,
+            "foreach": foreach,
         }
         super().__init__(params, defaults, adapt)
 
@@ -850,63 +969,53 @@ class SGDHD(HypergradientOptimizer):
                 "which needs dampening = 0)"
             )
 
-    def _effective_grads(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-    ) -> list[Tensor]:
-        if group["weight_decay"] != 0:
-            return list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
-        return list(grads)
-
-    def _update(self, work: _Work, lrs: list[float]) -> None:
-        group, params, grads, states = work.group, work.params, work.grads, work.states
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        lrs: list[float],
+    ) -> None:
         momentum, dampening = group["momentum"], group["dampening"]
-        directions: list[Tensor] = grads
+        directions = grads
         if momentum != 0:
             buffers: list[Tensor] = []
-            old_buffers: list[Tensor] = []
-            old_grads: list[Tensor] = []
-            for state, g in zip(states, grads, strict=True):
-                buf = state.get("momentum_buffer")
-                if buf is None:  # as torch: the first buffer is the gradient itself
-                    buf = state["momentum_buffer"] = g.detach().clone()
+            old: list[int] = []
+            for i, (state, g) in enumerate(zip(states, grads, strict=True)):
+                if state.get("momentum_buffer") is None:  # as torch: the first buffer is g
+                    state["momentum_buffer"] = g.detach().clone()
                 else:
-                    old_buffers.append(buf)
-                    old_grads.append(g)
-                buffers.append(buf)
-            if old_buffers:
-                torch._foreach_mul_(old_buffers, momentum)
-                torch._foreach_add_(old_buffers, old_grads, alpha=1 - dampening)
+                    old.append(i)
+                buffers.append(state["momentum_buffer"])
+            if old:
+                torch._foreach_mul_([buffers[i] for i in old], momentum)
+                torch._foreach_add_(
+                    [buffers[i] for i in old], [grads[i] for i in old], alpha=1 - dampening
+                )
             if self._nesterov:
                 directions = list(torch._foreach_add(grads, buffers, alpha=momentum))
             else:
                 directions = buffers
-        if all(lr == lrs[0] for lr in lrs):
-            torch._foreach_add_(params, directions, alpha=-lrs[0])
-        else:
-            for p, d, lr in zip(params, directions, lrs, strict=True):
-                p.add_(d, alpha=-lr)
-        if momentum == 0 and group["weight_decay"] == 0:
-            # u_t is the user's .grad tensor: keep a copy (zero_grad may zero it in place),
-            # into the stored tensor of the last step where there is a usable one.
-            targets: list[Tensor] = []
-            sources: list[Tensor] = []
-            for state, g in zip(states, grads, strict=True):
-                old = state.get("hd_direction")
-                if (
-                    old is not None
-                    and old is not state.get("momentum_buffer")
-                    and old.shape == g.shape
-                    and old.dtype == g.dtype
-                ):
-                    targets.append(old)
-                    sources.append(g)
-                else:
-                    state["hd_direction"] = g.detach().clone()
-            if targets:
-                torch._foreach_copy_(targets, sources)
-        else:
-            for state, d in zip(states, directions, strict=True):
-                state["hd_direction"] = d  # a fresh tensor (or the momentum buffer): no copy
+        _move(params, directions, lrs)
+        if momentum != 0 or group["weight_decay"] != 0:
+            _store(states, directions)  # a fresh tensor (or the momentum buffer): no copy
+            return
+        # u_t is the user's .grad tensor: keep a copy (zero_grad may zero it in place), into the
+        # stored tensor of the last step where there is a usable one.
+        reuse = [
+            i
+            for i, (state, g) in enumerate(zip(states, grads, strict=True))
+            if (d := state.get("hd_direction")) is not None
+            and d is not state.get("momentum_buffer")
+            and (d.shape, d.dtype, d.device) == (g.shape, g.dtype, g.device)
+        ]
+        if reuse:
+            torch._foreach_copy_(
+                [states[i]["hd_direction"] for i in reuse], [grads[i] for i in reuse]
+            )
+        fresh = [i for i in range(len(grads)) if i not in set(reuse)]
+        _store([states[i] for i in fresh], [grads[i].detach().clone() for i in fresh])
 
 
 class SGDNHD(SGDHD):
@@ -949,8 +1058,6 @@ class AdamHD(HypergradientOptimizer):
     the scale ``1 / c1`` kept beside it, which costs one division per element.
     """
 
-    _decoupled = False
-
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -964,6 +1071,7 @@ class AdamHD(HypergradientOptimizer):
         rule: str = "additive",
         adapt: str = "group",
         lr_min: float = DEFAULT_LR_MIN,
+        foreach: bool | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -974,34 +1082,25 @@ class AdamHD(HypergradientOptimizer):
             "hypergrad_lrs": hypergrad_lrs,
             "rule": rule,
             "lr_min": lr_min,
+            "foreach": foreach,
         }
         super().__init__(params, defaults, adapt)
 
     def _validate_settings(self, settings: dict[str, Any]) -> None:
         super()._validate_settings(settings)
-        betas = settings["betas"]
-        message = f"Invalid betas: {betas!r} (must be two finite numbers in [0, 1))"
-        if isinstance(betas, Tensor) or not isinstance(betas, tuple | list) or len(betas) != 2:
-            raise ValueError(message)
-        checked = []
-        for beta in betas:
-            if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-                raise ValueError(message)
-            if not (math.isfinite(float(beta)) and 0 <= float(beta) < 1):
-                raise ValueError(message)
-            checked.append(float(beta))
-        settings["betas"] = (checked[0], checked[1])
+        settings["betas"] = _reals(
+            "betas", settings["betas"], "two finite numbers in [0, 1)", lambda v: 0 <= v < 1, 2
+        )
         settings["eps"] = _non_negative("eps", settings["eps"])
 
-    def _effective_grads(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-    ) -> list[Tensor]:
-        if group["weight_decay"] != 0 and not self._decoupled:
-            return list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
-        return list(grads)
-
-    def _update(self, work: _Work, lrs: list[float]) -> None:
-        group, params, grads, states = work.group, work.params, work.grads, work.states
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        lrs: list[float],
+    ) -> None:
         beta1, beta2 = group["betas"]
         eps, weight_decay = group["eps"], group["weight_decay"]
         for p, state in zip(params, states, strict=True):
@@ -1023,7 +1122,7 @@ class AdamHD(HypergradientOptimizer):
         denominators = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denominators, correction2_sqrt)
         torch._foreach_add_(denominators, eps)
-        if self._decoupled and weight_decay != 0:
+        if not self._coupled_weight_decay and weight_decay != 0:
             # u_t = wd * theta_{t-1} + m_hat / (sqrt(v_hat) + eps), taken before theta moves
             directions = torch._foreach_mul(params, weight_decay)
             torch._foreach_addcdiv_(
@@ -1040,9 +1139,7 @@ class AdamHD(HypergradientOptimizer):
             denominators,
             [-(lr / c) for lr, c in zip(lrs, correction1, strict=True)],
         )
-        for state, d, scale in zip(states, directions, scales, strict=True):
-            state["hd_direction"] = d
-            state["hd_direction_scale"] = scale
+        _store(states, directions, scales)
 
 
 class AdamWHD(AdamHD):
@@ -1057,7 +1154,7 @@ class AdamWHD(AdamHD):
     the raw gradient, and ``h_t = -g_t . u_{t-1}``. ``u_t`` is stored whole (two passes).
     """
 
-    _decoupled = True
+    _coupled_weight_decay = False
 
     def __init__(
         self,
@@ -1072,6 +1169,7 @@ class AdamWHD(AdamHD):
         rule: str = "additive",
         adapt: str = "group",
         lr_min: float = DEFAULT_LR_MIN,
+        foreach: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -1084,4 +1182,5 @@ class AdamWHD(AdamHD):
             rule=rule,
             adapt=adapt,
             lr_min=lr_min,
+            foreach=foreach,
         )

@@ -1,7 +1,10 @@
 """Tests for ``gradhpo.optim.hd``: the hypergradient-descent optimizers SGDHD, SGDNHD, AdamHD,
 AdamWHD.
 
-* differential: ``hypergrad_lr=0`` reproduces torch.optim bit for bit (``torch.equal``);
+* differential: ``hypergrad_lr=0`` reproduces torch.optim bit for bit (``torch.equal``), on
+  the per-tensor path against torch's ``foreach=False`` and on the multi-tensor path against
+  its ``foreach=True``; the two paths agree with each other (float64, to rounding) with every
+  option, across a state dict, and in the hand computations and references below;
 * the hypergradient: hand computations (SGD, both rules) and a plain reference implementation
   of every optimizer (float64), one lr per unit and step, the number of distinct lrs per
   ``adapt`` mode, the sign on a quadratic;
@@ -23,7 +26,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gradhpo.optim import MAX_LR, SGDHD, SGDNHD, AdamHD, AdamWHD, HypergradientOptimizer
+from gradhpo.optim import MAX_LR, SGDHD, SGDNHD, AdamHD, AdamWHD, HypergradientOptimizer, hd
 
 Tensor = torch.Tensor
 
@@ -123,14 +126,17 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data: list, after_step=N
 @pytest.mark.parametrize("layout", ["one", "two", "unused"])
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
 @pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
-def test_zero_hypergrad_lr_reproduces_torch_exactly(case, layout, model_name, adapt):
+@pytest.mark.parametrize("foreach", [False, True])
+def test_zero_hypergrad_lr_reproduces_torch_exactly(case, layout, model_name, adapt, foreach):
     hd_cls, torch_cls, kwargs, torch_only = CASES[case]
     body = make_mlp() if model_name == "mlp" else make_cnn()
     ours = WithUnused(body) if layout == "unused" else body
     theirs = copy.deepcopy(ours)
     shared = adapt == "optimizer"
-    opt = hd_cls(param_groups(ours, layout, shared), hypergrad_lr=0.0, adapt=adapt, **kwargs)
-    ref = torch_cls(param_groups(theirs, layout, shared), **kwargs, **torch_only)
+    opt = hd_cls(
+        param_groups(ours, layout, shared), hypergrad_lr=0.0, adapt=adapt, foreach=foreach, **kwargs
+    )
+    ref = torch_cls(param_groups(theirs, layout, shared), foreach=foreach, **kwargs, **torch_only)
     data = batches(model_name, 15)
     for x, y in data:
         for model, o in ((ours, opt), (theirs, ref)):
@@ -161,14 +167,15 @@ def flat_norm(a: list[Tensor]) -> float:
 
 @pytest.mark.parametrize("rule", ["additive", "multiplicative"])
 @pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
-def test_sgd_hd_lr_matches_hand_computation(rule, adapt):
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sgd_hd_lr_matches_hand_computation(rule, adapt, foreach):
     """SGD-HD: lr_t = lr_{t-1} + beta g_t.g_{t-1} (additive) or lr_{t-1} (1 + beta cos(g_t,
     g_{t-1})) (multiplicative), g including the L2 term, dot products over each unit: all
     parameters, one group, one tensor."""
     model = make_mlp(torch.float64)
     groups = param_groups(model, "two", shared_lr=adapt == "optimizer")
     beta = 0.01 if rule == "additive" else 0.2
-    opt = SGDHD(groups, hypergrad_lr=beta, rule=rule, adapt=adapt)
+    opt = SGDHD(groups, hypergrad_lr=beta, rule=rule, adapt=adapt, foreach=foreach)
     members = [(grp["weight_decay"], p) for grp in opt.param_groups for p in grp["params"]]
     if adapt == "optimizer":
         units = [members]
@@ -268,7 +275,8 @@ REFERENCE_CASES = {
 
 @pytest.mark.parametrize("rule", ["additive", "multiplicative"])
 @pytest.mark.parametrize("kind", list(REFERENCE_CASES))
-def test_matches_plain_reference_and_uses_one_lr_per_step(kind, rule):
+@pytest.mark.parametrize("foreach", [False, True])
+def test_matches_plain_reference_and_uses_one_lr_per_step(kind, rule, foreach):
     cls, kwargs = REFERENCE_CASES[kind]
     adam = kind.startswith("adam")
     lr = 0.01 if adam else 0.1
@@ -279,7 +287,9 @@ def test_matches_plain_reference_and_uses_one_lr_per_step(kind, rule):
     history = reference_run(kind, init, data, lr=lr, beta=beta, rule=rule, **kwargs)
 
     params = [nn.Parameter(p.clone()) for p in init]
-    opt = cls(params, lr=lr, hypergrad_lr=beta, rule=rule, adapt="optimizer", **kwargs)
+    opt = cls(
+        params, lr=lr, hypergrad_lr=beta, rule=rule, adapt="optimizer", foreach=foreach, **kwargs
+    )
     for (x, y), ref in zip(data, history, strict=True):
         before = [p.detach().clone() for p in params]
         opt.zero_grad()
@@ -373,9 +383,11 @@ def save_load(obj: dict) -> dict:
 
 @pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_state_dict_round_trip_continues_bit_identically(case, adapt):
+@pytest.mark.parametrize("foreach", [False, True])
+def test_state_dict_round_trip_continues_bit_identically(case, adapt, foreach):
     hd_cls, _, kwargs, _ = CASES[case]
     beta = 1e-2 if hd_cls in (SGDHD, SGDNHD) else 1e-4
+    kwargs = {**kwargs, "foreach": foreach}
     model = make_cnn()
     groups = param_groups(model, "two", shared_lr=adapt == "optimizer")
     opt = hd_cls(groups, hypergrad_lr=beta, adapt=adapt, **kwargs)
@@ -510,10 +522,11 @@ def test_closure_loss_is_returned_and_zero_grad_sets_none():
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("at_step", [0, 3])
-def test_nan_gradient_changes_nothing_and_flags_divergence(case, at_step):
+@pytest.mark.parametrize("foreach", [False, True])
+def test_nan_gradient_changes_nothing_and_flags_divergence(case, at_step, foreach):
     hd_cls, _, kwargs, _ = CASES[case]
     model = make_mlp()
-    opt = hd_cls(model.parameters(), hypergrad_lr=1e-3, **kwargs)
+    opt = hd_cls(model.parameters(), hypergrad_lr=1e-3, foreach=foreach, **kwargs)
     data = batches("mlp", at_step + 2)
     train(model, opt, data[:at_step])
     params = [p.detach().clone() for p in model.parameters()]
@@ -541,9 +554,10 @@ def test_nan_gradient_changes_nothing_and_flags_divergence(case, at_step):
     assert opt.diverged  # the flag stays
 
 
-def test_non_finite_hypergradient_keeps_lr_and_is_counted():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_non_finite_hypergradient_keeps_lr_and_is_counted(foreach):
     theta = nn.Parameter(torch.zeros(8))
-    opt = SGDHD([theta], lr=1e-3, hypergrad_lr=1e-3)
+    opt = SGDHD([theta], lr=1e-3, hypergrad_lr=1e-3, foreach=foreach)
     for _ in range(2):  # g . g_prev = 8e60 overflows float32
         theta.grad = torch.full((8,), 1e30)
         opt.step()
@@ -555,20 +569,22 @@ def test_non_finite_hypergradient_keeps_lr_and_is_counted():
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, database=None)
-@example(seed=8, cls=SGDHD, rule="additive", adapt="tensor")  # the lr ran past float32 once
+@example(seed=8, cls=SGDHD, rule="additive", adapt="tensor", foreach=False)  # lr > float32 once
+@example(seed=8, cls=SGDHD, rule="additive", adapt="tensor", foreach=True)
 @given(
     seed=st.integers(0, 2**16),
     cls=st.sampled_from([SGDHD, SGDNHD, AdamHD, AdamWHD]),
     rule=st.sampled_from(["additive", "multiplicative"]),
     adapt=st.sampled_from(["optimizer", "group", "tensor"]),
+    foreach=st.booleans(),
 )
-def test_lr_stays_positive_and_finite_with_huge_beta(seed, cls, rule, adapt):
+def test_lr_stays_positive_and_finite_with_huge_beta(seed, cls, rule, adapt, foreach):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
     beta = 1e6 if rule == "additive" else 50.0
     kwargs = {"momentum": 0.9} if cls is SGDNHD else {}
     opt = cls(model.parameters(), lr=0.1, hypergrad_lr=beta, rule=rule, adapt=adapt,
-              lr_min=1e-8, **kwargs)  # fmt: skip
+              lr_min=1e-8, foreach=foreach, **kwargs)  # fmt: skip
     x, y = torch.randn(6, 4), torch.randn(6, 2)
     for _ in range(8):
         opt.zero_grad()
@@ -618,6 +634,8 @@ BAD_ARGUMENTS = [
     (SGDNHD, {"momentum": 0.9, "hypergrad_lrs": 0.5}, "hypergrad_lrs", "0.5"),
     (AdamHD, {"hypergrad_lrs": (float("nan"),)}, "hypergrad_lrs", "nan"),
     (AdamWHD, {"hypergrad_lrs": "0.1"}, "hypergrad_lrs", "'0.1'"),
+    (SGDHD, {"foreach": "yes"}, "foreach", "'yes'"),
+    (AdamHD, {"foreach": 1}, "foreach", "1"),
 ]
 
 
@@ -671,7 +689,8 @@ STACK_CASES = {  # kind: (class, lr, beta, kappa, extra kwargs)
 
 @pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
 @pytest.mark.parametrize("kind", list(STACK_CASES))
-def test_two_levels_match_hand_computation(kind, adapt):
+@pytest.mark.parametrize("foreach", [False, True])
+def test_two_levels_match_hand_computation(kind, adapt, foreach):
     """Per unit: h = -g_t . u_{t-1}; beta <- max(beta + kappa h h_prev, 0) once h_prev exists;
     lr <- lr - beta h with the new beta; dot products over the unit's tensors."""
     cls, lr0, beta0, kappa, kwargs = STACK_CASES[kind]
@@ -680,7 +699,9 @@ def test_two_levels_match_hand_computation(kind, adapt):
     groups = param_groups(model, "two", shared_lr=shared)
     for group in groups:
         group["lr"] = lr0 if shared or group["weight_decay"] else lr0 / 2
-    opt = cls(groups, hypergrad_lr=beta0, hypergrad_lrs=(kappa,), adapt=adapt, **kwargs)
+    opt = cls(
+        groups, hypergrad_lr=beta0, hypergrad_lrs=(kappa,), adapt=adapt, foreach=foreach, **kwargs
+    )
     members = [(grp["weight_decay"], p) for grp in opt.param_groups for p in grp["params"]]
     if adapt == "optimizer":
         units = [members]
@@ -787,7 +808,8 @@ def tower_reference(init: list[Tensor], data: list, values: list[float], wd: flo
     return history
 
 
-def test_three_levels_match_one_step_autograd_of_chandra_et_al():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_three_levels_match_one_step_autograd_of_chandra_et_al(foreach):
     """The recursion H_k = -H_{k-1} * H_{k-1}(previous update) is the derivative autograd gives
     through one step of every level; beta and kappa adapt, nu is fixed. beta hits its floor
     (chain broken) and comes back."""
@@ -798,7 +820,7 @@ def test_three_levels_match_one_step_autograd_of_chandra_et_al():
     history = tower_reference(init, data, values, wd)
     params = [nn.Parameter(p.clone()) for p in init]
     opt = SGDHD(params, lr=values[0], weight_decay=wd, hypergrad_lr=values[1],
-                hypergrad_lrs=values[2:], adapt="optimizer")  # fmt: skip
+                hypergrad_lrs=values[2:], adapt="optimizer", foreach=foreach)  # fmt: skip
     trajectory = []
     for t, ((x, y), (expected, ref_params)) in enumerate(zip(data, history, strict=True), 1):
         opt.zero_grad()
@@ -1081,3 +1103,240 @@ def test_sgdhd_takes_nesterov_like_torch() -> None:
         SGDHD([torch.nn.Parameter(torch.zeros(2))], nesterov=True)
     with pytest.raises(ValueError, match="Invalid nesterov: 'yes'"):
         SGDHD([torch.nn.Parameter(torch.zeros(2))], momentum=0.9, nesterov="yes")
+
+
+# --------------------------------------------------------------------------------------------
+# the two paths (foreach): per-tensor and multi-tensor agree; torch.optim's default rule
+
+PATH_TOL = {"rel": 1e-12, "abs": 0}  # float64: the dot products differ in summation order only
+
+
+def run_path(case: str, adapt: str, foreach: bool, *, rule: str = "additive", layout: str = "two",
+             levels: tuple[float, ...] = (), steps: int = 12) -> dict[str, Any]:  # fmt: skip
+    """Train the float64 CNN with one HD optimizer of ``CASES``; the trajectory of everything."""
+    hd_cls, _, kwargs, _ = CASES[case]
+    sgd = hd_cls in (SGDHD, SGDNHD)
+    beta = (1e-2 if sgd else 1e-4) if rule == "additive" else 0.1
+    if levels:
+        levels = levels if sgd else (1e-2, 1.0)[: len(levels)]
+    body = make_cnn(torch.float64)
+    model = WithUnused(body) if layout == "unused" else body
+    opt = hd_cls(param_groups(model, layout, adapt == "optimizer"), hypergrad_lr=beta,
+                 hypergrad_lrs=levels, rule=rule, adapt=adapt, foreach=foreach,
+                 **kwargs)  # fmt: skip
+    trace: dict[str, list] = {"lrs": [], "h": [], "rates": [], "params": []}
+    for x, y in batches("cnn", steps, torch.float64):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        trace["lrs"].append(opt.learning_rates + [g["lr"] for g in opt.param_groups])
+        trace["h"].append([h if math.isfinite(h) else str(h) for h in opt.hypergradients])
+        trace["rates"].append([r for rates in opt.hypergrad_rates for r in rates])
+        trace["params"].append([p.detach().clone() for p in model.parameters()])
+    trace["counters"] = [opt.skipped_lr_updates, opt.diverged_steps]
+    return trace
+
+
+def assert_same_trajectory(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["counters"] == b["counters"]
+    for key in ("lrs", "rates"):
+        for x, y in zip(a[key], b[key], strict=True):
+            assert x == pytest.approx(y, **PATH_TOL), key
+    for x, y in zip(a["h"], b["h"], strict=True):
+        assert [str(v) if isinstance(v, str) else pytest.approx(v, **PATH_TOL) for v in y] == x
+    for ps, qs in zip(a["params"], b["params"], strict=True):
+        for p, q in zip(ps, qs, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["additive", "multiplicative"])
+@pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_multi_tensor_path_matches_per_tensor_path(case, adapt, rule):
+    """Every option of every optimizer (weight decay, heavy-ball momentum with dampening,
+    Nesterov, Adam's betas, AdamW's decoupled decay), both rules, every adaptation unit; two
+    param groups with different lrs and weight decays."""
+    per_tensor = run_path(case, adapt, False, rule=rule)
+    multi = run_path(case, adapt, True, rule=rule)
+    assert_same_trajectory(multi, per_tensor)
+    first, last = per_tensor["lrs"][0], per_tensor["lrs"][-1]
+    assert all(abs(b / a - 1) > 1e-4 for a, b in zip(first, last, strict=True))  # they adapted
+
+
+@pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_paths_agree_with_stacked_levels_and_an_unused_parameter(case, adapt):
+    for layout, levels in (("unused", ()), ("two", (1.0, 10.0))):
+        per_tensor = run_path(case, adapt, False, layout=layout, levels=levels)
+        assert_same_trajectory(
+            run_path(case, adapt, True, layout=layout, levels=levels), per_tensor
+        )
+
+
+@pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("saved_on", [False, True])
+def test_state_dict_continues_on_the_other_path(case, adapt, saved_on):
+    """A state dict saved on one path continues on the other (the state is the same); the
+    loaded groups take ``foreach`` from the state dict, as torch.optim's do."""
+    hd_cls, _, kwargs, _ = CASES[case]
+    beta = 1e-2 if hd_cls in (SGDHD, SGDNHD) else 1e-4
+    options = {"hypergrad_lr": beta, "hypergrad_lrs": (1.0,) if beta == 1e-2 else (1e-2,),
+               "adapt": adapt, **kwargs}  # fmt: skip
+    data = batches("cnn", 10, torch.float64)
+
+    def build(foreach: bool) -> tuple[nn.Module, HypergradientOptimizer]:
+        model = make_cnn(torch.float64)
+        groups = param_groups(model, "two", shared_lr=adapt == "optimizer")
+        return model, hd_cls(groups, foreach=foreach, **options)
+
+    model, opt = build(saved_on)
+    train(model, opt, data[:5])
+    checkpoint = save_load({"model": model.state_dict(), "opt": opt.state_dict()})
+    resumed, other = build(not saved_on)
+    resumed.load_state_dict(checkpoint["model"])
+    other.load_state_dict(checkpoint["opt"])
+    assert [g["foreach"] for g in other.param_groups] == [saved_on] * 2
+    for group in other.param_groups:
+        group["foreach"] = not saved_on
+    assert other.learning_rates == opt.learning_rates
+    for x, y in data[5:]:
+        for m, o in ((model, opt), (resumed, other)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+        assert other.learning_rates == pytest.approx(opt.learning_rates, **PATH_TOL)
+        assert other.hypergrad_rates == [pytest.approx(r, **PATH_TOL) for r in opt.hypergrad_rates]
+        for a, b in zip(resumed.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert other.state_dict()["hd"] == opt.state_dict()["hd"]
+    assert opt.learning_rates != [0.05] * len(opt.learning_rates)
+
+
+def count_dot_sets(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records, per dot product the step takes on the device, how many tensors it spans."""
+    sizes: list[int] = []
+    original = hd._dot_sum
+
+    def spy(grads: list[Tensor], directions: list[Tensor]) -> Tensor:
+        sizes.append(len(grads))
+        return original(grads, directions)
+
+    monkeypatch.setattr(hd, "_dot_sum", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
+def test_foreach_none_follows_torch_default_rule(monkeypatch, adapt):
+    """``foreach=None``: the per-tensor path on the CPU; the multi-tensor path where torch.optim
+    would take its foreach path (stood in for by patching its rule, as there is no GPU here):
+    one dot product per param group (per unit share) instead of one per tensor."""
+    sizes = count_dot_sets(monkeypatch)
+    model = make_mlp()
+    opt = SGDHD(param_groups(model, "two", adapt == "optimizer"), hypergrad_lr=1e-3, adapt=adapt)
+    assert [g["foreach"] for g in opt.param_groups] == [None, None]
+    train(model, opt, batches("mlp", 2))
+    assert sizes == [1, 1, 1, 1]  # step 2: one per tensor
+
+    asked: list[list[Tensor]] = []
+
+    def cuda_like(params: list[Tensor], differentiable: bool) -> tuple[bool, bool]:
+        asked.append(params)
+        return False, True
+
+    monkeypatch.setattr(hd, "_default_to_fused_or_foreach", cuda_like)
+    sizes.clear()
+    train(model, opt, batches("mlp", 1))
+    assert sizes == ([1, 1, 1, 1] if adapt == "tensor" else [2, 2])
+    assert [len(params) for params in asked] == [2, 2]  # asked per group, tensors with a grad
+    opt.param_groups[0]["foreach"] = False  # an explicit value wins
+    sizes.clear()
+    train(model, opt, batches("mlp", 1))
+    assert sizes == ([1, 1, 1, 1] if adapt == "tensor" else [1, 1, 2])
+
+
+def test_multi_tensor_path_splits_a_group_by_dtype():
+    """One group of float32 and float64 tensors: the multi-tensor path takes one dot product and
+    one update per dtype (torch's foreach path groups the same way) and matches torch's
+    ``foreach=True`` bit for bit at ``hypergrad_lr=0``, and the per-tensor path to float32
+    rounding with adaptation."""
+    torch.manual_seed(0)
+    start = [torch.randn(4, 3), torch.randn(3, dtype=torch.float64), torch.randn(5),
+             torch.randn(2, 2, dtype=torch.float64)]  # fmt: skip
+
+    def gradient(p: Tensor, t: int) -> Tensor:
+        return torch.cos(3 * p.detach() + t) + 0.1 * p.detach()
+
+    def run(make):
+        params = [nn.Parameter(t.clone()) for t in start]
+        opt = make(params)
+        for t in range(8):
+            for p in params:
+                p.grad = gradient(p, t)
+            opt.step()
+        return params, opt
+
+    for hd_cls, torch_cls, kwargs in (
+        (SGDNHD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2}),
+        (AdamWHD, torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    ):
+        torch_only = {"nesterov": True} if hd_cls is SGDNHD else {}
+        ours, _ = run(lambda p: hd_cls(p, hypergrad_lr=0.0, foreach=True, **kwargs))  # noqa: B023
+        theirs, _ = run(lambda p: torch_cls(p, foreach=True, **kwargs, **torch_only))  # noqa: B023
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        beta = 1e-2 if hd_cls is SGDNHD else 1e-4
+        multi, opt_m = run(lambda p: hd_cls(p, hypergrad_lr=beta, foreach=True, **kwargs))  # noqa: B023
+        single, opt_s = run(lambda p: hd_cls(p, hypergrad_lr=beta, foreach=False, **kwargs))  # noqa: B023
+        assert opt_m.learning_rates == pytest.approx(opt_s.learning_rates, rel=1e-6)
+        assert opt_m.learning_rates != [kwargs["lr"]]
+        for a, b in zip(multi, single, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): the multi-tensor path is the default there
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_default_path_is_torch_foreach_bit_for_bit(case):
+    """On CUDA both sides default to their multi-tensor path; hypergrad_lr=0 is torch."""
+    hd_cls, torch_cls, kwargs, torch_only = CASES[case]
+    ours = make_cnn().cuda()
+    theirs = copy.deepcopy(ours)
+    opt = hd_cls(param_groups(ours, "two", False), hypergrad_lr=0.0, **kwargs)
+    ref = torch_cls(param_groups(theirs, "two", False), **kwargs, **torch_only)
+    for x, y in batches("cnn", 10):
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            nn.functional.cross_entropy(model(x.cuda()), y.cuda()).backward()
+            o.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@cuda
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("adapt", ["optimizer", "group", "tensor"])
+def test_cuda_paths_agree_with_each_other_and_the_cpu(case, adapt):
+    """float64 on CUDA, both paths, against the per-tensor path on the CPU."""
+    hd_cls, _, kwargs, _ = CASES[case]
+    beta = 1e-2 if hd_cls in (SGDHD, SGDNHD) else 1e-4
+    results = []
+    for device, foreach in (("cpu", False), ("cuda", False), ("cuda", True)):
+        model = make_cnn(torch.float64).to(device)
+        opt = hd_cls(param_groups(model, "two", adapt == "optimizer"), hypergrad_lr=beta,
+                     adapt=adapt, foreach=foreach, **kwargs)  # fmt: skip
+        for x, y in batches("cnn", 10, torch.float64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+        results.append((opt.learning_rates, [p.detach().cpu() for p in model.parameters()]))
+    (lrs, params), others = results[0], results[1:]
+    for other_lrs, other_params in others:
+        assert other_lrs == pytest.approx(lrs, rel=1e-10)
+        for a, b in zip(other_params, params, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
