@@ -9,8 +9,13 @@ both values by default):
 * ``torch.optim.Adam``                     vs ``AdamHD``  (hypergrad_lr 1e-7)
 * ``torch.optim.AdamW``                    vs ``AdamWHD`` (hypergrad_lr 1e-7)
 
-torch's optimizers run with their defaults (on CPU the single-tensor path; on CUDA the
-multi-tensor ``foreach`` path), i.e. what a user gets by swapping one class for the other.
+torch's optimizers run with their defaults (on CPU the single-tensor "for-loop" path; on CUDA
+the multi-tensor ``foreach`` path; the ``base path`` column says which), i.e. what a user gets
+by swapping one class for the other. Each HD optimizer is timed on both of its paths
+(``--hd-paths``, default both): ``foreach`` (``foreach=True``, the default on CUDA: one dot
+product per device and dtype, the update through torch's multi-tensor kernels) and
+``per-tensor`` (``foreach=False``, the default on CPU: one dot product per tensor); one row
+each, against the same base timings.
 
 Model: ``build_model({"name": "cnn", "depth": 3, "width": 64}, (3, 32, 32), 10)`` (BatchNorm,
 max pooling; 76,490 parameters in 11 tensors), batch 64 of random data, cross-entropy.
@@ -20,11 +25,11 @@ model whose ``step()`` is a large share of the training step.
 Figures per pair:
 
 1. **full step**: ``zero_grad(set_to_none=True)``, forward, loss, backward, ``step()``. Each
-   side has its own copy of the model (same initial weights) and its own optimizer; one
-   repetition times ``--steps`` (default 1) consecutive steps of one side. After ``--warmup``
-   steps on each side, ``--repeats`` (default 41) repetitions per side are interleaved
-   A B B A A B ... (fine-grained, so both sides see the same load; the order flips
-   every pair so neither side always runs first); the figure per side is the median over
+   side (base, HD on each path) has its own copy of the model (same initial weights) and its
+   own optimizer; one repetition times ``--steps`` (default 1) consecutive steps of one side.
+   After ``--warmup`` steps on each side, ``--repeats`` (default 41) repetitions per side are
+   interleaved (A B C, C A B, B C A, then the same reversed, ...: fine-grained, so all sides see
+   the same load, and no side always runs first); the figure per side is the median over
    repetitions of the mean time per step, and the ratio is median(HD) / median(base), with the
    min and max of the per-repetition ratios beside it.
 2. **step only**: gradients are computed once, then ``optimizer.step()`` alone is timed
@@ -49,6 +54,7 @@ Usage (from the repository root)::
     .venv/bin/python experiments/bench_hd_optimizers.py --threads 1     # 4-6 min (+ up to 10 min waiting for other jobs)
     .venv/bin/python experiments/bench_hd_optimizers.py --quick         # < 1 min
     .venv/bin/python experiments/bench_hd_optimizers.py --device cuda   # default: auto
+    .venv/bin/python experiments/bench_hd_optimizers.py --hd-paths foreach  # one HD path
 
 Output: a Markdown table on stdout, ``results.csv`` and ``results.md`` in ``--out`` (default
 ``experiments/results/bench_hd/``).
@@ -74,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from gradhpo.models import build_model
 from torch import nn
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from gradhpo.optim import SGDHD, SGDNHD, AdamHD, AdamWHD
 
@@ -88,26 +95,38 @@ MODELS: dict[str, tuple[dict, tuple[int, ...]]] = {
 }
 LR = 1e-3
 
-OptFactory = Callable[[list[torch.Tensor], float], torch.optim.Optimizer]
+BaseFactory = Callable[[list[torch.Tensor], float], torch.optim.Optimizer]
+HDFactory = Callable[[list[torch.Tensor], float, bool], torch.optim.Optimizer]
 
-PAIRS: dict[str, tuple[OptFactory, OptFactory]] = {
+PAIRS: dict[str, tuple[BaseFactory, HDFactory]] = {
     "SGD / SGDHD": (
         lambda p, wd: torch.optim.SGD(p, lr=LR, weight_decay=wd),
-        lambda p, wd: SGDHD(p, lr=LR, weight_decay=wd, hypergrad_lr=1e-3),
+        lambda p, wd, fe: SGDHD(p, lr=LR, weight_decay=wd, hypergrad_lr=1e-3, foreach=fe),
     ),
     "SGD-Nesterov / SGDNHD": (
         lambda p, wd: torch.optim.SGD(p, lr=LR, momentum=0.9, nesterov=True, weight_decay=wd),
-        lambda p, wd: SGDNHD(p, lr=LR, momentum=0.9, weight_decay=wd, hypergrad_lr=1e-3),
+        lambda p, wd, fe: SGDNHD(
+            p, lr=LR, momentum=0.9, weight_decay=wd, hypergrad_lr=1e-3, foreach=fe
+        ),
     ),
     "Adam / AdamHD": (
         lambda p, wd: torch.optim.Adam(p, lr=LR, weight_decay=wd),
-        lambda p, wd: AdamHD(p, lr=LR, weight_decay=wd, hypergrad_lr=1e-7),
+        lambda p, wd, fe: AdamHD(p, lr=LR, weight_decay=wd, hypergrad_lr=1e-7, foreach=fe),
     ),
     "AdamW / AdamWHD": (
         lambda p, wd: torch.optim.AdamW(p, lr=LR, weight_decay=wd),
-        lambda p, wd: AdamWHD(p, lr=LR, weight_decay=wd, hypergrad_lr=1e-7),
+        lambda p, wd, fe: AdamWHD(p, lr=LR, weight_decay=wd, hypergrad_lr=1e-7, foreach=fe),
     ),
 }
+# the HD optimizers' two paths (their ``foreach`` argument)
+HD_PATHS = {"foreach": True, "per-tensor": False}
+
+
+def torch_default_path(params: list[torch.Tensor]) -> str:
+    """The path torch.optim takes for these parameters when ``foreach`` is not given."""
+    return (
+        "foreach" if _default_to_fused_or_foreach(params, differentiable=False)[1] else "for-loop"
+    )
 
 
 # ---------------------------------------------------------------------------------- idle check
@@ -195,18 +214,19 @@ def time_block(fn: Callable[[], None], n: int, device: torch.device) -> float:
 
 
 def interleaved(
-    fa: Callable[[], None], fb: Callable[[], None], n: int, repeats: int, device: torch.device
-) -> tuple[list[float], list[float]]:
-    """Per-repetition seconds per call of A and B, order A B, B A, A B, ..."""
-    ta, tb = [], []
+    fns: list[Callable[[], None]], n: int, repeats: int, device: torch.device
+) -> list[list[float]]:
+    """Per side, the per-repetition seconds per call; repetition ``r`` runs the sides rotated by
+    ``r``, reversed every other round of rotations (two sides: A B, B A, B A, A B, ...)."""
+    times: list[list[float]] = [[] for _ in fns]
+    k = len(fns)
     for r in range(repeats):
-        if r % 2 == 0:
-            ta.append(time_block(fa, n, device))
-            tb.append(time_block(fb, n, device))
-        else:
-            tb.append(time_block(fb, n, device))
-            ta.append(time_block(fa, n, device))
-    return ta, tb
+        order = [(r + j) % k for j in range(k)]
+        if (r // k) % 2:
+            order.reverse()
+        for i in order:
+            times[i].append(time_block(fns[i], n, device))
+    return times
 
 
 @dataclass
@@ -214,6 +234,8 @@ class Row:
     device: str
     pair: str
     weight_decay: float
+    hd_path: str
+    base_path: str
     full_base: list[float]
     full_hd: list[float]
     step_base: list[float]
@@ -251,25 +273,35 @@ def bench_pair(
     step_iters: int,
     batch: int,
     model: str = "cnn",
-) -> Row:
+    hd_paths: list[str] | None = None,
+) -> list[Row]:
+    """One row per HD path, all timed interleaved with the same base optimizer."""
     make_base, make_hd = PAIRS[pair]
+    paths = hd_paths or list(HD_PATHS)
     torch.manual_seed(0)
     config, input_shape = MODELS[model]
     model0 = build_model(config, input_shape, NUM_CLASSES).to(device)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn((batch, *input_shape), generator=gen).to(device)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
+
+    def maker(foreach: bool | None) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+        if foreach is None:
+            return lambda params: make_base(params, weight_decay)
+        return lambda params: make_hd(params, weight_decay, foreach)
+
+    makers = [maker(None)] + [maker(HD_PATHS[path]) for path in paths]
     sides = []
-    for make in (make_base, make_hd):
+    for make in makers:
         net = copy.deepcopy(model0).train()
-        sides.append(Side(net, make(list(net.parameters()), weight_decay)))
-    base, hd = sides
+        sides.append(Side(net, make(list(net.parameters()))))
+    base_path = torch_default_path(list(model0.parameters()))
 
     # 1. full step
     for side in sides:
         time_block(functools.partial(_train_step, side, x, y), warmup, device)
-    full_base, full_hd = interleaved(
-        lambda: _train_step(base, x, y), lambda: _train_step(hd, x, y), steps, repeats, device
+    full = interleaved(
+        [functools.partial(_train_step, side, x, y) for side in sides], steps, repeats, device
     )
 
     # 2. step only, with the gradients of one backward kept fixed
@@ -277,22 +309,37 @@ def bench_pair(
         side.opt.zero_grad(set_to_none=True)
         F.cross_entropy(side.model(x), y).backward()
         time_block(side.opt.step, warmup, device)
-    step_base, step_hd = interleaved(base.opt.step, hd.opt.step, step_iters, repeats, device)
+    step = interleaved([side.opt.step for side in sides], step_iters, repeats, device)
     busy = busy_processes(window=1.0)
-    return Row(device.type, pair, weight_decay, full_base, full_hd, step_base, step_hd, busy)
+    return [
+        Row(
+            device.type,
+            pair,
+            weight_decay,
+            path,
+            base_path,
+            full[0],
+            full[k],
+            step[0],
+            step[k],
+            busy,
+        )  # fmt: skip
+        for k, path in enumerate(paths, start=1)
+    ]
 
 
 def markdown(rows: list[Row]) -> str:
     lines = [
-        "| device | pair (base / HD) | weight decay | full step base ms | full step HD ms "
+        "| device | pair (base / HD) | weight decay | HD path | base path "
+        "| full step base ms | full step HD ms "
         "| full step ratio [min, max] | step() base ms | step() HD ms | step() ratio [min, max] "
         "| step() extra / full step | other busy jobs after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fr, sr = r.full_ratio, r.step_ratio
         lines.append(
-            f"| {r.device} | {r.pair} | {r.weight_decay:g} "
+            f"| {r.device} | {r.pair} | {r.weight_decay:g} | {r.hd_path} | {r.base_path} "
             f"| {1e3 * statistics.median(r.full_base):.2f} "
             f"| {1e3 * statistics.median(r.full_hd):.2f} "
             f"| **{fr[0]:.3f}** [{fr[1]:.3f}, {fr[2]:.3f}] "
@@ -312,6 +359,8 @@ def write_csv(path: Path, rows: list[Row]) -> None:
                 "device",
                 "pair",
                 "weight_decay",
+                "hd_path",
+                "base_path",
                 "full_base_ms",
                 "full_hd_ms",
                 "full_ratio",
@@ -333,6 +382,8 @@ def write_csv(path: Path, rows: list[Row]) -> None:
                     r.device,
                     r.pair,
                     r.weight_decay,
+                    r.hd_path,
+                    r.base_path,
                     f"{1e3 * statistics.median(r.full_base):.4f}",
                     f"{1e3 * statistics.median(r.full_hd):.4f}",
                     *(f"{v:.4f}" for v in fr),
@@ -359,6 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--weight-decay", type=float, nargs="+", default=[0.0, 1e-4])
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument(
+        "--hd-paths",
+        nargs="+",
+        default=list(HD_PATHS),
+        choices=list(HD_PATHS),
+        help="the HD optimizers' paths to time (default: both)",
+    )
     parser.add_argument(
         "--wait", type=float, default=600.0, help="longest wait for other jobs to finish, seconds"
     )
@@ -401,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     for dev in devices:
         for pair in args.pairs:
             for wd in args.weight_decay:
-                row = bench_pair(
+                pair_rows = bench_pair(
                     pair,
                     wd,
                     torch.device(dev),
@@ -411,15 +469,17 @@ def main(argv: list[str] | None = None) -> int:
                     step_iters=args.step_iters,
                     batch=args.batch,
                     model=args.model,
+                    hd_paths=args.hd_paths,
                 )
-                rows.append(row)
-                fr, sr = row.full_ratio, row.step_ratio
-                print(
-                    f"{dev:4s} {pair:22s} wd={wd:<6g} full step {fr[0]:.3f}x "
-                    f"[{fr[1]:.3f}, {fr[2]:.3f}]  step() {sr[0]:.2f}x "
-                    f"(+{100 * row.step_overhead:.3f} % of a full step)",
-                    flush=True,
-                )
+                rows.extend(pair_rows)
+                for row in pair_rows:
+                    fr, sr = row.full_ratio, row.step_ratio
+                    print(
+                        f"{dev:4s} {pair:22s} wd={wd:<6g} HD {row.hd_path:10s} vs base "
+                        f"{row.base_path:8s} full step {fr[0]:.3f}x [{fr[1]:.3f}, {fr[2]:.3f}]  "
+                        f"step() {sr[0]:.2f}x (+{100 * row.step_overhead:.3f} % of a full step)",
+                        flush=True,
+                    )
     after = busy_processes()
     table = markdown(rows)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -175,6 +175,7 @@ ADAPT_MODES = ("optimizer", "group", "tensor")
 DEFAULT_LR_MIN = 1e-10
 MAX_LR = 1e30
 _T = TypeVar("_T")
+_CAT_LIMIT = 1 << 22  # elements: about the copy a GPU makes in the time of one kernel launch
 _SHARED_KEYS = ("lr", "hypergrad_lr", "hypergrad_lrs", "rule", "lr_min", "hd_prev_hypergrads")
 
 
@@ -631,13 +632,19 @@ class HypergradientOptimizer(Optimizer):
 
     def _sets(self, work: _Work) -> list[list[int]]:
         """The tensors with a direction, grouped into the sets whose dot products are summed on
-        the device: one per device, dtype and scale on the multi-tensor path (except with
-        ``adapt="tensor"``, where every tensor is its own unit), one per tensor otherwise."""
+        the device: one per device, dtype and scale on the multi-tensor path, one per tensor on
+        the per-tensor path, with ``adapt="tensor"`` (every tensor is its own unit) and for
+        tensors of more than ``_CAT_LIMIT`` elements (copying them costs more than a launch)."""
         with_dir = [i for i, d in enumerate(work.directions) if d is not None]
         if not work.foreach or self.adapt == "tensor":
             return [[i] for i in with_dir]
         grads, scales = work.grads, work.scales
-        return _group_indices(with_dir, lambda i: (grads[i].device, grads[i].dtype, scales[i]))
+        return _group_indices(
+            with_dir,
+            lambda i: (
+                i if grads[i].numel() > _CAT_LIMIT else (grads[i].device, grads[i].dtype, scales[i])
+            ),
+        )
 
     def _reduce(self, works: list[_Work]) -> None:
         """All dot products (and norms, for the multiplicative rule) with one host sync."""

@@ -1255,6 +1255,21 @@ def test_foreach_none_follows_torch_default_rule(monkeypatch, adapt):
     assert sizes == ([1, 1, 1, 1] if adapt == "tensor" else [1, 1, 2])
 
 
+def test_large_tensors_take_their_own_dot_product(monkeypatch):
+    """Above ``_CAT_LIMIT`` elements a tensor is not copied into the concatenation."""
+    sizes = count_dot_sets(monkeypatch)
+    monkeypatch.setattr(hd, "_CAT_LIMIT", 20)
+    model = make_mlp(torch.float64)  # tensors of 48, 8, 24 and 3 elements
+    opt = SGDHD(model.parameters(), lr=0.1, hypergrad_lr=1e-2, foreach=True)
+    reference = copy.deepcopy(model)
+    ref = SGDHD(reference.parameters(), lr=0.1, hypergrad_lr=1e-2, foreach=False)
+    data = batches("mlp", 4, torch.float64)
+    train(model, opt, data)
+    assert sizes == [1, 2, 1] * 3  # steps 2-4: 48 alone, 8 and 3 together, 24 alone
+    train(reference, ref, data)
+    assert opt.learning_rates == pytest.approx(ref.learning_rates, **PATH_TOL)
+
+
 def test_multi_tensor_path_splits_a_group_by_dtype():
     """One group of float32 and float64 tensors: the multi-tensor path takes one dot product and
     one update per dtype (torch's foreach path groups the same way) and matches torch's
