@@ -347,7 +347,9 @@ def _plot_history(study: optuna.Study, objectives: Sequence[Objective], path: Pa
     for ax, panel in zip(axes[:, 0], panels, strict=True):
         ylim = panel["ylim"]
         off = {(n, kind): edge for n, kind, edge in panel["off_scale"]}
-        shown = [(n, v) for n, v in panel["complete"] if (n, "complete") not in off]
+        shown = [
+            (n, v) for n, v in panel["complete"] if (n, "complete") not in off and math.isfinite(v)
+        ]
         if shown:
             ax.scatter(
                 *zip(*shown, strict=True), s=20, color="C0", label="finished trial", zorder=3
@@ -405,11 +407,19 @@ def _plot_history(study: optuna.Study, objectives: Sequence[Objective], path: Pa
                         )
         ax.set_ylabel(panel["objective"].label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.has_data() or ylim is not None:
+        if ylim is not None:
             ax.legend(fontsize=8)
         else:
+            diverged = len(panel["complete"])
             ax.text(
-                0.5, 0.5, "no finished trial yet", ha="center", va="center", transform=ax.transAxes
+                0.5,
+                0.5,
+                f"no finite value: {diverged} finished trial(s) diverged"
+                if diverged
+                else "no finished trial yet",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
             )
     axes[-1, 0].set_xlabel("trial")
     axes[0, 0].set_title(f"{study.study_name}: optimization history")
@@ -691,7 +701,7 @@ def _plot_parallel(study: optuna.Study, objectives: Sequence[Objective], path: P
     else:
         cmap = plt.get_cmap(data["cmap"])
         lo, hi = data["vmin"], data["vmax"]
-        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-12)
+        norm = Normalize(*((lo, hi) if hi > lo else _margin(lo, hi)))
         values, first = data["values"], data["colour_by"]
         for i in data["order"]:
             xs = [j for j, a in enumerate(axes_data) if a["positions"][i] is not None]
