@@ -13,7 +13,7 @@ import argparse
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,11 +213,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"{name}: tuned hyperparameters {tuned} ({run.tuner.rejected_steps} rejected hyper steps)"
         )
     print(
-        f"{name}: test accuracy {summary['test_accuracy']:.4f}, test loss "
-        f"{summary['test_loss']:.4f} after {summary['steps']} steps in {summary['seconds']:.1f} s "
+        f"{name}: {_test_figures(summary)} after {summary['steps']} steps in {summary['seconds']:.1f} s "
         f"on {summary['device']}; checkpoint {summary['checkpoint']}"
     )
     return 1 if summary["diverged"] else 0
+
+
+def _test_figures(summary: Mapping[str, Any]) -> str:
+    """``test accuracy A, test loss L``; the loss alone without class labels."""
+    loss = f"test loss {summary['test_loss']:.4f}"
+    accuracy = summary.get("test_accuracy")
+    return loss if accuracy is None else f"test accuracy {accuracy:.4f}, {loss}"
+
+
+def _versus(base: Mapping[str, Any], tuned: Mapping[str, Any]) -> str:
+    """The untuned default against the tuned result, by accuracy or else by loss."""
+    key = "test_accuracy" if tuned.get("test_accuracy") is not None else "test_loss"
+    label = key.replace("_", " ")
+    return f"{label} {base[key]:.4f}; tuned: {tuned[key]:.4f} ({tuned[key] - base[key]:+.4f})"
 
 
 def _check_count(field: str, value: Any, minimum: int = 1) -> None:
@@ -236,15 +249,14 @@ def _print_best(name: str, summary: dict[str, Any] | None) -> None:
         print(f"{name}: tuned hyperparameters at the end of the best trial: {tuned}")
     print(
         f"{name}: best {summary.get('metric', 'validation value')} {summary['value']:.4f}, "
-        f"test accuracy {summary['test_accuracy']:.4f} (test loss {summary['test_loss']:.4f})"
+        f"{_test_figures(summary)}"
     )
     base = summary.get("baseline")
     if base is not None:
         print(
             f"{name}: untuned default (the config's model and optimizer, no search, no tuner) "
             f"trained for the same {base['seconds']:.0f} s ({base['epochs']} epochs): "
-            f"test accuracy {base['test_accuracy']:.4f}; tuned: {summary['test_accuracy']:.4f} "
-            f"({summary['test_accuracy'] - base['test_accuracy']:+.4f})"
+            + _versus(base, summary)
         )
 
 
@@ -313,10 +325,7 @@ def _print_pbt(name: str, best: dict[str, Any]) -> None:
     tuned = ", ".join(f"{k}={v:.3g}" for k, v in best["hyperparameters"].items())
     print(f"{name}: best member {best['member']} at step {best['step']}: {values}")
     print(f"{name}: its hyperparameters: {tuned}")
-    print(
-        f"{name}: {best['metric']} {best['score']:.4f}, test accuracy {best['test_accuracy']:.4f} "
-        f"(test loss {best['test_loss']:.4f})"
-    )
+    print(f"{name}: {best['metric']} {best['score']:.4f}, {_test_figures(best)}")
 
 
 def _cmd_pbt(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ one place.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ __all__ = [
     "ConfigError",
     "SIZE_LIMITS",
     "check_sizes",
+    "import_object",
     "load_yaml",
     "parse_yaml",
     "validate_train_config",
@@ -45,6 +47,7 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",
         "augment": False,
         "eval_batch_size": 1024,
+        "loss": "cross_entropy",
     },
     "output": {"dir": "runs", "tensorboard_dir": "tensorboard_logs"},
 }
@@ -148,6 +151,32 @@ def check_str(path: str, value: Any) -> str:
     return value
 
 
+def import_object(spec: str, field: str) -> Any:
+    """The object named ``"package.module:attribute"`` (the attribute may be dotted), for
+    configs that name the user's own code (``model.factory``, ``data.factory``,
+    ``training.loss``). Every failure is a ConfigError naming ``field`` and ``spec``.
+
+    A config that names code runs that code, like ``python -m`` would: load configs you wrote
+    or trust, as you would a script."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ConfigError(f"{field}: expected 'package.module:name', got {spec!r}")
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"{field}: expected 'package.module:name', got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{field}: cannot import module {module_name!r} of {spec!r} ({exc}); is it "
+            "installed or on PYTHONPATH?"
+        ) from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{field}: {module_name!r} has no {attribute!r} (from {spec!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
 def check_sizes(config: Mapping[str, Any], where: str | None = None) -> None:
     """ConfigError when a size of the run config ``config`` (the YAML shape) is over its
     :data:`SIZE_LIMITS` entry (``where``, e.g. a corner of a search space, prefixes the
@@ -179,8 +208,13 @@ def validate_train_config(config: Mapping[str, Any]) -> dict[str, Any]:
     resolved: dict[str, Any] = {"name": check_str("name", config.get("name", "train"))}
     for section in ("data", "model"):
         resolved[section] = _section(config, section, required=True)
-        if "name" not in resolved[section]:
-            raise ConfigError(f"{section}.name is required")
+        if "name" not in resolved[section] and "factory" not in resolved[section]:
+            raise ConfigError(
+                f"{section}.name is required, or {section}.factory for your own "
+                f"{'network' if section == 'model' else 'data set'} ('package.module:function')"
+            )
+        if "factory" in resolved[section]:
+            check_str(f"{section}.factory", resolved[section]["factory"])
     resolved["optimizer"] = _section(config, "optimizer", required=False) or {"name": "sgd"}
     # Optional hypergradient tuning; its keys are checked by TrainingRun (gradhpo.run.TUNER_KEYS).
     resolved["tuner"] = _section(config, "tuner", required=False) or None
@@ -197,6 +231,7 @@ def validate_train_config(config: Mapping[str, Any]) -> dict[str, Any]:
     check_str("training.device", training["device"])
     check_bool("training.augment", training["augment"])
     check_int("training.eval_batch_size", training["eval_batch_size"], 1)
+    check_str("training.loss", training["loss"])  # the name is resolved by TrainingRun
     check_str("output.dir", resolved["output"]["dir"])
     check_str("output.tensorboard_dir", resolved["output"]["tensorboard_dir"])
     if "seed" in resolved["data"]:  # named here: the data loader only knows "seed"

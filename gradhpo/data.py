@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gradhpo.config import import_object
 from gradhpo.files import atomic_write
 
 __all__ = [
@@ -88,14 +89,19 @@ _SYSTEM_INSTALL: dict[str, str] = {
 # ---------------------------------------------------------------------------------- containers
 @dataclass(frozen=True, eq=False)
 class Split:
-    """One split: float32 features ``x`` of shape ``(N, *input_shape)`` and int64 labels ``y``."""
+    """One split: float32 features ``x`` of shape ``(N, *input_shape)`` and targets ``y``:
+    int64 class labels ``(N,)`` for classification, or float values ``(N,)`` / ``(N, *k)``
+    for regression and other losses (``training.loss``)."""
 
     x: torch.Tensor
     y: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.y.ndim != 1:
-            raise ValueError(f"Split.y must be 1-D, got shape {tuple(self.y.shape)}")
+        if self.y.ndim < 1 or (self.y.ndim != 1 and not self.y.is_floating_point()):
+            raise ValueError(
+                f"Split.y must be 1-D class labels or float targets (N, ...), got "
+                f"{self.y.dtype} of shape {tuple(self.y.shape)}"
+            )
         if self.x.ndim < 1 or self.x.shape[0] != self.y.shape[0]:
             raise ValueError(
                 f"Split.x and Split.y differ in length: x {tuple(self.x.shape)}, "
@@ -112,7 +118,10 @@ class Split:
 
 @dataclass(frozen=True, eq=False)
 class DataSplits:
-    """A data set split into train / val / test, with its class count and per-sample shape."""
+    """A data set split into train / val / test, with its class count and per-sample shape.
+
+    For float targets ``num_classes`` is the number of outputs a model needs (the number of
+    target values per example) and :attr:`classification` is False (no accuracy)."""
 
     name: str
     train: Split
@@ -120,6 +129,11 @@ class DataSplits:
     test: Split
     num_classes: int
     input_shape: tuple[int, ...]
+
+    @property
+    def classification(self) -> bool:
+        """Integer class targets (accuracy is defined), not float targets."""
+        return not self.train.y.is_floating_point()
 
     def to(self, device: Device) -> DataSplits:
         """Returns these splits with every tensor moved to ``device``."""
@@ -684,8 +698,17 @@ def carve_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]
         raise ValueError(f"fraction must be a number in (0, 1), got {fraction!r}")
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    n, classes = len(split), len(torch.unique(split.y))
+    n = len(split)
     size = min(max(1, round(n * fraction)), n - 1)
+    if split.y.is_floating_point():  # float targets have no classes: a plain seeded subset
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        carved = perm[:size].sort().values
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[carved] = False
+        rest = keep.nonzero().squeeze(1).to(split.y.device)
+        carved = carved.to(split.y.device)
+        return Split(split.x[rest], split.y[rest]), Split(split.x[carved], split.y[carved])
+    classes = len(torch.unique(split.y))
     if size < classes:
         raise ValueError(
             f"fraction: {fraction} of {n} samples is {size}, fewer than the {classes} classes "
@@ -1023,20 +1046,52 @@ DATA_KEYS = (
 def load_data(
     data: str | Mapping[str, Any] | DataSplits,
 ) -> tuple[dict[str, Any] | None, DataSplits]:
-    """The one way from a ``data`` config (a name, a mapping of :data:`DATA_KEYS` or already
-    loaded :class:`DataSplits`) to splits. Returns the reloadable spec (``None`` for
-    user-supplied splits, which cannot be described) and the splits."""
+    """The one way from a ``data`` config to splits. The config is a built-in data set's name,
+    a mapping of :data:`DATA_KEYS`, ``{"factory": "package.module:function", **kwargs}`` (your
+    own data set: ``function(**kwargs)`` returns :class:`DataSplits`, imported in every process
+    that needs it), or already loaded :class:`DataSplits`. Returns the reloadable spec
+    (``None`` for user-supplied splits, which cannot be described) and the splits."""
     if isinstance(data, DataSplits):
         return None, data
     if isinstance(data, str):
         data = {"name": data}
     if not isinstance(data, Mapping):
         raise TypeError(f"data must be a name, a mapping or DataSplits, got {data!r}")
+    if "factory" in data:
+        return dict(data), _from_factory(data)
     unknown = sorted(set(data) - set(DATA_KEYS))
     if unknown:
         raise ValueError(f"data: unknown key(s) {unknown}; allowed: {list(DATA_KEYS)}")
     if "name" not in data:
-        raise ValueError("data.name is required (e.g. 'digits')")
+        raise ValueError(
+            "data.name is required (e.g. 'digits'), or data.factory for your own data set "
+            "('package.module:function' returning DataSplits)"
+        )
     spec = {k: (str(v) if k == "data_dir" and v is not None else v) for k, v in data.items()}
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     return spec, load_dataset(spec["name"], **kwargs)
+
+
+def _from_factory(data: Mapping[str, Any]) -> DataSplits:
+    """``data.factory(**kwargs)``, checked to be :class:`DataSplits`."""
+    if "name" in data:
+        raise ValueError(
+            f"data: give 'name' or 'factory', not both; got name={data['name']!r}, "
+            f"factory={data['factory']!r}"
+        )
+    factory = import_object(data["factory"], "data.factory")
+    if not callable(factory):
+        raise ValueError(f"data.factory: {data['factory']!r} is not callable")
+    kwargs = {k: v for k, v in data.items() if k != "factory"}
+    try:
+        splits = factory(**kwargs)
+    except TypeError as exc:
+        raise ValueError(
+            f"data.factory {data['factory']!r} failed with arguments {kwargs!r}: {exc}"
+        ) from exc
+    if not isinstance(splits, DataSplits):
+        raise ValueError(
+            f"data.factory {data['factory']!r} must return gradhpo.data.DataSplits, got "
+            f"{type(splits).__name__}"
+        )
+    return splits

@@ -279,3 +279,67 @@ def test_bad_hyper_validation_fraction(synthetic: DataSplits, fraction) -> None:
     tuner = {"hypers": [{"name": "lr"}], "hyper_val_fraction": fraction}
     with pytest.raises(ValueError, match=r"tuner\.hyper_val_fraction"):
         make_run(synthetic, tuner=tuner)
+
+
+# ------------------------------------------- a tuned horizon does not depend on step slicing
+def _tuned(method: str = "reverse", **tuner) -> TrainingRun:
+    return TrainingRun(
+        model={"name": "cnn", "depth": 1, "width": 4, "norm": "batch", "dropout": 0.2},
+        data={"name": "synthetic", "seed": 0},
+        optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        batch_size=16,
+        device="cpu",
+        tuner={"hypers": [{"name": "lr"}], "method": method, "horizon": 5, **tuner},
+    )
+
+
+def _same(a: TrainingRun, b: TrainingRun) -> bool:
+    return all(
+        torch.equal(x, y)
+        for x, y in zip(
+            a.state_dict()["model"].values(), b.state_dict()["model"].values(), strict=True
+        )
+    )
+
+
+@pytest.mark.parametrize("method, tuner", [("reverse", {}), ("forward", {"carry": True})])
+def test_horizon_does_not_depend_on_how_steps_are_sliced(method: str, tuner: dict) -> None:
+    """Issue 15, item 6: ten step(1) calls used to take ten one-step (greedy) hyper steps and
+    step(10) two five-step ones. Now every slicing takes the same K-step hypergradients and
+    ends bit-identical (BatchNorm statistics and dropout masks included)."""
+    whole = _tuned(method, **tuner)
+    whole.step(10)
+    for slicing in ([1] * 10, [3, 7], [4, 2, 4], [6, 4]):
+        run = _tuned(method, **tuner)
+        for n in slicing:
+            run.step(n)
+        assert run.tuner.hyper_steps == whole.tuner.hyper_steps == 2, slicing
+        assert run.global_step == 10 and run.tuner.total_steps == 10
+        assert run.hyperparameters == whole.hyperparameters, slicing
+        assert _same(run, whole), slicing
+
+
+def test_open_horizon_applies_its_steps_and_resumes_exactly() -> None:
+    run = _tuned()
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    run.step(3)  # an open horizon: the model is current (trained), no hyper step yet
+    assert run.tuner.hyper_steps == 0 and run.global_step == 3
+    after = run.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    buffer = io.BytesIO()
+    torch.save(run.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = _tuned()
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    run.step(9)
+    resumed.step(9)
+    assert resumed.tuner.hyper_steps == run.tuner.hyper_steps == 2
+    assert _same(run, resumed) and resumed.hyperparameters == run.hyperparameters
+
+
+def test_an_outside_change_closes_the_open_horizon() -> None:
+    run = _tuned()
+    run.step(3)
+    run.set_hyperparameters(lr=0.02)  # PBT explores: the 3 steps stay plain
+    run.step(5)
+    assert run.tuner.hyper_steps == 1 and run.global_step == 8

@@ -352,6 +352,27 @@ class HyperTuner:
             weights_updated=True,
         )
 
+    def advance(self, batches: Sequence[Batch]) -> torch.Tensor:
+        """Plain inner steps inside a horizon that the caller will replay with :meth:`step`
+        from a state it saved before them (:class:`~gradhpo.run.TrainingRun` does this so a
+        horizon does not depend on how its caller slices steps). Applied to the model only
+        when every loss and weight is finite; returns the per-step losses either way. Counts
+        nothing: the replay counts the whole horizon."""
+        if not 1 <= len(batches) < self.horizon:
+            raise ValueError(f"advance: expected 1..{self.horizon - 1} batches, got {len(batches)}")
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+        self._reach_segments(len(batches))
+        new_params, new_state, new_buffers, losses = unroll(
+            self.problem, params, self.opt_state, buffers, batches
+        )
+        if bool(torch.isfinite(losses).all()) and all(
+            bool(torch.isfinite(v).all()) for v in new_params.values()
+        ):
+            self._write_back(new_params, new_buffers)
+            self.opt_state = new_state
+        return losses
+
     def _plain_step(
         self,
         params: dict[str, torch.Tensor],

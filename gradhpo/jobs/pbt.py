@@ -44,7 +44,7 @@ from gradhpo.pbt.batched import BatchedPopulation
 from gradhpo.pbt.manager import BatchedGroup, BatchedMember, PopulationBasedTraining, RunMember
 from gradhpo.pbt.store import PBTDatabase
 from gradhpo.run.builder import build_run, load_job_data
-from gradhpo.run.loop import METRICS
+from gradhpo.run.loop import METRICS, check_metric_fits
 from gradhpo.search.space import SearchSpace
 from gradhpo.tensorboard_logger import TensorBoardLogger
 
@@ -124,6 +124,11 @@ def validate_pbt_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchS
             raise ConfigError(f"pbt.batched: needs mode 'sync', got {p['mode']!r}")
         if config["training"]["augment"]:
             raise ConfigError("pbt.batched: augmentation is not supported by a batched population")
+        if config["training"]["loss"] != "cross_entropy":
+            raise ConfigError(
+                "pbt.batched: a batched population trains with cross_entropy only, got "
+                f"training.loss {config['training']['loss']!r}; drop one of them"
+            )
     space = SearchSpace.from_config(p["space"], section="pbt.space")
     if not len(space):
         raise ConfigError("pbt.space: expected at least one parameter to explore")
@@ -242,6 +247,10 @@ def prepare_pbt(
         _, raw = open_run_dir(resume_dir, "pbt")
     config, space = validate_pbt_config(raw or {})
     (splits,) = load_job_data(config)
+    try:
+        check_metric_fits(config["pbt"]["metric"], splits, "pbt.metric")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     steps = config["pbt"]["steps"]
     if steps is None:
         per_epoch = len(splits.train) // min(config["training"]["batch_size"], len(splits.train))
@@ -311,11 +320,11 @@ def run_pbt(
     )
     if isinstance(member, BatchedMember):
         result = member.group.population.evaluate("test")
-        test = {k: float(result[k][member.index]) for k in ("accuracy", "loss")}
+        test = {k: float(result[k][member.index]) for k in ("accuracy", "loss")}  # CE only
     else:
         test = member.run.evaluate("test")
     best.update(
-        test_accuracy=test["accuracy"],
+        test_accuracy=test.get("accuracy"),  # None without class labels
         test_loss=test["loss"],
         resumed=resumed,
         metric=config["pbt"]["metric"],

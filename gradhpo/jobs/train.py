@@ -54,15 +54,22 @@ def run_train(
             disable=not progress or None,
         ) as bar:
             history = train_epochs(run, training["epochs"], logger=tb, progress=bar)
-        test = run.evaluate("test") if not run.diverged else {"loss": math.nan, "accuracy": 0.0}
-        tb.hparams({**run.hyperparameters, **config["model"]}, {"test_accuracy": test["accuracy"]})
+        test = run.evaluate("test") if not run.diverged else {"loss": math.nan}
+        # The hparams metrics are validation figures: the test split is for the final report,
+        # never for choosing between runs.
+        last = history[-1] if history else {}
+        tb.hparams(
+            {**run.hyperparameters, **config["model"]},
+            {k: last[k] for k in ("val_loss", "val_accuracy") if last.get(k) is not None},
+        )
     elapsed = time.perf_counter() - start
     checkpoint = run.save(run_dir / "checkpoint.pt")
     summary = {
         "name": config["name"],
         "hyperparameters": run.hyperparameters,
         "test_loss": test["loss"],
-        "test_accuracy": test["accuracy"],
+        # None without class labels (a regression loss); 0 for a diverged classifier.
+        "test_accuracy": test.get("accuracy", 0.0 if run.data.classification else None),
         "steps": run.global_step,
         "seconds": elapsed,
         "diverged": run.diverged,

@@ -66,7 +66,7 @@ from gradhpo.files import write_json
 from gradhpo.jobs.rundir import check_output_dirs, create_run_dir, open_run_dir, run_dir_of
 from gradhpo.run import EarlyStopping, Epoch, TrainingRun, fit, resolve_device
 from gradhpo.run.builder import build_run, load_job_data
-from gradhpo.run.loop import METRICS, worst
+from gradhpo.run.loop import METRICS, check_metric_fits, worst
 from gradhpo.search.drivers import distinct_sampler
 from gradhpo.search.samplers import SAMPLERS, make_pruner, make_sampler
 from gradhpo.search.space import SearchSpace
@@ -514,11 +514,18 @@ def evaluate_best(
         "value": best.value,
         "params": best.params,
         "hyperparameters": best.user_attrs.get("hyperparameters", {}),
-        "test_accuracy": sum(r["accuracy"] for r in results) / len(results),
+        "test_accuracy": _mean_accuracy(results),
         "test_loss": sum(r["loss"] for r in results) / len(results),
     }
     study.optuna.set_user_attr("best_test", summary)
     return summary
+
+
+def _mean_accuracy(results: list[dict[str, float]]) -> float | None:
+    """Mean test accuracy over folds; None without class labels (a regression loss)."""
+    if any("accuracy" not in r for r in results):
+        return None
+    return sum(r["accuracy"] for r in results) / len(results)
 
 
 def train_baseline(config: Mapping[str, Any], data: DataSplits, seconds: float) -> dict[str, Any]:
@@ -540,14 +547,14 @@ def train_baseline(config: Mapping[str, Any], data: DataSplits, seconds: float) 
     elapsed = time.perf_counter() - start
     if best_state:
         run.load_state_dict(best_state)
-    test = run.evaluate("test") if best_state else {"accuracy": 0.0, "loss": math.nan}
+    test = run.evaluate("test") if best_state else {"loss": math.nan}
     return {
         "budget": seconds,
         "seconds": elapsed,
         "epochs": len(history),
         "steps": run.global_step,
         "value": history[-1].best if history else worst(metric),
-        "test_accuracy": test["accuracy"],
+        "test_accuracy": test.get("accuracy", 0.0 if run.data.classification else None),
         "test_loss": test["loss"],
     }
 
@@ -622,6 +629,10 @@ def _preflight(config: Mapping[str, Any], space: SearchSpace, data: DataSplits) 
         resolve_device(config["training"]["device"])
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"training.device: {exc}") from exc
+    try:
+        check_metric_fits(config["search"]["metric"], data, "search.metric")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     dry_run_search(config, space)
     for label, params in space.corner_params():
         where = "config" if label == "base point" else label

@@ -60,6 +60,12 @@ def load_job_data(
         return _PROCESS_CACHE[key]
     spec = config["data"]
     try:
+        if n_folds is not None and isinstance(spec, Mapping) and "factory" in spec:
+            raise ValueError(
+                f"cross-validation (n_folds={n_folds}) needs a built-in data set; data.factory "
+                f"{spec['factory']!r} returns one split (give your factory a fold argument and "
+                "run one study per fold)"
+            )
         if n_folds is None:
             folds = [load_data(spec)[1]]
         else:

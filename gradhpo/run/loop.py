@@ -30,6 +30,7 @@ __all__ = [
     "Epoch",
     "Hook",
     "check_metric",
+    "check_metric_fits",
     "fit",
     "is_better",
     "train_epochs",
@@ -91,21 +92,19 @@ def _train_epoch(
             _log_hyper_state(run, logger, loss)
     record: dict[str, Any] = {"epoch": epoch, "step": run.global_step}
     if run.diverged:
-        record.update(train_loss=math.nan, val_loss=math.nan, val_accuracy=0.0)
+        # No accuracy without class labels (a regression loss): None, never a made-up 0.
+        accuracy = 0.0 if run.data.classification else None
+        record.update(train_loss=math.nan, val_loss=math.nan, val_accuracy=accuracy)
     else:
         val = run.evaluate("val")
         record.update(
-            train_loss=loss_sum / per_epoch, val_loss=val["loss"], val_accuracy=val["accuracy"]
+            train_loss=loss_sum / per_epoch, val_loss=val["loss"], val_accuracy=val.get("accuracy")
         )
         if logger is not None:
-            logger.scalars(
-                {
-                    "epoch/train_loss": record["train_loss"],
-                    "val/loss": val["loss"],
-                    "val/accuracy": val["accuracy"],
-                },
-                run.global_step,
-            )
+            scalars = {"epoch/train_loss": record["train_loss"], "val/loss": val["loss"]}
+            if "accuracy" in val:
+                scalars["val/accuracy"] = val["accuracy"]
+            logger.scalars(scalars, run.global_step)
     record.update(seconds=time.perf_counter() - start, hypers=run.hyperparameters)
     if run.diverged:
         record["diverged"] = True
@@ -157,6 +156,9 @@ def fit(
     validation metrics every epoch. ``progress`` is an optional tqdm bar advanced per epoch.
     """
     check_metric(metric)
+    if metric == "val_accuracy":
+        for run in runs:
+            check_metric_fits(metric, run.data)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     if not runs:
@@ -188,6 +190,16 @@ def fit(
     return history
 
 
+def check_metric_fits(metric: str, data: Any, where: str = "metric") -> None:
+    """``val_accuracy`` needs class labels: on float targets (a regression loss) it is a
+    ValueError naming ``where`` that says to use ``val_loss``."""
+    if metric == "val_accuracy" and not data.classification:
+        raise ValueError(
+            f"{where}: val_accuracy needs class labels, but data {data.name!r} has float "
+            "targets (a regression loss); use val_loss"
+        )
+
+
 def _log_every(run: TrainingRun, log_every: int | None) -> int:
     if log_every is None:
         horizon = run.tuner.horizon if run.tuner is not None else 1
@@ -210,6 +222,7 @@ def train_epochs(
     history = fit(
         [run],
         epochs,
+        metric="val_accuracy" if run.data.classification else "val_loss",
         start_epoch=start_epoch,
         loggers=[logger],
         log_every=log_every,

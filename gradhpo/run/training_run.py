@@ -3,7 +3,8 @@
 Search, PBT and the CLI all drive training through :class:`TrainingRun`:
 
 * ``step(n)`` trains ``n`` optimizer steps and returns their mean training loss;
-* ``evaluate(split)`` returns loss and accuracy on ``"train"``, ``"val"`` or ``"test"``;
+* ``evaluate(split)`` returns the mean loss on ``"train"``, ``"val"`` or ``"test"``, and the
+  accuracy where the targets are class labels;
 * ``hyperparameters`` reads and writes the continuous hyperparameters (lr, weight decay, ...);
 * ``state_dict()`` / ``load_state_dict()`` and ``save()`` / ``from_checkpoint()`` give a
   bit-identical continuation on CPU: weights, optimizer state, batch order, augmentation and
@@ -30,6 +31,8 @@ from torch import nn
 
 from gradhpo.data import Augment, BatchIterator, DataSplits, carve_split, load_data
 from gradhpo.files import write_torch
+from gradhpo.hyper.losses import LOSSES, resolve_loss
+from gradhpo.hyper.methods import LossFn, cross_entropy_per_example
 from gradhpo.hyper.optimizers import (
     OPTIMIZER_HYPERPARAMETERS,
     check_hyper_value,
@@ -90,7 +93,7 @@ _TUNER_DEFAULTS: dict[str, Any] = {
     "warm_segments": True,
 }
 #: Keys of a run config's ``training`` section that a run reads (``epochs`` is the loop's).
-TRAINING_KEYS = ("epochs", "batch_size", "seed", "device", "augment", "eval_batch_size")
+TRAINING_KEYS = ("epochs", "batch_size", "seed", "device", "augment", "eval_batch_size", "loss")
 #: Sections of a run config (the YAML shape) that a run reads; job configs add ``name``,
 #: ``output``, ``search`` or ``pbt``, which a run ignores.
 RUN_SECTIONS = ("data", "model", "optimizer", "tuner", "training")
@@ -115,6 +118,21 @@ def swapped_rng(owner: Any) -> Iterator[None]:
             owner._rng_state = torch.get_rng_state()
             if owner._cuda_rng_state is not None:
                 owner._cuda_rng_state = torch.cuda.get_rng_state(owner.device)
+
+
+def _callable_name(fn: Any) -> str:
+    """What a run's config records for a loss given as a callable: ``"module:qualname"``
+    where that imports back to the same function (so the config reloads), else a
+    description that a reload refuses with a message naming ``training.loss``."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if module and qualname and "<" not in qualname:
+        spec = f"{module}:{qualname}"
+        try:
+            if resolve_loss(spec) is fn:
+                return spec
+        except (ValueError, TypeError):
+            pass
+    return f"<not importable: {qualname or type(fn).__name__}>"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -154,6 +172,11 @@ class TrainingRun:
             torch.optim); a spec without ``init`` starts from the optimizer config's value.
         epochs: the training budget in epochs (``training.epochs``): the length of tuned
             schedules (``schedule: {segments: S}``) that do not give their own ``steps``.
+        loss: the training loss (``training.loss``): a name of
+            :data:`gradhpo.hyper.losses.LOSSES` (``cross_entropy``, ``mse``, ``l1``, ``huber``,
+            ``bce_with_logits``), ``"package.module:function"`` or a callable, per example:
+            ``loss(outputs, targets) -> (B,)``. Training minimizes its mean, :meth:`evaluate`
+            reports its mean over a split, the tuner differentiates it.
     """
 
     def __init__(
@@ -169,6 +192,7 @@ class TrainingRun:
         eval_batch_size: int = 1024,
         tuner: Mapping[str, Any] | None = None,
         epochs: int | None = None,
+        loss: str | LossFn = "cross_entropy",
     ) -> None:
         for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -203,6 +227,14 @@ class TrainingRun:
                 raise ValueError(f"tuner.hyper_val_{error}") from None
             self.data = replace(self.data, train=train)
         self.model_config = dict(model)
+        self.loss_fn: LossFn = resolve_loss(loss)
+        if not self.data.classification and self.loss_fn is cross_entropy_per_example:
+            raise ValueError(
+                f"training.loss: cross_entropy needs integer class labels, but data "
+                f"{self.data.name!r} has float targets of shape "
+                f"{tuple(self.data.train.y.shape[1:]) or '(scalar)'}; choose a regression loss "
+                f"({', '.join(n for n in LOSSES if n != 'cross_entropy')}) or your own"
+            )
         # The run's config in the YAML shape (what from_config reads and checkpoints keep).
         self.config: dict[str, Any] = {
             "data": data_spec,
@@ -215,6 +247,7 @@ class TrainingRun:
                 "augment": augment,
                 "eval_batch_size": eval_batch_size,
                 **({} if epochs is None else {"epochs": epochs}),
+                "loss": loss if isinstance(loss, str) else _callable_name(loss),
             },
         }
 
@@ -230,6 +263,7 @@ class TrainingRun:
                 model, self.data.input_shape, self.data.num_classes
             ).to(self.device)
         self._buffers = list(self.model.buffers())
+        self._check_loss_shape()
         self.batches = self._train_batches(batch_size, seed, Augment() if augment else None)
         self.tuner: HyperTuner | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -238,7 +272,6 @@ class TrainingRun:
         else:
             budget = None if epochs is None else epochs * len(self.batches)
             self.tuner, self._tuner_settings = self._make_tuner(tuner, budget)
-        self.loss_fn = nn.CrossEntropyLoss()
         self.val_batches: BatchIterator | None = None
         if self.tuner is not None and self.tuner.objective == "val":
             self.val_batches = BatchIterator(
@@ -251,6 +284,10 @@ class TrainingRun:
         self.global_step = 0
         self.diverged = False
         self.last_report: TunerReport | None = None
+        # The open horizon (tuned runs): its batches already applied as plain steps, and the
+        # run's state before them, from which the completed horizon is replayed (_tuned_steps).
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending_start: dict[str, Any] | None = None
 
     def _make_tuner(
         self, tuner: Mapping[str, Any], budget: int | None
@@ -291,6 +328,34 @@ class TrainingRun:
             raise type(exc)(f"tuner: {exc}") from None
         return tuner_obj, settings
 
+    @torch.no_grad()
+    def _check_loss_shape(self) -> None:
+        """One loss on two training examples (eval mode: no statistics, no randomness): the
+        model's outputs must suit the loss and the loss must be per example, else a
+        ValueError naming ``training.loss`` now rather than a wrong answer later."""
+        was_training = self.model.training
+        self.model.eval()
+        x, y = self.data.train.x[:2], self.data.train.y[:2]
+        # In the model's dtype: a run may be built in float32 and cast to float64 after.
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
+        try:
+            out = self.loss_fn(self.model(x), y)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise ValueError(
+                f"training.loss {self.config['training']['loss']!r} does not fit the model's "
+                f"outputs and the data's targets ({exc})"
+            ) from None
+        finally:
+            self.model.train(was_training)
+        if not isinstance(out, torch.Tensor) or out.shape != (len(y),):
+            raise ValueError(
+                f"training.loss {self.config['training']['loss']!r} must return one loss per "
+                f"example, shape ({len(y)},) for {len(y)} examples, got "
+                f"{getattr(out, 'shape', type(out).__name__)}"
+            )
+
     def _hyper_tuner(
         self, filled: list[Any], settings: Mapping[str, Any], budget: int | None
     ) -> HyperTuner:
@@ -310,6 +375,7 @@ class TrainingRun:
             every=settings["every"],
             chunk=settings["chunk"],
             compile=settings["compile"],
+            loss_fn=self.loss_fn,
             carry=settings["carry"],
             carry_decay=settings["carry_decay"],
             budget=budget,
@@ -343,7 +409,7 @@ class TrainingRun:
                 # BatchNorm updates its running statistics during the forward pass; keep a copy
                 # so that a non-finite batch leaves the model exactly as it was.
                 saved = [b.clone() for b in self._buffers]
-                loss = self.loss_fn(self.model(xb), yb)
+                loss = self.loss_fn(self.model(xb), yb).mean()
                 if not torch.isfinite(loss):
                     for buffer, copy in zip(self._buffers, saved, strict=True):
                         buffer.copy_(copy)
@@ -357,13 +423,37 @@ class TrainingRun:
         return float(total) / n
 
     def _tuned_steps(self, n: int) -> float:
-        """``n`` steps in horizons of K (the last one shorter if K does not divide n)."""
+        """``n`` steps in horizons of K, whatever ``n`` is: ``step(10)`` and ten ``step(1)``
+        take the same K-step hypergradients. A horizon left open at the end of a call is
+        applied at once as plain steps (the model is always current) and kept; the call
+        that completes it replays the whole horizon with the hypergradient from the state
+        saved at its start (same batches, same dropout masks: the same trajectory). The
+        returned loss is the mean over this call's steps (horizon means for replayed ones).
+        An outside change to the run (hyperparameters, batch size, dropout) closes an open
+        horizon as plain steps."""
         assert self.tuner is not None
         total, done = 0.0, 0
         with self._own_rng():
             while done < n:
-                k = min(self.tuner.horizon, n - done)
+                k = min(self.tuner.horizon - len(self._pending), n - done)
                 batches = [next(self.batches) for _ in range(k)]
+                if len(self._pending) + k < self.tuner.horizon:  # the horizon stays open
+                    if not self._pending:
+                        self._pending_start = self._snapshot()
+                    losses = self.tuner.advance(batches)
+                    if not bool(torch.isfinite(losses).all()):
+                        self.diverged = True
+                        return math.nan
+                    self._pending += batches
+                    self.global_step += k
+                    done += k
+                    total += float(losses.sum())
+                    continue
+                replayed = len(self._pending)
+                if replayed:
+                    self._restore(self._pending_start)
+                    batches = self._pending + batches
+                    self._close_horizon()
                 val_batch = next(self.val_batches) if self.val_batches is not None else None
                 report = self.tuner.step(batches, val_batch)
                 self.last_report = report
@@ -371,11 +461,38 @@ class TrainingRun:
                     self.global_step += k
                     done += k
                     total += report.train_loss * k
+                else:  # rolled back to the horizon's start: its earlier steps are undone too
+                    self.global_step -= replayed
                 # A rolled-back horizon is retried on fresh batches, up to max_rejections times.
                 if self.tuner.consecutive_rejections >= self._tuner_settings["max_rejections"]:
                     self.diverged = True
                     return math.nan
         return total / n
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The model, tuner and random state at the start of an open horizon (inside
+        ``_own_rng``: the run's own stream is the global one)."""
+        assert self.tuner is not None
+        snap: dict[str, Any] = {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "tuner": self.tuner.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        if self._cuda_rng_state is not None:
+            snap["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return snap
+
+    def _restore(self, snap: Mapping[str, Any] | None) -> None:
+        assert self.tuner is not None and snap is not None
+        self.model.load_state_dict(snap["model"])
+        self.tuner.load_state_dict(snap["tuner"])
+        torch.set_rng_state(snap["rng"])
+        if "cuda_rng" in snap:
+            torch.cuda.set_rng_state(snap["cuda_rng"], self.device)
+
+    def _close_horizon(self) -> None:
+        """Forget the open horizon: its steps stay applied (plain, no hypergradient)."""
+        self._pending, self._pending_start = [], None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -388,7 +505,8 @@ class TrainingRun:
 
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> dict[str, float]:
-        """Mean loss and accuracy of the current model on ``"train"``, ``"val"`` or ``"test"``."""
+        """Mean loss of the current model on ``"train"``, ``"val"`` or ``"test"``, and its
+        accuracy where the targets are class labels (``data.classification``)."""
         if split not in ("train", "val", "test"):
             raise ValueError(f"evaluate: split must be 'train', 'val' or 'test', got {split!r}")
         data = getattr(self.data, split)
@@ -401,11 +519,15 @@ class TrainingRun:
         for start in range(0, len(data), self.eval_batch_size):
             xb = data.x[start : start + self.eval_batch_size]
             yb = data.y[start : start + self.eval_batch_size]
-            logits = self.model(xb)
-            loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
-            correct += (logits.argmax(dim=1) == yb).sum()
+            outputs = self.model(xb)
+            loss_sum += self.loss_fn(outputs, yb).double().sum()
+            if self.data.classification:
+                correct += (outputs.argmax(dim=1) == yb).sum()
         self.model.train(was_training)
-        return {"loss": float(loss_sum) / len(data), "accuracy": float(correct) / len(data)}
+        metrics = {"loss": float(loss_sum) / len(data)}
+        if self.data.classification:
+            metrics["accuracy"] = float(correct) / len(data)
+        return metrics
 
     # ------------------------------------------------------------------ hyperparameters
     @property
@@ -448,6 +570,7 @@ class TrainingRun:
 
         With a tuner, tuned hyperparameters are set through their raw parametrization
         (``lr`` sets every per-tensor entry, ``lr/<param>`` one of them)."""
+        self._close_horizon()
         if self.tuner is not None:
             tuned = {
                 k: v for k, v in values.items() if k.split("/", 1)[0] in self.tuner.hypers.names
@@ -488,6 +611,7 @@ class TrainingRun:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if batch_size == self.batch_size:
             return
+        self._close_horizon()
         self.batch_size = batch_size
         self.config["training"]["batch_size"] = batch_size
         self.batches = self._train_batches(
@@ -510,6 +634,7 @@ class TrainingRun:
         """Set the probability of every ``nn.Dropout`` in the model (PBT explores it)."""
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+        self._close_horizon()
         layers = [m for m in self.model.modules() if isinstance(m, nn.Dropout)]
         if not layers:
             raise ValueError(
@@ -544,6 +669,15 @@ class TrainingRun:
                 "iterator": self.batches.state_dict(),
                 "config": self.config,
                 "diverged": self.diverged,
+                # An open horizon of a tuned run (see _tuned_steps): None when there is none.
+                "pending": None
+                if not self._pending
+                else {
+                    # lists: the last batch of an epoch may be shorter
+                    "x": [x for x, _ in self._pending],
+                    "y": [y for _, y in self._pending],
+                    "start": self._pending_start,
+                },
             }
         )
 
@@ -569,6 +703,18 @@ class TrainingRun:
             self._cuda_rng_state = state["rng"]["cuda"].clone()
         self.batches.load_state_dict(state["iterator"])
         self.diverged = bool(state.get("diverged", False))
+        pending = state.get("pending")
+        if pending is None or self.tuner is None:
+            self._close_horizon()
+        else:
+            device = self.device
+            self._pending = [
+                (x.to(device), y.to(device))
+                for x, y in zip(pending["x"], pending["y"], strict=True)
+            ]
+            start = dict(pending["start"])
+            start["model"] = {k: v.to(device) for k, v in start["model"].items()}
+            self._pending_start = start
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the checkpoint atomically (temp file in the same folder, then rename)."""

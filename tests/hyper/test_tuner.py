@@ -280,9 +280,13 @@ def test_run_tunes_while_training(synthetic: DataSplits, method: str) -> None:
     )
     before = run.hyperparameters
     assert math.isclose(before["lr"], 0.05, rel_tol=1e-6) and before["momentum"] == 0.9
-    loss = run.step(10)  # horizons of 4, 4 and 2 (greedy: ten of 1)
+    # horizons of 4 and 4, then 2 steps of an open third horizon, applied as plain steps and
+    # replayed with the hypergradient when a later call completes it (greedy: ten of 1)
+    loss = run.step(10)
     assert math.isfinite(loss) and run.global_step == 10
-    assert run.tuner.hyper_steps == (10 if method == "greedy" else 3)
+    assert run.tuner.hyper_steps == (10 if method == "greedy" else 2)
+    run.step(2)
+    assert run.tuner.hyper_steps == (12 if method == "greedy" else 3)
     assert run.hyperparameters["lr"] != before["lr"]
     assert run.last_report is not None and run.last_report.accepted
 
