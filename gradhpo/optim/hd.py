@@ -155,6 +155,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors
 from torch.optim import Optimizer
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
@@ -251,16 +252,18 @@ def _dot_sum(grads: list[Tensor], directions: list[Tensor]) -> Tensor:
     dtype) one concatenation and one dot product, however many tensors."""
     if len(grads) == 1:
         return _dot(grads[0], directions[0])
-    flat = torch.cat([t.reshape(-1) for t in (*grads, *directions)])
+    flat = _flatten_dense_tensors([*grads, *directions])  # flattened and concatenated in C++
     half = flat.numel() // 2
     return torch.dot(flat[:half], flat[half:])
 
 
-def _group_indices(indices: Iterable[int], key: Callable[[int], Any]) -> list[list[int]]:
-    """``indices`` grouped by ``key``, groups in order of first appearance."""
+def _group_indices(indices: list[int], keys: list[Any]) -> list[list[int]]:
+    """``indices`` grouped by their ``keys`` (a parallel list), in order of first appearance."""
+    if all(key == keys[0] for key in keys):  # the common case, quickly
+        return [indices] if indices else []
     groups: dict[Any, list[int]] = {}
-    for i in indices:
-        groups.setdefault(key(i), []).append(i)
+    for i, key in zip(indices, keys, strict=True):
+        groups.setdefault(key, []).append(i)
     return list(groups.values())
 
 
@@ -273,7 +276,7 @@ def _read(values: list[Tensor]) -> list[float]:
     if len(values) == 1:
         return [values[0].item()]
     read = [0.0] * len(values)
-    for indices in _group_indices(range(len(values)), lambda i: values[i].device):
+    for indices in _group_indices(list(range(len(values))), [v.device for v in values]):
         stacked = torch.stack([values[i] for i in indices]).tolist()
         for i, value in zip(indices, stacked, strict=True):
             read[i] = value
@@ -282,8 +285,8 @@ def _read(values: list[Tensor]) -> list[float]:
 
 def _all_finite(tensors: list[Tensor]) -> bool:
     checks = [
-        torch.isfinite(torch.cat([tensors[i].reshape(-1) for i in indices])).all()
-        for indices in _group_indices(range(len(tensors)), lambda i: tensors[i].device)
+        torch.isfinite(_flatten_dense_tensors([tensors[i] for i in indices])).all()
+        for indices in _group_indices(list(range(len(tensors))), [t.device for t in tensors])
     ]
     return all(bool(check) for check in checks)
 
@@ -597,37 +600,35 @@ class HypergradientOptimizer(Optimizer):
         params: list[Tensor] = []
         grads: list[Tensor] = []
         states: list[dict[str, Any]] = []
+        directions: list[Tensor | None] = []  # u_{t-1} where the last applied step stored one
+        scales: list[float] = []
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
             params.append(p)
-            grads.append(p.grad)
-            states.append(self.state[p])
+            grads.append(grad)
+            states.append(state)
+            current = state.get("hd_step") == self._applied_steps
+            directions.append(state.get("hd_direction") if current else None)
+            scales.append(float(state.get("hd_direction_scale", 1.0)) if current else 1.0)
         foreach = group["foreach"]
         if foreach is None:  # torch.optim's default: foreach where every tensor is on CUDA
             foreach = _default_to_fused_or_foreach(params, differentiable=False)[1]
         if params and group["weight_decay"] != 0 and self._coupled_weight_decay:
             grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
-        directions: list[Tensor | None] = []
-        scales: list[float] = []
-        for state in states:
-            if state.get("hd_step") == self._applied_steps and "hd_direction" in state:
-                directions.append(state["hd_direction"])
-                scales.append(float(state.get("hd_direction_scale", 1.0)))
-            else:
-                directions.append(None)
-                scales.append(1.0)
         return _Work(group, foreach, params, grads, states, directions, scales)
 
     @staticmethod
     def _parts(work: _Work) -> list[list[int]]:
         """The work's tensors as they go to ``_update``: all at once on the per-tensor path, per
         device and dtype on the multi-tensor path (torch's multi-tensor kernels need that)."""
-        params, indices = work.params, list(range(len(work.params)))
+        indices = list(range(len(work.params)))
         if work.foreach:
-            return _group_indices(indices, lambda i: (params[i].device, params[i].dtype))
+            return _group_indices(indices, [(p.device, p.dtype) for p in work.params])
         return [indices] if indices else []
 
     def _sets(self, work: _Work) -> list[list[int]]:
@@ -638,13 +639,11 @@ class HypergradientOptimizer(Optimizer):
         with_dir = [i for i, d in enumerate(work.directions) if d is not None]
         if not work.foreach or self.adapt == "tensor":
             return [[i] for i in with_dir]
-        grads, scales = work.grads, work.scales
-        return _group_indices(
-            with_dir,
-            lambda i: (
-                i if grads[i].numel() > _CAT_LIMIT else (grads[i].device, grads[i].dtype, scales[i])
-            ),
-        )
+        keys = [
+            i if (g := work.grads[i]).numel() > _CAT_LIMIT else (g.device, g.dtype, work.scales[i])
+            for i in with_dir
+        ]
+        return _group_indices(with_dir, keys)
 
     def _reduce(self, works: list[_Work]) -> None:
         """All dot products (and norms, for the multiplicative rule) with one host sync."""
@@ -1015,7 +1014,8 @@ class SGDHD(HypergradientOptimizer):
             for i, (state, g) in enumerate(zip(states, grads, strict=True))
             if (d := state.get("hd_direction")) is not None
             and d is not state.get("momentum_buffer")
-            and (d.shape, d.dtype, d.device) == (g.shape, g.dtype, g.device)
+            and d.shape == g.shape
+            and d.dtype == g.dtype
         ]
         if reuse:
             torch._foreach_copy_(
@@ -1119,7 +1119,7 @@ class AdamHD(HypergradientOptimizer):
         steps = [state["step"] for state in states]
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-        torch._foreach_add_(steps, 1)
+        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)  # as torch: one wrapped 1
         counts = [s.item() for s in steps]
         correction1 = [1 - beta1**t for t in counts]
         correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in counts]
