@@ -28,8 +28,10 @@ vector), ``||u_{t-1}||`` over the stored directions.
 ``beta`` is ``hypergrad_lr``; ``hypergrad_lr=0`` reproduces :mod:`torch.optim` exactly: the
 parameter update uses the same elementwise operations in the same order as torch's
 multi-tensor (foreach) path, which on the CPU are those of its single-tensor path; checked bit
-for bit against torch 2.14 on the CPU with ``foreach`` False and True in the tests. The dot
-products are taken in the parameters' dtype and summed per unit in Python floats.
+for bit in the tests against torch on the CPU with ``foreach`` False and True, and on CUDA with
+the defaults (a CUDA test). The dot products are taken in the parameters' dtype and summed per
+unit in Python floats (on the multi-tensor path first per device and dtype on the device, see
+``foreach``).
 
 Stacked levels (``hypergrad_lrs``, additive rule only)
     Chandra et al., "Gradient Descent: The Ultimate Optimizer" (NeurIPS 2022): beta itself can
@@ -78,7 +80,8 @@ Adaptation units (``adapt``)
     ``"group"`` (default): one lr per param group, in ``group["lr"]``.
     ``"tensor"``: one lr per parameter tensor, in ``optimizer.state[p]["lr"]`` (created from
     ``group["lr"]`` when the tensor first gets a gradient); after each step ``group["lr"]`` holds
-    the arithmetic mean of its tensors' lrs, for logging.
+    the arithmetic mean of its tensors' lrs (exactly their value where they are all equal), for
+    logging.
 
 Learning-rate schedulers
     The adapted lr is written to ``group["lr"]`` after every step and read back from it before
@@ -89,7 +92,7 @@ Learning-rate schedulers
     their base values (``LambdaLR``, ``OneCycleLR``, ``CyclicLR``) overwrite it, so adaptation
     only acts between their updates. With ``adapt="tensor"`` a new ``group["lr"]`` rescales
     every tensor lr of the group by ``new / old mean`` (all set to the new value if the old
-    mean was 0).
+    mean was 0 or they were all equal).
 
 Safety
     * The lr never becomes negative or NaN: a non-finite hypergradient (or multiplicative factor)
@@ -135,8 +138,11 @@ Two paths (``foreach``), chosen per param group as torch.optim chooses them
     the dot products: the per-tensor path takes one per tensor and sums them in Python floats;
     the multi-tensor path concatenates the gradients and directions of each (device, dtype)
     share of a unit into one vector and takes one dot product of it (two kernels however many
-    tensors), so its ``h`` differs from the per-tensor path's in rounding only. With
-    ``adapt="tensor"`` every tensor is its own unit, so both take one dot product per tensor.
+    tensors), so its ``h`` differs from the per-tensor path's in rounding only. Tensors of more
+    than 2**22 elements take a dot product each (copying them would cost more than the launch
+    saved), and with ``adapt="tensor"`` every tensor is its own unit, so both paths take one
+    dot product per tensor there. ``load_state_dict`` takes ``foreach`` from the saved groups,
+    as torch.optim does.
 
 Cost per step over the base optimizer: the dot products, one stored direction per tensor (none
 extra for heavy-ball; one division for Adam, two passes for AdamW with weight decay), for the
@@ -241,6 +247,21 @@ def _rescaled(values: list[float], target: float) -> list[float]:
     return [v * (target / mean) for v in values]
 
 
+def _level(values: dict[str, Any], level: int) -> float:
+    """Level 0 is the lr, level k >= 1 the rate ``beta_k`` (``hypergrad_lr``, ``hypergrad_lrs``)
+    of a param group or, with ``adapt="tensor"``, of a tensor's state."""
+    return [values["lr"], values["hypergrad_lr"], *values["hypergrad_lrs"]][level]
+
+
+def _set_level(values: dict[str, Any], level: int, value: float) -> None:
+    if level < 2:
+        values["lr" if level == 0 else "hypergrad_lr"] = value
+    else:
+        rates = list(values["hypergrad_lrs"])
+        rates[level - 2] = value
+        values["hypergrad_lrs"] = tuple(rates)
+
+
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     if a.is_contiguous() and b.is_contiguous():
         return torch.dot(a.view(-1), b.view(-1))
@@ -289,15 +310,6 @@ def _all_finite(tensors: list[Tensor]) -> bool:
         for indices in _group_indices(list(range(len(tensors))), [t.device for t in tensors])
     ]
     return all(bool(check) for check in checks)
-
-
-def _move(params: list[Tensor], directions: list[Tensor], lrs: list[float]) -> None:
-    """``theta <- theta - lr * u`` per tensor, as torch's ``add_(u, alpha=-lr)``."""
-    if all(lr == lrs[0] for lr in lrs):
-        torch._foreach_add_(params, directions, alpha=-lrs[0])
-    else:
-        for p, d, lr in zip(params, directions, lrs, strict=True):
-            p.add_(d, alpha=-lr)
 
 
 def _store(
@@ -504,13 +516,17 @@ class HypergradientOptimizer(Optimizer):
 
     # ---------------------------------------------------------------- diagnostics
 
-    def _unit_keys(self) -> list[Any]:
-        if self.adapt == "optimizer":
-            return [0]
-        if self.adapt == "group":
-            return list(range(len(self.param_groups)))
+    def _units(self) -> list[tuple[Any, dict[str, Any], dict[str, Any]]]:
+        """Per adaptation unit, as the diagnostics lay them out: its key in ``_last_h``, its
+        param group, and the dict that holds its values (the group, with ``adapt="tensor"`` the
+        tensor's state, whose values fall back to the group's until it has its own)."""
+        if self.adapt != "tensor":
+            groups = self.param_groups[:1] if self.adapt == "optimizer" else self.param_groups
+            return [(key, g, g) for key, g in enumerate(groups)]
         return [
-            (gi, pi) for gi, g in enumerate(self.param_groups) for pi in range(len(g["params"]))
+            ((gi, pi), g, self.state.get(p, {}))
+            for gi, g in enumerate(self.param_groups)
+            for pi, p in enumerate(g["params"])
         ]
 
     @property
@@ -518,36 +534,22 @@ class HypergradientOptimizer(Optimizer):
         """``h_t`` of the last step per adaptation unit: one value (``adapt="optimizer"``), one
         per group, or one per parameter tensor in param-group order; ``nan`` where none was
         computed (first step, no gradient, a diverged step)."""
-        return [self._last_h.get(key, math.nan) for key in self._unit_keys()]
+        return [self._last_h.get(key, math.nan) for key, _, _ in self._units()]
 
     @property
     def learning_rates(self) -> list[float]:
         """The current lr per adaptation unit, laid out like :attr:`hypergradients`."""
-        if self.adapt == "optimizer":
-            return [self.param_groups[0]["lr"]]
-        if self.adapt == "group":
-            return [g["lr"] for g in self.param_groups]
-        return [
-            self.state[p]["lr"] if "lr" in self.state.get(p, {}) else g["lr"]
-            for g in self.param_groups
-            for p in g["params"]
-        ]
+        return [values.get("lr", group["lr"]) for _, group, values in self._units()]
 
     @property
     def hypergrad_rates(self) -> list[tuple[float, ...]]:
         """The current ``(beta_1, ..., beta_n)`` (``hypergrad_lr``, then ``hypergrad_lrs``) per
         adaptation unit, laid out like :attr:`learning_rates`."""
-        if self.adapt != "tensor":
-            groups = self.param_groups[:1] if self.adapt == "optimizer" else self.param_groups
-            return [(g["hypergrad_lr"], *g["hypergrad_lrs"]) for g in groups]
-        rates = []
-        for g in self.param_groups:
-            levels = len(g["hypergrad_lrs"])
-            for p in g["params"]:
-                state = self.state.get(p, {})
-                source = state if levels and len(state.get("hypergrad_lrs", ())) == levels else g
-                rates.append((source["hypergrad_lr"], *source["hypergrad_lrs"]))
-        return rates
+        return [
+            (source["hypergrad_lr"], *source["hypergrad_lrs"])
+            for _, group, values in self._units()
+            for source in [values if self._own_rates(values, group) else group]
+        ]
 
     # ---------------------------------------------------------------- the step
 
@@ -585,15 +587,10 @@ class HypergradientOptimizer(Optimizer):
             for state in work.states:
                 state["hd_step"] = step_index
         self._applied_steps = step_index
-        if self.adapt == "tensor":
+        if self.adapt == "tensor":  # the group shows the mean of its tensors' values
             for group in self.param_groups:
-                mean = self._tensor_lr_mean(group)
-                if mean is not None:
-                    group["lr"] = mean
-                columns = self._tensor_rate_columns(group)
-                if columns:
-                    means = [_mean(column) for column in columns]
-                    group["hypergrad_lr"], group["hypergrad_lrs"] = means[0], tuple(means[1:])
+                for level, (_, values) in enumerate(self._tensor_levels(group)):
+                    _set_level(group, level, _mean(values))
         return loss
 
     def _collect(self, group: dict[str, Any]) -> _Work:
@@ -784,7 +781,7 @@ class HypergradientOptimizer(Optimizer):
                 for i, (p, state) in enumerate(zip(work.params, work.states, strict=True)):
                     chain = None
                     if levels:
-                        if len(state.get("hypergrad_lrs", ())) != levels:  # first gradient
+                        if not self._own_rates(state, group):  # first gradient
                             state["hypergrad_lr"] = group["hypergrad_lr"]
                             state["hypergrad_lrs"] = group["hypergrad_lrs"]
                             state["hd_prev_hypergrads"] = (None,) * levels
@@ -823,29 +820,28 @@ class HypergradientOptimizer(Optimizer):
                 lrs.append([lr] * len(w.params))
         return lrs
 
-    def _tensor_lr_mean(self, group: dict[str, Any]) -> float | None:
-        values = [self.state[p]["lr"] for p in group["params"] if "lr" in self.state.get(p, {})]
-        return sum(values) / len(values) if values else None
-
-    def _chain_states(self, group: dict[str, Any]) -> list[dict[str, Any]]:
-        """States of the group's tensors that hold their own stacked rates (tensor mode)."""
+    @staticmethod
+    def _own_rates(state: dict[str, Any], group: dict[str, Any]) -> bool:
+        """Tensor mode: whether a tensor's state holds its own stacked rates."""
         levels = len(group["hypergrad_lrs"])
-        if not levels:
-            return []
-        return [
-            state
-            for p in group["params"]
-            if len((state := self.state.get(p, {})).get("hypergrad_lrs", ())) == levels
-        ]
+        return levels > 0 and len(state.get("hypergrad_lrs", ())) == levels
 
-    def _tensor_rate_columns(self, group: dict[str, Any]) -> list[list[float]]:
-        """Per level ``beta_1 .. beta_n``, the values of the group's tensors (tensor mode)."""
-        rows = [[s["hypergrad_lr"], *s["hypergrad_lrs"]] for s in self._chain_states(group)]
-        return [list(column) for column in zip(*rows, strict=True)]
+    def _tensor_levels(
+        self, group: dict[str, Any]
+    ) -> list[tuple[list[dict[str, Any]], list[float]]]:
+        """Tensor mode: per level (the lr, then with stacked levels ``beta_1 .. beta_n``) the
+        states of the group's tensors that hold their own value, and those values; levels no
+        tensor holds yet are left out."""
+        states = [s for p in group["params"] if "lr" in (s := self.state.get(p, {}))]
+        levels = [(states, [s["lr"] for s in states])] if states else []
+        own = [s for s in states if self._own_rates(s, group)]
+        rows = [[s["hypergrad_lr"], *s["hypergrad_lrs"]] for s in own]
+        return levels + [(own, list(column)) for column in zip(*rows, strict=True)]
 
     def _absorb_external_lr_changes(self) -> None:
         """Pick up values a scheduler (or the user) wrote into ``group["lr"]`` (and, with
-        stacked levels in tensor mode, into ``group["hypergrad_lr"]`` / ``["hypergrad_lrs"]``)."""
+        stacked levels in tensor mode, into ``group["hypergrad_lr"]`` / ``["hypergrad_lrs"]``):
+        with ``adapt="tensor"`` the tensors' values are rescaled (see ``_rescaled``)."""
         if self.adapt == "optimizer":
             keys = ["lr"]
             if self.param_groups[0]["hypergrad_lrs"]:  # adapted, so written to every group
@@ -858,36 +854,13 @@ class HypergradientOptimizer(Optimizer):
                         f"groups now hold different values {values}; set the same {key} in "
                         "every group"
                     )
-        elif self.adapt == "tensor":
-            for group in self.param_groups:
-                self._absorb_external_rate_changes(group)
-                mean = self._tensor_lr_mean(group)
-                if mean is None or group["lr"] == mean:
-                    continue
-                target = group["lr"]
-                for p in group["params"]:
-                    state = self.state.get(p, {})
-                    if "lr" in state:
-                        state["lr"] = state["lr"] * (target / mean) if mean > 0 else target
-                group["lr"] = self._tensor_lr_mean(group)
-
-    def _absorb_external_rate_changes(self, group: dict[str, Any]) -> None:
-        """Tensor mode with stacked levels: a level whose group value is no longer the mean of
-        its tensors' values was written from outside; rescale them as for the lr."""
-        states = self._chain_states(group)
-        if not states:
-            return
-        columns = self._tensor_rate_columns(group)
-        targets = [group["hypergrad_lr"], *group["hypergrad_lrs"]]
-        changed = False
-        for j, (column, target) in enumerate(zip(columns, targets, strict=True)):
-            if target != _mean(column):
-                columns[j] = _rescaled(column, target)
-                changed = True
-        if changed:
-            for i, state in enumerate(states):
-                state["hypergrad_lr"] = columns[0][i]
-                state["hypergrad_lrs"] = tuple(column[i] for column in columns[1:])
+        elif self.adapt == "tensor":  # a group value that is no longer the mean of its tensors'
+            for group in self.param_groups:  # values was written there: rescale them to it
+                for level, (states, values) in enumerate(self._tensor_levels(group)):
+                    target = _level(group, level)
+                    if target != _mean(values):
+                        for state, value in zip(states, _rescaled(values, target), strict=True):
+                            _set_level(state, level, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -955,9 +928,7 @@ class SGDHD(HypergradientOptimizer):
     def _validate_settings(self, settings: dict[str, Any]) -> None:
         super()._validate_settings(settings)
         settings["momentum"] = _non_negative("momentum", settings["momentum"])
-        settings["dampening"] = _real(
-            "dampening", settings["dampening"], "finite number", lambda v: True
-        )
+        settings["dampening"] = _real("dampening", settings["dampening"], "finite number")
         name = type(self).__name__
         if settings["nesterov"] is not self._nesterov:
             raise ValueError(
@@ -1003,7 +974,11 @@ class SGDHD(HypergradientOptimizer):
                 directions = list(torch._foreach_add(grads, buffers, alpha=momentum))
             else:
                 directions = buffers
-        _move(params, directions, lrs)
+        if all(lr == lrs[0] for lr in lrs):  # theta <- theta - lr * u, as torch's add_
+            torch._foreach_add_(params, directions, alpha=-lrs[0])
+        else:
+            for p, d, lr in zip(params, directions, lrs, strict=True):
+                p.add_(d, alpha=-lr)
         if momentum != 0 or group["weight_decay"] != 0:
             _store(states, directions)  # a fresh tensor (or the momentum buffer): no copy
             return

@@ -469,6 +469,23 @@ def test_scheduler_with_per_tensor_lrs_rescales_all_of_them():
     assert opt.learning_rates == pytest.approx([lr * 0.1 for lr in before], rel=1e-12)
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_tensor_mode_group_lr_is_the_exact_common_value(foreach):
+    """The group shows the mean of its tensors' lrs; where they are all equal, exactly their
+    value (three lrs of 0.1 sum to 0.30000000000000004), as torch.optim would show it; a new
+    group value sets them all to it exactly."""
+    params = [nn.Parameter(torch.randn(3)) for _ in range(3)]
+    opt = SGDHD(params, lr=0.1, hypergrad_lr=0.0, adapt="tensor", foreach=foreach)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones(3)
+        opt.step()
+        assert opt.param_groups[0]["lr"] == 0.1 and opt.learning_rates == [0.1] * 3
+    opt.param_groups[0]["lr"] = 0.07
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 0.07 and opt.learning_rates == [0.07] * 3
+
+
 def test_optimizer_mode_rejects_groups_that_disagree():
     model = make_mlp()
     params = list(model.parameters())
