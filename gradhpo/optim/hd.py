@@ -987,10 +987,10 @@ class SGDHD(HypergradientOptimizer):
         reuse = [
             i
             for i, (state, g) in enumerate(zip(states, grads, strict=True))
-            if (d := state.get("hd_direction")) is not None
-            and d is not state.get("momentum_buffer")
-            and d.shape == g.shape
-            and d.dtype == g.dtype
+            if (stored := state.get("hd_direction")) is not None
+            and stored is not state.get("momentum_buffer")
+            and stored.shape == g.shape
+            and stored.dtype == g.dtype
         ]
         if reuse:
             torch._foreach_copy_(
