@@ -929,22 +929,17 @@ class SGDHD(HypergradientOptimizer):
         super()._validate_settings(settings)
         settings["momentum"] = _non_negative("momentum", settings["momentum"])
         settings["dampening"] = _real("dampening", settings["dampening"], "finite number")
-        name = type(self).__name__
-        if settings["nesterov"] is not self._nesterov:
-            raise ValueError(
-                f"Invalid nesterov: {settings['nesterov']!r} (this {name} has nesterov="
-                f"{self._nesterov} for all its param groups)"
-            )
-        if self._nesterov and settings["momentum"] <= 0:
-            raise ValueError(
-                f"Invalid momentum: {settings['momentum']!r} ({name} uses Nesterov momentum, "
-                "which needs momentum > 0)"
-            )
-        if self._nesterov and settings["dampening"] != 0:
-            raise ValueError(
-                f"Invalid dampening: {settings['dampening']!r} ({name} uses Nesterov momentum, "
-                "which needs dampening = 0)"
-            )
+        name, nesterov = type(self).__name__, self._nesterov
+        for key, bad, why in (
+            ("nesterov", settings["nesterov"] is not nesterov,
+             f"this {name} has nesterov={nesterov} for all its param groups"),
+            ("momentum", nesterov and settings["momentum"] <= 0,
+             f"{name} uses Nesterov momentum, which needs momentum > 0"),
+            ("dampening", nesterov and settings["dampening"] != 0,
+             f"{name} uses Nesterov momentum, which needs dampening = 0"),
+        ):  # fmt: skip
+            if bad:
+                raise ValueError(f"Invalid {key}: {settings[key]!r} ({why})")
 
     def _update(
         self,
