@@ -48,6 +48,7 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
         "augment": False,
         "eval_batch_size": 1024,
         "loss": "cross_entropy",
+        "precision": "float32",
     },
     "output": {"dir": "runs", "tensorboard_dir": "tensorboard_logs"},
 }
@@ -145,6 +146,12 @@ def check_bool(path: str, value: Any) -> bool:
     return value
 
 
+def check_choice(path: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    if value not in choices:
+        raise ConfigError(f"{path}: expected one of {list(choices)}, got {value!r}")
+    return value
+
+
 def check_str(path: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{path}: expected a non-empty string, got {value!r}")
@@ -232,6 +239,7 @@ def validate_train_config(config: Mapping[str, Any]) -> dict[str, Any]:
     check_bool("training.augment", training["augment"])
     check_int("training.eval_batch_size", training["eval_batch_size"], 1)
     check_str("training.loss", training["loss"])  # the name is resolved by TrainingRun
+    check_choice("training.precision", training["precision"], ("float32", "bfloat16", "float16"))
     check_str("output.dir", resolved["output"]["dir"])
     check_str("output.tensorboard_dir", resolved["output"]["tensorboard_dir"])
     if "seed" in resolved["data"]:  # named here: the data loader only knows "seed"

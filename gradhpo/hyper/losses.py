@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -30,7 +31,9 @@ __all__ = ["LOSSES", "resolve_loss"]
 
 def _matched(outputs: Tensor, targets: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """Outputs and float targets with the same shape, or a ValueError naming both shapes."""
-    if not targets.is_floating_point():
+    if outputs.dtype in (torch.float16, torch.bfloat16):  # mixed precision: sum in float32
+        outputs = outputs.float()
+    if not targets.is_floating_point() or targets.dtype != outputs.dtype:
         targets = targets.to(outputs.dtype)
     if outputs.shape != targets.shape:
         same_numbers = outputs.shape[:1] == targets.shape[:1] and (

@@ -124,6 +124,11 @@ def validate_pbt_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchS
             raise ConfigError(f"pbt.batched: needs mode 'sync', got {p['mode']!r}")
         if config["training"]["augment"]:
             raise ConfigError("pbt.batched: augmentation is not supported by a batched population")
+        if config["training"]["precision"] != "float32":
+            raise ConfigError(
+                "pbt.batched: a batched population trains in float32, got training.precision "
+                f"{config['training']['precision']!r}; drop one of them"
+            )
         if config["training"]["loss"] != "cross_entropy":
             raise ConfigError(
                 "pbt.batched: a batched population trains with cross_entropy only, got "

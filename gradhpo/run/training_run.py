@@ -17,6 +17,7 @@ Each run owns its random stream: the global torch RNG is swapped in for the dura
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -93,7 +94,24 @@ _TUNER_DEFAULTS: dict[str, Any] = {
     "warm_segments": True,
 }
 #: Keys of a run config's ``training`` section that a run reads (``epochs`` is the loop's).
-TRAINING_KEYS = ("epochs", "batch_size", "seed", "device", "augment", "eval_batch_size", "loss")
+TRAINING_KEYS = (
+    "epochs",
+    "batch_size",
+    "seed",
+    "device",
+    "augment",
+    "eval_batch_size",
+    "loss",
+    "precision",
+)
+#: ``training.precision``: the autocast dtype of plain training and evaluation (float16 adds
+#: a GradScaler). Mixed precision is for runs without a tuner: the hypergradient engine
+#: differentiates through the update in the model's own dtype.
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "float32": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 #: Sections of a run config (the YAML shape) that a run reads; job configs add ``name``,
 #: ``output``, ``search`` or ``pbt``, which a run ignores.
 RUN_SECTIONS = ("data", "model", "optimizer", "tuner", "training")
@@ -177,6 +195,9 @@ class TrainingRun:
             ``bce_with_logits``), ``"package.module:function"`` or a callable, per example:
             ``loss(outputs, targets) -> (B,)``. Training minimizes its mean, :meth:`evaluate`
             reports its mean over a split, the tuner differentiates it.
+        precision: ``float32`` (default), ``bfloat16`` or ``float16`` (mixed precision:
+            forward passes under ``torch.autocast``, float16 with a ``GradScaler`` whose
+            state is checkpointed); runs without a tuner only.
     """
 
     def __init__(
@@ -193,6 +214,7 @@ class TrainingRun:
         tuner: Mapping[str, Any] | None = None,
         epochs: int | None = None,
         loss: str | LossFn = "cross_entropy",
+        precision: str = "float32",
     ) -> None:
         for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -227,6 +249,17 @@ class TrainingRun:
                 raise ValueError(f"tuner.hyper_val_{error}") from None
             self.data = replace(self.data, train=train)
         self.model_config = dict(model)
+        if not isinstance(precision, str) or precision not in PRECISIONS:
+            raise ValueError(
+                f"training.precision: expected one of {list(PRECISIONS)}, got {precision!r}"
+            )
+        if precision != "float32" and tuner is not None:
+            raise ValueError(
+                f"training.precision: {precision} is for plain training; the hypergradient "
+                "tuner differentiates through the update in the model's dtype (use float32 "
+                "or drop the tuner)"
+            )
+        self.precision = precision
         self.loss_fn: LossFn = resolve_loss(loss)
         if not self.data.classification and self.loss_fn is cross_entropy_per_example:
             raise ValueError(
@@ -248,6 +281,7 @@ class TrainingRun:
                 "eval_batch_size": eval_batch_size,
                 **({} if epochs is None else {"epochs": epochs}),
                 "loss": loss if isinstance(loss, str) else _callable_name(loss),
+                "precision": precision,
             },
         }
 
@@ -272,6 +306,9 @@ class TrainingRun:
         else:
             budget = None if epochs is None else epochs * len(self.batches)
             self.tuner, self._tuner_settings = self._make_tuner(tuner, budget)
+        self.scaler: torch.amp.GradScaler | None = None
+        if precision == "float16":
+            self.scaler = torch.amp.GradScaler(self.device.type)
         self.val_batches: BatchIterator | None = None
         if self.tuner is not None and self.tuner.objective == "val":
             self.val_batches = BatchIterator(
@@ -356,6 +393,13 @@ class TrainingRun:
                 f"{getattr(out, 'shape', type(out).__name__)}"
             )
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Mixed precision for forward passes (``training.precision``), else nothing."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
     def _hyper_tuner(
         self, filled: list[Any], settings: Mapping[str, Any], budget: int | None
     ) -> HyperTuner:
@@ -409,15 +453,21 @@ class TrainingRun:
                 # BatchNorm updates its running statistics during the forward pass; keep a copy
                 # so that a non-finite batch leaves the model exactly as it was.
                 saved = [b.clone() for b in self._buffers]
-                loss = self.loss_fn(self.model(xb), yb).mean()
+                with self._autocast():
+                    loss = self.loss_fn(self.model(xb), yb).float().mean()
                 if not torch.isfinite(loss):
                     for buffer, copy in zip(self._buffers, saved, strict=True):
                         buffer.copy_(copy)
                     self.diverged = True
                     return math.nan
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                if self.scaler is None:
+                    loss.backward()
+                    self.optimizer.step()
+                else:  # float16: a step whose scaled gradients overflow is skipped, scale halved
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
                 self.global_step += 1
                 total += loss.detach()
         return float(total) / n
@@ -519,8 +569,10 @@ class TrainingRun:
         for start in range(0, len(data), self.eval_batch_size):
             xb = data.x[start : start + self.eval_batch_size]
             yb = data.y[start : start + self.eval_batch_size]
-            outputs = self.model(xb)
-            loss_sum += self.loss_fn(outputs, yb).double().sum()
+            with self._autocast():
+                outputs = self.model(xb)
+                losses = self.loss_fn(outputs, yb)
+            loss_sum += losses.double().sum()
             if self.data.classification:
                 correct += (outputs.argmax(dim=1) == yb).sum()
         self.model.train(was_training)
@@ -669,6 +721,7 @@ class TrainingRun:
                 "iterator": self.batches.state_dict(),
                 "config": self.config,
                 "diverged": self.diverged,
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 # An open horizon of a tuned run (see _tuned_steps): None when there is none.
                 "pending": None
                 if not self._pending
@@ -703,6 +756,8 @@ class TrainingRun:
             self._cuda_rng_state = state["rng"]["cuda"].clone()
         self.batches.load_state_dict(state["iterator"])
         self.diverged = bool(state.get("diverged", False))
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
         pending = state.get("pending")
         if pending is None or self.tuner is None:
             self._close_horizon()
