@@ -231,6 +231,10 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
+# --------------------------------------------------------------------------------------------
+# values of the adaptation units, and the tensor arithmetic of a step
+
+
 def _mean(values: list[float]) -> float:
     """The arithmetic mean; exactly the common value when all are equal."""
     if all(v == values[0] for v in values):
