@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ import optuna
 from gradhpo import __version__
 from gradhpo.config import ConfigError, load_yaml
 from gradhpo.data import DatasetNotFoundError
+from gradhpo.jobs.export import export_model
 from gradhpo.jobs.pbt import prepare_pbt, run_pbt
 from gradhpo.jobs.rundir import check_pbt_checkpoints, check_writable_dir, open_run_dir
 from gradhpo.jobs.train import prepare_train, run_train
@@ -178,6 +180,43 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", type=Path, help="study directory")
     report.add_argument("--out", type=Path, default=None, help="output folder (default DIR/report)")
     report.set_defaults(func=_cmd_report)
+
+    export = sub.add_parser(
+        "export",
+        help="write a run's best model as a plain state_dict plus a YAML card",
+        description=(
+            "Export the model of a run folder: the best trial of a study (its best epoch), "
+            "the weights of a `gradhpo train` run, or the best member of a PBT run. Writes "
+            "FILE (torch.load(FILE, weights_only=True) gives the state_dict) and FILE with "
+            "the suffix .yaml (model config, input shape, outputs, loss, data, metric, "
+            "hyperparameters); rebuild the module with "
+            "gradhpo.jobs.export.load_exported(FILE)."
+        ),
+    )
+    export.add_argument("dir", type=Path, help="study, train or PBT run folder")
+    export.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the weights file (default DIR/export/best.pt, or DIR/export/trial_<n>.pt)",
+    )
+    export.add_argument(
+        "--trial",
+        type=int,
+        default=None,
+        help="export this complete trial of a study instead of the best one (needed for a "
+        "multi-objective study: a trial of its Pareto front)",
+    )
+    export.add_argument(
+        "--fold", type=int, default=0, help="the fold of a cross-validated study (default 0)"
+    )
+    export.add_argument("--force", action="store_true", help="replace an existing --out")
+    export.add_argument(
+        "--storage",
+        default=None,
+        help=f"the study's storage URL when study.json cannot name it; default ${STORAGE_ENV}",
+    )
+    export.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -315,7 +354,20 @@ def _run_and_print(
         return EXIT_FAILED
     print(f"{study.name}: {counts_line(study.trial_counts(), asked)}")
     _print_best(study.name, summary)
+    _print_export_hint(study.name, study.directory, summary)
     return 0
+
+
+def _print_export_hint(name: str, directory: Path, summary: Mapping[str, Any] | None) -> None:
+    """Where the best trial's weights are and how to export them as a plain model."""
+    if summary is None or not summary.get("checkpoints"):
+        return
+    files = summary["checkpoints"]
+    where = files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more fold(s))"
+    print(
+        f"{name}: best checkpoint {where}; export the model with "
+        f"`gradhpo export {shlex.quote(str(directory))}` (a state_dict .pt and its YAML card)"
+    )
 
 
 def _print_pbt(name: str, best: dict[str, Any]) -> None:
@@ -454,6 +506,37 @@ def _cmd_report(args: argparse.Namespace) -> int:
         + ", ".join(str(f) for f in result["files"])
     )
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    _quiet_optuna()
+    if args.trial is not None and args.trial < 0:
+        raise UserError(f"--trial: expected a trial number >= 0, got {args.trial!r}")
+    if args.fold < 0:
+        raise UserError(f"--fold: expected an integer >= 0, got {args.fold!r}")
+    result = export_model(
+        args.dir,
+        args.out,
+        trial=args.trial,
+        fold=args.fold,
+        force=args.force,
+        storage=_storage_arg(args),
+    )
+    metric, value = result["metric"], result["value"]
+    if isinstance(metric, list):
+        figure = ", ".join(f"{m} {_number(v)}" for m, v in zip(metric, value, strict=True))
+    else:
+        figure = f"{metric} {_number(value)}"
+    print(
+        f"{args.dir.name}: exported {result['what']} ({figure}) to {result['weights_path']} "
+        f"and {result['card_path']}; rebuild it with "
+        f"gradhpo.jobs.export.load_exported({str(result['weights_path'])!r})"
+    )
+    return 0
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -516,6 +516,10 @@ def evaluate_best(
         "hyperparameters": best.user_attrs.get("hyperparameters", {}),
         "test_accuracy": _mean_accuracy(results),
         "test_loss": sum(r["loss"] for r in results) / len(results),
+        # The weights evaluated: its best epoch, one file per fold (`gradhpo export` reads them).
+        "checkpoints": [
+            str(study.trial_dir(best.number) / f"best_{i}.pt") for i in range(len(folds))
+        ],
     }
     study.optuna.set_user_attr("best_test", summary)
     return summary
