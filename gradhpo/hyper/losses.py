@@ -24,9 +24,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradhpo.config import import_object
-from gradhpo.hyper.methods import LossFn, cross_entropy_per_example
 
-__all__ = ["LOSSES", "resolve_loss"]
+__all__ = [
+    "LOSSES",
+    "LossFn",
+    "cross_entropy_per_example",
+    "resolve_loss",
+    "squared_error_per_example",
+]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> per-example losses (B,)
+
+
+def cross_entropy_per_example(outputs: Tensor, targets: Tensor) -> Tensor:
+    """The default loss: cross-entropy of logits, one value per example.
+
+    Refuses what would be a silent wrong answer: floating-point targets or a single output
+    column (a regression model: cross-entropy over one class is 0 whatever the weights, so
+    nothing would train). Pass another loss (``training.loss: mse``, ``loss_fn=``)."""
+    if targets.is_floating_point() or outputs.dim() < 2 or outputs.shape[1] < 2:
+        raise ValueError(
+            "the default loss is cross-entropy over class indices, got outputs of shape "
+            f"{tuple(outputs.shape)} and {targets.dtype} targets of shape {tuple(targets.shape)}; "
+            "for regression or other losses choose one (training.loss: mse, l1, huber, "
+            "bce_with_logits) or pass loss_fn=... (per-example losses, e.g. "
+            "gradhpo.hyper.losses.squared_error_per_example)"
+        )
+    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def _matched(outputs: Tensor, targets: Tensor, name: str) -> tuple[Tensor, Tensor]:
@@ -69,6 +93,9 @@ def _bce_with_logits(outputs: Tensor, targets: Tensor) -> Tensor:
     per = F.binary_cross_entropy_with_logits(o, t, reduction="none")
     return per.flatten(1).sum(1) if o.dim() > 1 else per
 
+
+#: ``0.5 * ||outputs - targets||^2`` per example (regression): the ``mse`` loss.
+squared_error_per_example: LossFn = _mse
 
 #: Losses by config name (``training.loss``).
 LOSSES: dict[str, LossFn] = {

@@ -39,11 +39,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, jvp, vmap
 
 from gradhpo.hyper.implicit import implicit_hypergradient
+
+# The per-example losses live in losses.py; re-exported here, where they were first defined.
+from gradhpo.hyper.losses import LossFn, cross_entropy_per_example, squared_error_per_example
 from gradhpo.hyper.optimizers import HYPER_PREFIX, STEP_KEY, InnerOptimizer
 from gradhpo.hyper.spec import LOSS_HYPERS, HyperParameters
 
@@ -63,7 +65,6 @@ __all__ = [
 Tensor = torch.Tensor
 Params = dict[str, Tensor]
 Batch = Sequence[Tensor]  # (x, y) or (x, y, example_indices)
-LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> per-example losses (B,)
 
 METHODS = ("reverse", "checkpointed", "forward", "greedy")
 
@@ -102,27 +103,6 @@ class Objective:
     @staticmethod
     def train_mean() -> Objective:
         return Objective(final=None, final_weight=0.0, train_weight=1.0)
-
-
-def cross_entropy_per_example(outputs: Tensor, targets: Tensor) -> Tensor:
-    """The default loss: cross-entropy of logits, one value per example.
-
-    Refuses what would be a silent wrong answer: floating-point targets or a single output
-    column (a regression model: cross-entropy over one class is 0 whatever the weights, so
-    nothing would train). Pass ``loss_fn=`` (e.g. :func:`squared_error_per_example`)."""
-    if targets.is_floating_point() or outputs.dim() < 2 or outputs.shape[1] < 2:
-        raise ValueError(
-            "the default loss is cross-entropy over class indices, got outputs of shape "
-            f"{tuple(outputs.shape)} and {targets.dtype} targets of shape {tuple(targets.shape)}; "
-            "for regression or other losses pass loss_fn=... (per-example losses, e.g. "
-            "gradhpo.hyper.methods.squared_error_per_example)"
-        )
-    return F.cross_entropy(outputs, targets, reduction="none")
-
-
-def squared_error_per_example(outputs: Tensor, targets: Tensor) -> Tensor:
-    """``0.5 * ||outputs - targets||^2`` per example (regression)."""
-    return 0.5 * (outputs - targets).pow(2).flatten(1).sum(1)
 
 
 @dataclass

@@ -32,8 +32,7 @@ from torch import nn
 
 from gradhpo.data import Augment, BatchIterator, DataSplits, carve_split, load_data
 from gradhpo.files import write_torch
-from gradhpo.hyper.losses import LOSSES, resolve_loss
-from gradhpo.hyper.methods import LossFn, cross_entropy_per_example
+from gradhpo.hyper.losses import LOSSES, LossFn, cross_entropy_per_example, resolve_loss
 from gradhpo.hyper.optimizers import (
     OPTIMIZER_HYPERPARAMETERS,
     check_hyper_value,
