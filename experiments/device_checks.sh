@@ -6,7 +6,7 @@
 #   3. the batched PBT population against a loop of TrainingRuns on CUDA (goal >= 8x);
 #   4. the hypergradient-descent optimizers against torch.optim on CUDA;
 #   5. the engine's forward mode with torch.compile on CUDA (compiles: last, own time limit).
-# Each step has its own time limit so one slow step cannot eat the others. Logs go to $OUT
+# Each step has its own time limit (570 s in all) so one slow step cannot eat the others. Logs go to $OUT
 # (at most 8 files come back from a lease, so each step writes one log plus one table).
 #
 # Where the machine lacks optuna/higher/TorchOpt, put their wheels (and their missing
@@ -53,14 +53,15 @@ fi
 DEV=cuda
 $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || DEV=cpu
 
-step cuda_tests 90 $PY -m pytest -q -p no:cacheprovider -k "cuda or device" \
-    tests/test_data.py tests/test_run.py tests/hyper/test_implicit.py
+step cuda_tests 120 $PY -m pytest -q -p no:cacheprovider -k "cuda or device" \
+    tests/test_data.py tests/test_run.py tests/hyper/test_implicit.py tests/optim/test_hd.py
 step engine 150 $PY experiments/bench_engine.py --device $DEV --out /tmp/engine "${ENGINE[@]}"
 cp /tmp/engine/summary.csv "$OUT/engine_summary.csv" 2>/dev/null
 step pbt_batched 90 $PY experiments/bench_pbt_batched.py --device $DEV --threads 2 \
     --out /tmp/pbt "${PBT[@]}"
 cp /tmp/pbt/results.md "$OUT/pbt_batched.md" 2>/dev/null
-step hd 90 $PY experiments/bench_hd_optimizers.py --device $DEV --out /tmp/hd "${HD[@]}"
-step engine_compile 120 $PY experiments/bench_engine.py --device $DEV --compile --problems c \
+step hd 120 $PY experiments/bench_hd_optimizers.py --device $DEV --out /tmp/hd --hd-paths foreach \
+    "${HD[@]}"
+step engine_compile 90 $PY experiments/bench_engine.py --device $DEV --compile --problems c \
     --out /tmp/engine_compile "${ENGINE[@]}"
 echo "done"
