@@ -31,6 +31,7 @@ from gradhpo.jobs.tune import StudyFailed, counts_line, prepare_study, run_study
 from gradhpo.jobs.worker import STORAGE_ENV, prepare_worker, run_worker
 from gradhpo.models import ModelConfigError
 from gradhpo.report import write_pbt_report, write_report
+from gradhpo.search.study import load_optuna_study
 
 __all__ = ["main"]
 
@@ -281,6 +282,9 @@ def _print_best(name: str, summary: dict[str, Any] | None) -> None:
     if summary is None:
         print(f"{name}: no trial finished with a finite value")
         return
+    if "pareto" in summary:
+        _print_pareto(name, summary["objectives"], summary["directions"], summary["pareto"])
+        return
     params = ", ".join(f"{k}={v}" for k, v in summary["params"].items())
     tuned = ", ".join(f"{k}={v:.3g}" for k, v in summary["hyperparameters"].items())
     print(f"{name}: best trial {summary['trial']}: {params}")
@@ -297,6 +301,30 @@ def _print_best(name: str, summary: dict[str, Any] | None) -> None:
             f"trained for the same {base['seconds']:.0f} s ({base['epochs']} epochs): "
             + _versus(base, summary)
         )
+
+
+def _print_pareto(
+    name: str, objectives: Sequence[str], directions: Sequence[str], pareto: Sequence[Any]
+) -> None:
+    """A multi-objective study's Pareto front: one line per trial (values, parameters, test
+    figures)."""
+    goals = ", ".join(f"{o} ({d})" for o, d in zip(objectives, directions, strict=True))
+    print(f"{name}: Pareto front of {len(pareto)} trial(s) over {goals}:")
+    for entry in pareto:
+        values = ", ".join(f"{k} {_number(v)}" for k, v in entry["values"].items())
+        params = ", ".join(f"{k}={v}" for k, v in entry["params"].items())
+        print(f"{name}:   trial {entry['trial']}: {values}; {params}; {_test_figures(entry)}")
+
+
+def _print_stored_pareto(directory: Path) -> None:
+    """The Pareto front a multi-objective study stored at its end (``pareto_test``)."""
+    study = load_optuna_study(directory)
+    pareto = study.user_attrs.get("pareto_test")
+    if len(study.directions) < 2 or not pareto:
+        return
+    names = list(pareto[0]["values"])
+    directions = [d.name.lower() for d in study.directions]
+    _print_pareto(directory.name, names, directions, pareto)
 
 
 _TUNE_ERRORS: tuple[type[BaseException], ...] = (ModelConfigError, DatasetNotFoundError)
@@ -360,7 +388,16 @@ def _run_and_print(
 
 def _print_export_hint(name: str, directory: Path, summary: Mapping[str, Any] | None) -> None:
     """Where the best trial's weights are and how to export them as a plain model."""
-    if summary is None or not summary.get("checkpoints"):
+    if summary is None:
+        return
+    if "pareto" in summary:
+        trials = [entry["trial"] for entry in summary["pareto"]]
+        print(
+            f"{name}: the Pareto trials' weights are in {directory / 'trials'}/<trial>/; export "
+            f"one with `gradhpo export {shlex.quote(str(directory))} --trial N` (N in {trials})"
+        )
+        return
+    if not summary.get("checkpoints"):
         return
     files = summary["checkpoints"]
     where = files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more fold(s))"
@@ -493,6 +530,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     best = result["best"]
     if best is not None:
         _print_best(args.dir.name, best)
+    else:
+        _print_stored_pareto(args.dir)
     states = [row["state"] for row in result["rows"]]
     tally = ", ".join(
         f"{states.count(state)} {word}"
@@ -536,6 +575,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _number(value: Any) -> str:
+    """A figure in a line: counts (a parameter count) whole, other floats to 4 digits."""
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 10:
+        return str(int(value))
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 

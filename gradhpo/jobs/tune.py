@@ -6,13 +6,31 @@ A tune config is a train config (see :mod:`gradhpo.config`) plus a ``search`` se
       space: {...}                 # see gradhpo.search.space
       sampler: tpe                 # or {name: tpe, n_startup_trials: 5}; see SAMPLERS
       pruner: median               # or {name: hyperband, reduction_factor: 3}; null for none
-      metric: val_accuracy         # or val_loss (direction follows)
+      metric: val_accuracy         # or val_loss (direction follows); a list for several
+                                   # objectives, e.g. [val_accuracy, params] (below)
+      directions: null             # optional; must be the directions the metric names give
       trials: 20                   # finished trials in the study
       timeout: null                # seconds per invocation
       cv_folds: null               # k >= 2: k-fold cross-validation inside each trial
       early_stopping: {patience: 3, min_delta: 0.0}   # or null
       seed: 0                      # sampler seed (default: training.seed)
       keep_checkpoints: best       # best: only the best trial's weights stay; all
+
+Several objectives (a multi-objective study, Optuna's ``directions``): ``search.metric`` is a
+list of :data:`OBJECTIVES`: exactly one of ``val_accuracy`` / ``val_loss`` (what each trial
+trains for: its best epoch, early stopping, the checkpoint kept) and cheap properties of the
+trial's model, ``params`` (parameter count, minimized) and ``latency_ms`` (forward time of
+one eval batch on the trial's device, minimized: warm-up passes, then the median of
+:data:`LATENCY_REPEATS` timed ones; it depends on the machine and its load). Directions
+follow the names; ``search.directions``, when given, must say the same. Samplers: ``tpe``
+(the default), ``nsga2``, ``random``, ``grid``, ``qmc``, ``gp``, ``bruteforce`` (``cmaes``
+and ``evolution`` are single-objective). Optuna cannot prune a multi-objective study
+(``Trial.report`` is single-objective), so ``search.pruner`` is refused unless null (a
+multi-objective study has no pruner by default), and so is ``search.baseline`` (there is
+no single best trial to compare). The end of the study evaluates every trial of the Pareto
+front on the test set (the study's user attribute ``pareto_test``) and keeps their weights
+(``keep_checkpoints: best`` keeps the Pareto front's); ``gradhpo export DIR --trial N``
+exports one of them.
 
 ``training.epochs`` is the number of epochs of each trial. Inside a trial the continuous
 hyperparameters named in ``tuner`` are adapted by hypergradient as in ``gradhpo train``; a
@@ -35,6 +53,7 @@ How trials end and what ``search.trials`` counts:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -64,6 +83,7 @@ from gradhpo.data import DataSplits
 from gradhpo.execution import Executor, make_executor
 from gradhpo.files import write_json
 from gradhpo.jobs.rundir import check_output_dirs, create_run_dir, open_run_dir, run_dir_of
+from gradhpo.models import count_parameters
 from gradhpo.run import EarlyStopping, Epoch, TrainingRun, fit, resolve_device
 from gradhpo.run.builder import build_run, load_job_data
 from gradhpo.run.loop import METRICS, check_metric_fits, worst
@@ -82,6 +102,8 @@ from gradhpo.search.trial import prune_diverged
 from gradhpo.tensorboard_logger import TensorBoardLogger
 
 __all__ = [
+    "LATENCY_REPEATS",
+    "OBJECTIVES",
     "SAME_FAILURE_STOP",
     "SEARCH_DEFAULTS",
     "StudyFailed",
@@ -91,6 +113,10 @@ __all__ = [
     "ConfigObjective",
     "prepare_study",
     "evaluate_best",
+    "evaluate_pareto",
+    "forward_latency_ms",
+    "objective_names",
+    "selection_metric",
 ]
 
 logger = logging.getLogger("gradhpo.search")
@@ -109,7 +135,17 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "executor": None,
     "baseline": False,
     "storage": None,
+    "directions": None,
 }
+
+#: Objectives of ``search.metric`` and their directions: the training metrics (one of them
+#: selects each trial's best epoch) and properties of the trial's model.
+OBJECTIVES: dict[str, str] = {**METRICS, "params": "minimize", "latency_ms": "minimize"}
+#: Samplers that cannot optimize several objectives.
+SINGLE_OBJECTIVE_SAMPLERS = ("cmaes", "evolution")
+#: Timed forward passes of ``latency_ms`` (after :data:`LATENCY_WARMUP` untimed ones).
+LATENCY_REPEATS = 10
+LATENCY_WARMUP = 3
 
 
 #: A study whose first this many finished trials all failed for the same reason stops.
@@ -163,8 +199,9 @@ def validate_tune_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], Search
     """Validate a tune config: the train sections plus ``search``. Returns the resolved
     config and its search space; every mistake is a ConfigError naming the field."""
     config, s = with_section(raw, "search", SEARCH_DEFAULTS, "gradhpo tune")
-    if s["metric"] not in METRICS:
-        raise ConfigError(f"search.metric: expected one of {list(METRICS)}, got {s['metric']!r}")
+    s["metric"] = _check_objectives(s["metric"], s["directions"])
+    if isinstance(s["metric"], list):
+        _check_multi_objective(s, raw["search"])
     check_int("search.trials", s["trials"], 1)
     if s["timeout"] is not None:
         t = s["timeout"]
@@ -207,6 +244,151 @@ def validate_tune_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], Search
     space = SearchSpace.from_config(s["space"])
     config["search"] = s
     return config, space
+
+
+def _check_objectives(metric: Any, directions: Any) -> str | list[str]:
+    """``search.metric`` as a name (one objective) or a list of two or more names, with
+    exactly one training metric among them; ``search.directions`` (optional) must be the
+    directions the names give."""
+    if isinstance(metric, str):
+        if metric not in METRICS:
+            extra = (
+                f"; {metric!r} is a model property, for a multi-objective study: "
+                f"metric: [val_accuracy, {metric}]"
+                if metric in OBJECTIVES
+                else ""
+            )
+            raise ConfigError(
+                f"search.metric: expected one of {list(METRICS)}, got {metric!r} (or a list of "
+                f"objectives from {list(OBJECTIVES)} for a multi-objective study){extra}"
+            )
+        names = [metric]
+    elif isinstance(metric, list) and metric:
+        names = list(metric)
+        for i, name in enumerate(names):
+            if not isinstance(name, str) or name not in OBJECTIVES:
+                raise ConfigError(
+                    f"search.metric[{i}]: unknown objective {name!r}; expected one of "
+                    f"{list(OBJECTIVES)}"
+                )
+        if len(set(names)) != len(names):
+            raise ConfigError(f"search.metric: an objective is named twice in {names}")
+        trained = [n for n in names if n in METRICS]
+        if len(trained) != 1:
+            raise ConfigError(
+                f"search.metric: expected exactly one of {list(METRICS)} (what each trial "
+                f"trains for) among the objectives, got {names}"
+            )
+    else:
+        raise ConfigError(
+            f"search.metric: expected one of {list(METRICS)} or a non-empty list of objectives "
+            f"from {list(OBJECTIVES)}, got {metric!r}"
+        )
+    if directions is not None:
+        wanted = [OBJECTIVES[n] for n in names]
+        given = [directions] if isinstance(directions, str) else directions
+        if given != wanted:
+            raise ConfigError(
+                f"search.directions: {directions!r} does not match the objectives {names}, "
+                f"whose directions are {wanted} (or leave search.directions out)"
+            )
+    return names[0] if len(names) == 1 else names
+
+
+def _check_multi_objective(s: dict[str, Any], given: Mapping[str, Any]) -> None:
+    """What a multi-objective study cannot have: a pruner (Optuna's pruners read one
+    reported value; ``Trial.report`` is single-objective), a single-objective sampler, a
+    baseline (it compares one best trial). An unset pruner becomes null."""
+    pruner = s["pruner"]
+    if (
+        "pruner" in given
+        and pruner not in (None, "none")
+        and not (isinstance(pruner, Mapping) and pruner.get("name") == "none")
+    ):
+        raise ConfigError(
+            f"search.pruner: {_spec_text(pruner)} cannot prune a multi-objective study "
+            f"(search.metric {s['metric']}): Optuna's pruners read one reported value per "
+            "epoch; set search.pruner: null (early_stopping still works)"
+        )
+    s["pruner"] = None
+    spec = s["sampler"]
+    name = spec.get("name") if isinstance(spec, Mapping) else spec
+    if name in SINGLE_OBJECTIVE_SAMPLERS:
+        raise ConfigError(
+            f"search.sampler: {name!r} optimizes one objective; a multi-objective study "
+            f"(search.metric {s['metric']}) takes tpe, nsga2, random, grid, qmc, gp or "
+            "bruteforce"
+        )
+    if s["baseline"] is True:
+        raise ConfigError(
+            "search.baseline: compares the best trial with the untuned default; a "
+            f"multi-objective study (search.metric {s['metric']}) has a Pareto front instead"
+        )
+
+
+def objective_names(search: Mapping[str, Any]) -> list[str]:
+    """The objectives of a validated ``search`` section, in order."""
+    metric = search["metric"]
+    return [metric] if isinstance(metric, str) else list(metric)
+
+
+def selection_metric(search: Mapping[str, Any]) -> str:
+    """The training metric of a validated ``search`` section: what each trial trains for
+    (its best epoch, early stopping, pruning, the weights kept)."""
+    return next(n for n in objective_names(search) if n in METRICS)
+
+
+def directions_of(search: Mapping[str, Any]) -> list[str]:
+    return [OBJECTIVES[n] for n in objective_names(search)]
+
+
+def forward_latency_ms(
+    run: TrainingRun, *, repeats: int = LATENCY_REPEATS, warmup: int = LATENCY_WARMUP
+) -> float:
+    """Milliseconds of one forward pass of ``run``'s model on one eval batch of its
+    validation split (``training.eval_batch_size`` examples), on the run's device, in eval
+    mode without gradients (under the run's autocast precision): ``warmup`` untimed passes,
+    then the median of ``repeats`` timed ones (CUDA synchronized around each). The model's
+    state is not changed (eval mode: no dropout draw, no BatchNorm statistics update)."""
+    model = run.model
+    x = run.data.val.x[: run.eval_batch_size]
+    cuda = run.device.type == "cuda"
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(run.precision)
+    was_training = model.training
+    model.eval()
+    times = []
+    autocast = (
+        torch.autocast(run.device.type, dtype=dtype)
+        if dtype is not None
+        else contextlib.nullcontext()
+    )
+    try:
+        with torch.no_grad(), autocast:
+            for _ in range(warmup):
+                model(x)
+            for _ in range(repeats):
+                if cuda:
+                    torch.cuda.synchronize(run.device)
+                start = time.perf_counter()
+                model(x)
+                if cuda:
+                    torch.cuda.synchronize(run.device)
+                times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    times.sort()
+    middle = len(times) // 2
+    median = times[middle] if len(times) % 2 else (times[middle - 1] + times[middle]) / 2
+    return 1000.0 * median
+
+
+def model_property(name: str, run: TrainingRun) -> float:
+    """The value of a model-property objective (``params``, ``latency_ms``) for ``run``."""
+    if name == "params":
+        return float(count_parameters(run.model))
+    if name == "latency_ms":
+        return forward_latency_ms(run)
+    raise ValueError(f"unknown model property {name!r}")
 
 
 def check_storage(field: str, value: Any) -> str | None:
@@ -277,7 +459,9 @@ class ConfigObjective:
         self.space = space
         self.folds = folds
         self.search = config["search"]
-        self.metric = self.search["metric"]
+        self.objectives = objective_names(self.search)
+        self.metric = selection_metric(self.search)  # what each trial trains for
+        self.multi = len(self.objectives) > 1  # no pruning: Trial.report is single-objective
         self.maximize = METRICS[self.metric] == "maximize"
         self.epochs = config["training"]["epochs"]
         self.tb_root = Path(config["output"]["tensorboard_dir"]) / study.name
@@ -287,7 +471,7 @@ class ConfigObjective:
         run_config = self.space.apply(self.config, params)
         return [build_run(run_config, data=fold, where="trial") for fold in self.folds]
 
-    def __call__(self, trial: optuna.trial.Trial) -> float:
+    def __call__(self, trial: optuna.trial.Trial) -> float | tuple[float, ...]:
         params = self.space.suggest(trial)
         self.study.heartbeat(trial)  # also saves the sampler state now that params are drawn
         self.study.claim(trial)  # a proposal another trial holds is not evaluated twice
@@ -336,8 +520,8 @@ class ConfigObjective:
 
         def report(epoch: Epoch) -> None:
             self.study.heartbeat(trial)
-            if epoch.diverged:
-                return  # the trial ends as diverged below; no made-up value is reported
+            if epoch.diverged or self.multi:
+                return  # diverged: the trial ends as such below; no made-up value is reported
             trial.report(epoch.value, epoch.epoch)
             if not stopping[0] and trial.should_prune():
                 self._finish_logs(loggers, trial, params, runs, epoch.best)
@@ -382,7 +566,16 @@ class ConfigObjective:
         if done:
             best = done[-1].best
         self._finish_logs(loggers, trial, params, runs, best)
-        return worst(self.metric) if best is None else best
+        value = worst(self.metric) if best is None else best
+        if not self.multi:
+            return value
+        # The other objectives: properties of the trial's model (the same in every fold).
+        values = {
+            name: value if name == self.metric else model_property(name, runs[0])
+            for name in self.objectives
+        }
+        trial.set_user_attr("objectives", values)
+        return tuple(values[name] for name in self.objectives)
 
     def _resume(
         self,
@@ -428,7 +621,7 @@ class ConfigObjective:
             for i in range(len(runs)):
                 if (old / f"best_{i}.pt").is_file() and old != tdir:
                     shutil.copy2(old / f"best_{i}.pt", tdir / f"best_{i}.pt")
-            for record in history:
+            for record in history if not self.multi else ():
                 trial.report(record["value"], record["epoch"])
             if early is not None and progress.get("early"):
                 early.load_state_dict(progress["early"])
@@ -451,10 +644,21 @@ class ConfigObjective:
             tb.close()
 
 
+def kept_trials(study: Study) -> list[optuna.trial.FrozenTrial]:
+    """The trials whose weights the end of the study evaluates (and ``keep_checkpoints:
+    best`` keeps): the best trial, or every trial of a multi-objective study's Pareto
+    front."""
+    if study.is_multi_objective:
+        return sorted(study.best_trials, key=lambda t: t.number)
+    best = study.best_trial
+    return [] if best is None else [best]
+
+
 def _cleanup_checkpoints(study: Study, keep: str) -> None:
     """After each trial: unfinished trials keep ``last_*``; finished ones drop it; with
-    ``keep == "best"`` only the best trial keeps its ``best_*`` weights."""
-    best = study.best_trial
+    ``keep == "best"`` only the best trial (the Pareto front of a multi-objective study)
+    keeps its ``best_*`` weights."""
+    kept = {t.number for t in kept_trials(study)}
     trials = study.optuna.get_trials(deepcopy=False)
     unfinished = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
     # A dead trial's files are the starting point of its pending retry: keep them until then.
@@ -469,7 +673,7 @@ def _cleanup_checkpoints(study: Study, keep: str) -> None:
             continue
         for f in tdir.glob("last_*.pt"):
             f.unlink(missing_ok=True)
-        if keep == "best" and (best is None or trial.number != best.number):
+        if keep == "best" and trial.number not in kept:
             for f in tdir.glob("best_*.pt"):
                 f.unlink(missing_ok=True)
 
@@ -483,46 +687,88 @@ def _best_run(
     fix = "restore the file, or run `gradhpo report` for the validation results"
     if not path.is_file():
         raise ConfigError(
-            f"{str(path)!r}: missing: the best trial {best.number}'s weights are gone, so its "
-            f"test accuracy cannot be measured; {fix}"
+            f"{str(path)!r}: missing: trial {best.number}'s best-epoch weights are gone, so "
+            f"its test accuracy cannot be measured; {fix}"
         )
     try:
         return TrainingRun.from_checkpoint(path, data=data, device=device)
     except Exception as exc:  # noqa: BLE001 - a damaged file: say which and what to do
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ConfigError(
-            f"{str(path)!r}: unreadable checkpoint of the best trial {best.number} "
+            f"{str(path)!r}: unreadable checkpoint of trial {best.number} "
             f"({type(exc).__name__}: {first}); {fix}"
         ) from exc
+
+
+def _test_summary(
+    study: Study,
+    trial: optuna.trial.FrozenTrial,
+    config: Mapping[str, Any],
+    folds: list[DataSplits],
+) -> dict[str, Any]:
+    """Test-set figures of ``trial``'s best-epoch weights (mean over CV folds)."""
+    results = [
+        _best_run(study, trial, i, fold, config["training"]["device"]).evaluate("test")
+        for i, fold in enumerate(folds)
+    ]
+    return {
+        "trial": trial.number,
+        "params": trial.params,
+        "hyperparameters": trial.user_attrs.get("hyperparameters", {}),
+        "test_accuracy": _mean_accuracy(results),
+        "test_loss": sum(r["loss"] for r in results) / len(results),
+        # The weights evaluated: its best epoch, one file per fold (`gradhpo export` reads them).
+        "checkpoints": [
+            str(study.trial_dir(trial.number) / f"best_{i}.pt") for i in range(len(folds))
+        ],
+    }
 
 
 def evaluate_best(
     study: Study, config: Mapping[str, Any], folds: list[DataSplits]
 ) -> dict[str, Any] | None:
     """Test-set evaluation of the best trial only (its best-epoch weights; mean over CV folds).
-    Stored as the study's user attribute ``best_test`` and returned."""
+    Stored as the study's user attribute ``best_test`` and returned. A multi-objective
+    study: :func:`evaluate_pareto`."""
+    if study.is_multi_objective:
+        return evaluate_pareto(study, config, folds)
     best = study.best_trial
     if best is None:
         return None
-    results = [
-        _best_run(study, best, i, fold, config["training"]["device"]).evaluate("test")
-        for i, fold in enumerate(folds)
-    ]
+    summary = _test_summary(study, best, config, folds)
     summary = {
         "trial": best.number,
         "metric": config["search"]["metric"],
         "value": best.value,
-        "params": best.params,
-        "hyperparameters": best.user_attrs.get("hyperparameters", {}),
-        "test_accuracy": _mean_accuracy(results),
-        "test_loss": sum(r["loss"] for r in results) / len(results),
-        # The weights evaluated: its best epoch, one file per fold (`gradhpo export` reads them).
-        "checkpoints": [
-            str(study.trial_dir(best.number) / f"best_{i}.pt") for i in range(len(folds))
-        ],
+        **summary,
     }
     study.optuna.set_user_attr("best_test", summary)
     return summary
+
+
+def evaluate_pareto(
+    study: Study, config: Mapping[str, Any], folds: list[DataSplits]
+) -> dict[str, Any] | None:
+    """A multi-objective study's end: every trial of the Pareto front evaluated on the test
+    set as :func:`evaluate_best` evaluates the best trial. The list (by trial number; each
+    entry ``trial``, ``values`` by objective name, ``params``, ``hyperparameters``,
+    ``test_accuracy``, ``test_loss``, ``checkpoints``) is stored as the study's user
+    attribute ``pareto_test``; returns ``{"objectives", "directions", "pareto"}`` (None
+    while no trial completed)."""
+    front = kept_trials(study)
+    if not front:
+        return None
+    names = objective_names(config["search"])
+    pareto = [
+        {
+            "trial": t.number,
+            "values": dict(zip(names, t.values, strict=True)),
+            **{k: v for k, v in _test_summary(study, t, config, folds).items() if k != "trial"},
+        }
+        for t in front
+    ]
+    study.optuna.set_user_attr("pareto_test", pareto)
+    return {"objectives": names, "directions": directions_of(config["search"]), "pareto": pareto}
 
 
 def _mean_accuracy(results: list[dict[str, float]]) -> float | None:
@@ -537,7 +783,7 @@ def train_baseline(config: Mapping[str, Any], data: DataSplits, seconds: float) 
     search space applied, no hypergradient tuner), trained on the same data for the same
     wall-clock ``seconds`` as the study (whole epochs, at least one); the epoch with the best
     validation metric is evaluated on the test set, as the study's best trial is."""
-    metric = config["search"]["metric"]
+    metric = selection_metric(config["search"])
     run = build_run({**config, "tuner": None}, data=data, where="baseline")
     start = time.perf_counter()
     best_state: dict[str, Any] = {}
@@ -592,18 +838,17 @@ def prepare_study(
             study = load_study(resume_dir, storage=storage, search_space=space)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        best = study.best_trial
-        if best is not None:  # what the end of the run evaluates must be readable now
+        for kept in kept_trials(study):  # what the end of the run evaluates must load now
             for i, fold in enumerate(folds):
-                _best_run(study, best, i, fold, "cpu")
+                _best_run(study, kept, i, fold, "cpu")
         return study, config, space, folds
     directory = run_dir_of(config)
 
     def new_study(tmp: Path) -> None:
-        create_study(
+        made = create_study(
             tmp,
             name=config["name"],
-            direction=METRICS[s["metric"]],
+            directions=directions_of(s),
             sampler=s["sampler"],
             pruner=s["pruner"],
             seed=s["seed"],
@@ -611,6 +856,10 @@ def prepare_study(
             search_space=space,
             storage=storage,
         )
+        if made.is_multi_objective:  # names for `gradhpo report` and optuna-dashboard
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                made.optuna.set_metric_names(objective_names(s))
 
     try:
         create_run_dir(directory, "study", config, populate=new_study)
@@ -634,7 +883,7 @@ def _preflight(config: Mapping[str, Any], space: SearchSpace, data: DataSplits) 
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"training.device: {exc}") from exc
     try:
-        check_metric_fits(config["search"]["metric"], data, "search.metric")
+        check_metric_fits(selection_metric(config["search"]), data, "search.metric")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     dry_run_search(config, space)
@@ -682,9 +931,8 @@ def dry_run_search(config: Mapping[str, Any], space: SearchSpace) -> None:
             warnings.simplefilter("ignore")
             sampler = make_sampler(spec, space, seed=s["seed"])
             pruner = make_pruner(s["pruner"], max_resource=epochs)
-            study = optuna.create_study(
-                direction=METRICS[s["metric"]], sampler=sampler, pruner=pruner
-            )
+            multi = isinstance(s["metric"], list)
+            study = optuna.create_study(directions=directions_of(s), sampler=sampler, pruner=pruner)
             # Samplers that exhaust a grid call study.stop(), legal only inside optimize.
             study._thread_local.in_optimize_loop = True
             for i in range(n + 3):
@@ -695,7 +943,7 @@ def dry_run_search(config: Mapping[str, Any], space: SearchSpace) -> None:
                     space.suggest(trial)
                     field = "search.pruner"
                     pruned = False
-                    for epoch in range(min(epochs, 3)):
+                    for epoch in range(min(epochs, 3) if not multi else 0):
                         trial.report(value + 0.01 * epoch, epoch)
                         # The first n trials complete (the sampler leaves its start-up
                         # phase on complete trials); the last ones take the pruner's word.
@@ -704,7 +952,11 @@ def dry_run_search(config: Mapping[str, Any], space: SearchSpace) -> None:
                             break
                     field = "search.sampler"
                     state = optuna.trial.TrialState.PRUNED if pruned else None
-                    study.tell(trial, None if pruned else value, state=state)
+                    # Made-up values; a multi-objective study's others vary against the first.
+                    told = [value, ((i * 31) % 13) / 13.0, ((i * 17) % 11) / 11.0][
+                        : len(study.directions)
+                    ]
+                    study.tell(trial, None if pruned else (told if multi else value), state=state)
                 except ConfigError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - whatever a trial would meet
