@@ -262,6 +262,21 @@ class HyperSpec:
             return _logit(u)
         return math.log(value) if self.transform == "log" else _inverse_softplus(value)
 
+    def unconstrain(self, value: Tensor) -> Tensor:
+        """Inverse of :meth:`constrain`, elementwise on a tensor of valid values; values on
+        or past a bound are moved just inside it (a sigmoid never reaches its ends)."""
+        if self.low is not None:
+            if self.transform == "log":
+                lo, hi = math.log(self.low), math.log(self.high)
+                u = (value.log() - lo) / (hi - lo)
+            else:
+                u = (value - self.low) / (self.high - self.low)
+            u = u.clamp(1e-6, 1 - 1e-6)
+            return u.log() - (-u).log1p()
+        if self.transform == "log":
+            return value.log()
+        return torch.where(value < 20, value + torch.log(-torch.expm1(-value)), value)
+
     def constrain(self, raw: Tensor) -> Tensor:
         """Map raw (unconstrained) values to valid hyperparameter values, differentiably."""
         if self.low is not None:
@@ -537,6 +552,24 @@ class HyperParameters:
             updates.extend((entry, index, raw_value) for entry, index in targets)
         for entry, index, raw_value in updates:
             (self.raw[entry] if index is None else self.raw[entry][index]).fill_(raw_value)
+
+    @torch.no_grad()
+    def scale_values(self, name: str, factor: float) -> None:
+        """Multiply every value of hyperparameter ``name`` by ``factor`` (every per-tensor or
+        per-element entry and every schedule segment), keeping their ratios: a learned
+        schedule keeps its shape at another level (PBT's explore of a tuned hyper). Bounded
+        hypers stay inside their bounds."""
+        spec = self.spec(name)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise TypeError(f"{name}: scale factor must be a number, got {factor!r}")
+        if not (factor > 0 and math.isfinite(factor)):
+            raise ValueError(f"{name}: scale factor must be > 0 and finite, got {factor!r}")
+        for key in self.keys_of(name):
+            raw = self.raw[key]
+            if spec.low is None and spec.transform == "log":
+                raw.add_(math.log(factor))  # exact in log space
+            else:
+                raw.copy_(spec.unconstrain(spec.constrain(raw) * factor))
 
     def state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.raw.items()}

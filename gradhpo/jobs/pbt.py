@@ -180,7 +180,7 @@ class _Population:
             seed=int(self.config["training"]["seed"]) + index,
             where=f"member {index}",
         )
-        return RunMember(run, self.config["pbt"]["metric"])
+        return RunMember(run, self.config["pbt"]["metric"], values)
 
     def _batched_member(self, index: int, values: dict[str, Any]) -> BatchedMember:
         """Member ``index`` of the one BatchedPopulation (built at the first call): member i

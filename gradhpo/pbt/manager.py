@@ -56,21 +56,38 @@ class Member(Protocol):
     def hyperparameters(self) -> dict[str, float]: ...
 
 
+def _positive(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
 class RunMember:
     """A :class:`~gradhpo.run.TrainingRun` as a PBT member.
 
-    ``apply`` understands ``optimizer.<hyper>`` (``set_hyperparameters``; with a tuner, a tuned
-    hyper restarts from the new value), ``training.batch_size`` and ``model.dropout``.
+    ``apply`` understands ``optimizer.<hyper>``, ``training.batch_size`` and ``model.dropout``.
+    An ``optimizer.<hyper>`` that the run's tuner tunes (hybrid PBT) is moved by the ratio of
+    the new PBT value to the old one: its learned values (every schedule segment, every
+    per-tensor entry) are scaled alike, so exploring changes the level and keeps what the
+    hypergradients learned; ``values`` (the PBT-side record this member was built or last
+    explored with) is part of the member's state dict (``pbt_values``) for that reason. Other
+    hyperparameters are set to the new value (``set_hyperparameters``).
     ``load_state_dict(..., keep_stream=True)`` takes weights, optimizer/tuner state and step
     from the source but keeps this member's own batch order and random stream, as an
     independent worker restoring someone else's checkpoint would."""
 
     _OWN = ("iterator", "val_iterator", "rng")
 
-    def __init__(self, run: Any, metric: str = "val_accuracy") -> None:
+    def __init__(
+        self, run: Any, metric: str = "val_accuracy", values: Mapping[str, Any] | None = None
+    ) -> None:
         check_metric(metric)
         self.run = run
         self.metric = metric
+        self.values: dict[str, Any] = dict(values or {})
 
     def step(self, n: int) -> float:
         return self.run.step(n)
@@ -82,10 +99,12 @@ class RunMember:
         return result["accuracy"] if self.metric == "val_accuracy" else result["loss"]
 
     def state_dict(self) -> dict[str, Any]:
-        return self.run.state_dict()
+        return {**self.run.state_dict(), "pbt_values": dict(self.values)}
 
     def load_state_dict(self, state: Mapping[str, Any], *, keep_stream: bool = False) -> None:
         state = dict(state)
+        if "pbt_values" in state:
+            self.values = dict(state.pop("pbt_values"))
         if keep_stream:
             own = self.run.state_dict()
             for key in self._OWN:
@@ -95,10 +114,19 @@ class RunMember:
         self.run.load_state_dict(state)
 
     def apply(self, values: Mapping[str, Any]) -> None:
-        hypers = {}
+        """Set the values that differ from this member's record (a resume re-applies the
+        record to a rebuilt member: that must change nothing, not even close a tuner's open
+        horizon)."""
+        hypers, factors = {}, {}
+        tuned = set(self.run.tuner.hypers.names) if self.run.tuner is not None else set()
         for path, value in values.items():
+            if path in self.values and self.values[path] == value:
+                continue
             section, key = path.split(".", 1)
-            if section == "optimizer":
+            old = self.values.get(path)
+            if section == "optimizer" and key in tuned and _positive(old) and _positive(value):
+                factors[key] = float(value) / float(old)
+            elif section == "optimizer":
                 hypers[key] = value
             elif path == "training.batch_size":
                 self.run.set_batch_size(int(value))
@@ -108,6 +136,9 @@ class RunMember:
                 raise ValueError(f"{path}: PBT cannot change this during training")
         if hypers:
             self.run.set_hyperparameters(**hypers)
+        if factors:
+            self.run.scale_hyperparameters(**factors)
+        self.values.update(values)
 
     @property
     def hyperparameters(self) -> dict[str, float]:

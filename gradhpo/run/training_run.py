@@ -654,6 +654,29 @@ class TrainingRun:
                     group[name] = value
         self.optimizer_spec.update(checked)
 
+    def scale_hyperparameters(self, **factors: float) -> None:
+        """Multiply hyperparameters by factors. A tuned one keeps its learned shape (every
+        per-tensor entry and schedule segment scaled alike: PBT's explore of a hybrid
+        member); a constant one is set to its value times the factor."""
+        self._close_horizon()
+        tuned = set(self.tuner.hypers.names) if self.tuner is not None else set()
+        current = self.hyperparameters
+        constant = {}
+        for name, factor in factors.items():
+            if name in tuned:
+                continue
+            if name not in current:
+                raise ValueError(
+                    f"unknown hyperparameter {name!r}; known: {list(self.hyperparameter_names)}"
+                )
+            constant[name] = current[name] * factor
+        if constant:
+            self.set_hyperparameters(**constant)  # validates every value before a tuned change
+        assert self.tuner is not None or not (set(factors) & tuned)
+        for name, factor in factors.items():
+            if name in tuned:
+                self.tuner.hypers.scale_values(name, factor)  # type: ignore[union-attr]
+
     # ------------------------------------------------------------------ training options
     def set_batch_size(self, batch_size: int) -> None:
         """Train on batches of ``batch_size`` from now on (PBT explores it). A new batch
@@ -685,12 +708,14 @@ class TrainingRun:
         """Set the probability of every ``nn.Dropout`` in the model (PBT explores it)."""
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
-        self._close_horizon()
         layers = [m for m in self.model.modules() if isinstance(m, nn.Dropout)]
         if not layers:
             raise ValueError(
                 "dropout: the model was built without dropout layers; build it with dropout > 0"
             )
+        if all(layer.p == float(p) for layer in layers):
+            return  # unchanged: an open tuner horizon stays open
+        self._close_horizon()
         for layer in layers:
             layer.p = float(p)
         self.config["model"] = {**self.config["model"], "dropout": float(p)}
