@@ -220,6 +220,15 @@ def test_a_pbt_run_exports_its_best_member(tmp_path: Path, monkeypatch) -> None:
     )
     _same_outputs(run, weights)
 
+    # A run that has not finished (no stored best): the member with the best latest score.
+    db = PBTDatabase(run_dir)
+    with db.transaction():
+        db.set_meta("best", None)
+    db.close()
+    again = read_export(export_model(run_dir, tmp_path / "unfinished.pt")["weights_path"])
+    assert again["source"]["member"] == best["member"] and again["source"]["finished"] is False
+    assert again["sha256"] == card["sha256"] and again["test"] is None
+
 
 def test_a_user_factory_is_imported_by_name(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -264,3 +273,20 @@ def test_nothing_half_written_and_a_foreign_weights_file_is_refused(
     out.write_bytes(other.read_bytes())  # the wrong weights beside a.yaml
     with pytest.raises(ConfigError, match="SHA-256 differs"):
         load_exported(out)
+
+
+def test_a_cross_validated_study_exports_the_fold_asked_for(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = copy.deepcopy(STUDY)
+    config["search"].update(trials=1, cv_folds=2)
+    run_dir = _run(tmp_path, "tune", config)
+    assert "(and 1 more fold(s))" in capsys.readouterr().out
+    card = read_export(export_model(run_dir, tmp_path / "f1.pt", fold=1)["weights_path"])
+    assert card["source"]["fold"] == 1 and card["source"]["folds"] == 2
+    assert card["source"]["checkpoint"].endswith("trials/0000/best_1.pt")
+    fold0 = read_export(export_model(run_dir, tmp_path / "f0.pt")["weights_path"])
+    assert fold0["sha256"] != card["sha256"]  # each fold trained its own model
+    assert main(["export", str(run_dir), "--fold", "2"]) == 2
+    _one_error_line(capsys, "--fold: expected 0 to 1 (the study has 2 fold(s)), got 2")
