@@ -129,6 +129,10 @@ class DataSplits:
     test: Split
     num_classes: int
     input_shape: tuple[int, ...]
+    #: How raw examples became ``x`` (built-in data sets): ``{"divisor": d, "mean": [...],
+    #: "std": [...]}`` per channel, ``x = (raw / divisor - mean) / std``; ``None`` when
+    #: unknown (a user's DataSplits). An exported model records it (``gradhpo export``).
+    preprocessing: dict[str, Any] | None = None
 
     @property
     def classification(self) -> bool:
@@ -734,14 +738,16 @@ def _check_train_size(value: Any, y_train: torch.Tensor) -> int:
     return int(value)
 
 
-def _channel_standardize(splits: Sequence[torch.Tensor]) -> None:
-    """Standardizes every tensor in place with per-channel (dim 1) stats of the first one."""
+def _channel_standardize(splits: Sequence[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Standardizes every tensor in place with per-channel (dim 1) stats of the first one;
+    returns the per-channel mean and std used."""
     train = splits[0]
     dims = [0, *range(2, train.ndim)]
     std, mean = torch.std_mean(train, dim=dims, correction=0, keepdim=True)
     std = torch.where(std > 1e-8, std, torch.ones_like(std))
     for t in splits:
         t.sub_(mean).div_(std)
+    return mean.flatten().tolist(), std.flatten().tolist()
 
 
 def load_dataset(
@@ -838,8 +844,9 @@ def load_dataset(
     if raw.divisor != 1.0:
         for x in xs:
             x.div_(raw.divisor)
+    preprocessing: dict[str, Any] = {"divisor": float(raw.divisor), "mean": None, "std": None}
     if normalize:
-        _channel_standardize(xs)
+        preprocessing["mean"], preprocessing["std"] = _channel_standardize(xs)
     ys = [raw.y[train_idx], raw.y[val_idx], y_test.clone()]
     if train_size is not None:
         keep = _stratified_subset(ys[0], _check_train_size(train_size, ys[0]), gen)
@@ -852,6 +859,7 @@ def load_dataset(
         test=test,
         num_classes=raw.num_classes,
         input_shape=tuple(int(d) for d in raw.x.shape[1:]),
+        preprocessing=preprocessing,
     )
 
 

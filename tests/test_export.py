@@ -13,7 +13,7 @@ import yaml
 
 from gradhpo.cli import main
 from gradhpo.config import ConfigError
-from gradhpo.data import load_data
+from gradhpo.data import load_data, load_dataset
 from gradhpo.jobs import export as export_module
 from gradhpo.jobs.export import export_model, load_exported, read_export
 from gradhpo.pbt.store import PBTDatabase
@@ -199,6 +199,15 @@ def test_a_train_run_exports_its_weights(tmp_path: Path, capsys, monkeypatch) ->
     _same_outputs(run, tmp_path / "out" / "plain.yaml")  # the card's path works as well
     assert main(["export", str(run_dir), "--trial", "0"]) == 2
     _one_error_line(capsys, "--trial: ")
+    # the card says how raw examples become model inputs: applying it to the unnormalized
+    # split gives the inputs the model was trained on
+    inputs = card["inputs"]
+    assert inputs["rule"] == "x = raw / divisor, then per channel (x - mean[c]) / std[c]"
+    plain = load_dataset("digits", seed=0, normalize=False).val.x  # raw / divisor already
+    mean = torch.tensor(inputs["mean"]).view(1, -1, *[1] * (plain.ndim - 2))
+    std = torch.tensor(inputs["std"]).view(1, -1, *[1] * (plain.ndim - 2))
+    expected = load_dataset("digits", seed=0).val.x
+    assert torch.allclose((plain - mean) / std, expected, atol=1e-5)
 
 
 def test_a_pbt_run_exports_its_best_member(tmp_path: Path, monkeypatch) -> None:

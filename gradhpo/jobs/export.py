@@ -311,6 +311,22 @@ def _find(
     return found, config
 
 
+def _inputs(splits: Any) -> Any:
+    """How raw examples must be prepared for the model: the data set's preprocessing
+    (divisor and per-channel mean/std of the training split), or a sentence where the
+    data set does not record it (a user's data factory)."""
+    prep = getattr(splits, "preprocessing", None)
+    if not prep:
+        return (
+            "as gradhpo.data.load_data(data) gives them (this data set does not record its "
+            "preprocessing)"
+        )
+    rule = "x = raw / divisor" + (
+        ", then per channel (x - mean[c]) / std[c]" if prep.get("mean") is not None else ""
+    )
+    return {**_plain(prep), "rule": rule}
+
+
 def _card(found: Mapping[str, Any], config: Mapping[str, Any], directory: Path) -> dict[str, Any]:
     """The YAML card, without the weights' name and hash."""
     state = found["state"]
@@ -332,8 +348,7 @@ def _card(found: Mapping[str, Any], config: Mapping[str, Any], directory: Path) 
         "classification": bool(splits.classification),
         "loss": _plain(training.get("loss", "cross_entropy")),
         "data": _plain(data_spec),
-        "inputs": "as gradhpo.data.load_data(data) gives them (standardized with the "
-        "training split's statistics unless data.normalize is false)",
+        "inputs": _inputs(splits),
         "metric": _plain(found["metric"]),
         "value": _plain(found["value"]),
         "test": _plain(found["test"]),
