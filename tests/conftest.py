@@ -32,3 +32,44 @@ def write_yaml(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch) -> Iterator[Any]:
+    """Ray's multi-node test cluster on this machine (``ray.cluster_utils.Cluster``): a head
+    node without CPUs (it runs no task) and three one-CPU worker nodes (``.workers``) on
+    127.0.0.1 with small object stores; the driver connected; all shut down and removed
+    after. Slow (a few seconds to start): for tests marked slow."""
+    import os
+    import shutil
+    import tempfile
+
+    # Before the first `import ray`: 127.0.0.1 stays the loopback address (see RayExecutor).
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    # Short paths (Ray's socket names have a length limit); RAY_TMPDIR also holds the
+    # address file the test cluster writes.
+    root = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", root)
+    os.makedirs(os.path.join(root, "ray"))
+    common = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 1024 * 1024}
+    made = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "temp_dir": os.path.join(root, "ray"),
+            **common,
+        },
+    )
+    try:
+        made.workers = [made.add_node(num_cpus=1, **common) for _ in range(3)]
+        made.wait_for_nodes()
+        ray.init(address=made.address, log_to_driver=False, configure_logging=False)
+        yield made
+    finally:
+        ray.shutdown()
+        made.shutdown()
+        shutil.rmtree(root, ignore_errors=True)

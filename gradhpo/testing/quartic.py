@@ -15,6 +15,7 @@ phases, which is what PBT's schedule-by-exploitation can find.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,8 +37,12 @@ class QuarticMember:
         b: float = 0.05,
         sigma: float = 0.5,
         w0: float = 10.0,
+        step_seconds: float = 0.0,
     ) -> None:
+        """``step_seconds``: wall-clock time each step takes (a sleep), so fault tests can
+        catch a member in the middle of its interval; the results do not depend on it."""
         self.lr = float(lr)
+        self.step_seconds = float(step_seconds)
         self.a, self.b, self.sigma = a, b, sigma
         self.w = torch.full((dim,), float(w0), dtype=torch.float64)
         self.generator = torch.Generator().manual_seed(seed)
@@ -52,6 +57,8 @@ class QuarticMember:
         for _ in range(n):
             if self.diverged:
                 return math.nan
+            if self.step_seconds:
+                time.sleep(self.step_seconds)
             noise = torch.randn(self.w.shape, generator=self.generator, dtype=torch.float64)
             grad = self.a * self.w**3 + self.b * self.w + self.sigma * noise
             self.w = self.w - self.lr * grad
