@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:  # so that `python experiments/...` works without 
     sys.path.insert(0, str(ROOT))
 
 from gradhpo.models import count_parameters  # noqa: E402
+
 from gradhpo.run import TrainingRun  # noqa: E402
 
 

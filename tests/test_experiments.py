@@ -143,3 +143,46 @@ def test_a_finished_methods_clock_is_frozen() -> None:
     before = tracker.elapsed
     time.sleep(0.05)
     assert tracker.elapsed == before
+
+
+def test_fmnist_retrain_runs(tmp_path: Path) -> None:
+    """experiments/fmnist_retrain.py on 300 Fashion-MNIST images for one epoch (skipped where
+    Debian's dataset-fashion-mnist is not installed; .ci/run installs it)."""
+    import json
+
+    import pytest
+
+    from gradhpo.data import SYSTEM_DATA_DIRS
+
+    if not any(
+        (d / "train-images-idx3-ubyte.gz").is_file() for d in SYSTEM_DATA_DIRS["fashion_mnist"]
+    ):
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    out = tmp_path / "retrain.json"
+    model = '{"name": "cnn", "depth": 1, "width": 4, "head": "flatten"}'
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments/fmnist_retrain.py"),
+            "--model",
+            model,
+            "--epochs",
+            "1",
+            "--train-size",
+            "300",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+    assert summary["train_images"] == 300 and len(result["epochs"]) == 1
+    assert 0.0 <= summary["final_test_accuracy"] <= 1.0 and summary["parameters"] > 0
