@@ -51,15 +51,25 @@ def _run_with_threads(threads: int, fn: Callable[..., Any], args: tuple[Any, ...
 
 
 class Executor:
-    """Runs workers ``fn(*args)``; ``run`` returns their results in order."""
+    """Runs workers ``fn(*args)``; ``run`` returns their results in order. After
+    :meth:`close` (idempotent; also on leaving a ``with`` block) ``run`` raises
+    ``RuntimeError``: a closed executor starts no workers that nobody would close."""
 
     name = "base"
+    closed = False
 
     def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
         raise NotImplementedError
 
     def close(self) -> None:
         """Release resources (the Ray instance this executor started)."""
+        self.closed = True
+
+    def _refuse_if_closed(self) -> None:
+        if self.closed:
+            raise RuntimeError(
+                f"the {self.name!r} executor is closed; make a new one to run more tasks"
+            )
 
     def __enter__(self) -> Executor:
         return self
@@ -74,6 +84,7 @@ class SerialExecutor(Executor):
     name = "serial"
 
     def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
+        self._refuse_if_closed()
         return [fn(*args) for args in args_list]
 
 
@@ -119,6 +130,7 @@ class ProcessExecutor(Executor):
         return self._pool
 
     def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
+        self._refuse_if_closed()
         results: dict[int, Any] = {}
         todo = list(range(len(args_list)))
         while todo:
@@ -143,6 +155,7 @@ class ProcessExecutor(Executor):
         return [results[i] for i in range(len(args_list))]
 
     def close(self) -> None:
+        super().close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -209,6 +222,8 @@ class RayExecutor(Executor):
         self.threads = max(1, int(num_cpus_per_worker))
 
     def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
+        # Closed: Ray would otherwise start a default instance (not loopback-only) on its own.
+        self._refuse_if_closed()
         remote = self.ray.remote(
             num_cpus=self.num_cpus_per_worker,
             num_gpus=self.num_gpus_per_worker,
@@ -234,6 +249,7 @@ class RayExecutor(Executor):
         return results
 
     def close(self) -> None:
+        super().close()
         if self._started:
             self.ray.shutdown()
             self._started = False

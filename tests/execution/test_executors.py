@@ -11,7 +11,7 @@ import optuna
 import pytest
 import yaml
 
-from gradhpo.execution import ProcessExecutor, SerialExecutor, WorkerFailed, make_executor
+from gradhpo.execution import ProcessExecutor, SerialExecutor, make_executor
 from gradhpo.search import create_study, load_study
 from gradhpo.search.drivers import run_objective_study
 from gradhpo.testing.objectives import die_once, quadratic
@@ -66,16 +66,6 @@ def test_killed_worker_is_restarted_and_its_trial_retried(tmp_path: Path, monkey
     retried = [t for t in study.finished_trials() if t.user_attrs.get("gradhpo:resume_from") == 2]
     dead = [t for t in study.optuna.trials if t.number == 2][0]
     assert len(retried) == 1 and retried[0].params == dead.params and dead.state.name == "FAIL"
-
-
-def test_worker_failures_beyond_the_limit_raise(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("GRADHPO_TEST_MARKER", str(tmp_path / "died"))
-    create_study(tmp_path / "s", sampler="random", pruner=None, seed=0)
-    with (
-        pytest.raises(WorkerFailed, match="max_failures=0"),
-        ProcessExecutor(1, max_failures=0) as ex,
-    ):
-        run_objective_study(tmp_path / "s", die_once, ex, workers=1, n_trials=5)
 
 
 def test_executor_specs_are_checked() -> None:
