@@ -12,10 +12,7 @@ a cluster with a shared file system, and a dead driver's process is seen to be g
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,8 +29,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 pytestmark = pytest.mark.slow
 
-MiB = 1024 * 1024
-
 
 def node_worker(*args: Any) -> dict[str, Any]:
     """A study driver (config_study_worker) that also says on which Ray node it ran."""
@@ -44,41 +39,16 @@ def node_worker(*args: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def cluster(monkeypatch) -> Any:
-    """A head node (no CPUs: it runs no task) and three one-CPU worker nodes on 127.0.0.1,
-    small object stores; the driver connected; everything shut down and removed after."""
-    # Before the first `import ray`: 127.0.0.1 stays the loopback address (see RayExecutor).
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
+def cluster(ray_cluster: Any) -> Any:
+    """The shared three-node cluster (tests/conftest.py), with this module's node_worker
+    pickled by value (the workers cannot import tests/)."""
+    import ray
 
-    # Short paths (Ray's socket names have a length limit); RAY_TMPDIR also holds the
-    # address file the test cluster writes.
-    root = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    monkeypatch.setenv("RAY_TMPDIR", root)
-    os.makedirs(os.path.join(root, "ray"))
-    common = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * MiB}
-    # The driver pickles this module's node_worker by value: the workers cannot import tests/.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    made = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "include_dashboard": False,
-            "temp_dir": os.path.join(root, "ray"),
-            **common,
-        },
-    )
     try:
-        made.workers = [made.add_node(num_cpus=1, **common) for _ in range(3)]
-        made.wait_for_nodes()
-        ray.init(address=made.address, log_to_driver=False, configure_logging=False)
-        yield made
+        yield ray_cluster
     finally:
-        ray.shutdown()
-        made.shutdown()
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _config(tmp_path: Path, trials: int, epochs: int) -> dict[str, Any]:
