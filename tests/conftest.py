@@ -34,11 +34,26 @@ def write_yaml(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+def _node_running(cluster: Any, pid: int) -> Any:
+    """The worker node of ``cluster`` whose raylet started process ``pid`` (a Ray worker
+    running a task), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            parent = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    for node in cluster.workers:
+        if node.all_processes["raylet"][0].process.pid == parent:
+            return node
+    return None
+
+
 @pytest.fixture
 def ray_cluster(monkeypatch) -> Iterator[Any]:
     """Ray's multi-node test cluster on this machine (``ray.cluster_utils.Cluster``): a head
     node without CPUs (it runs no task) and three one-CPU worker nodes (``.workers``) on
-    127.0.0.1 with small object stores; the driver connected; all shut down and removed
+    127.0.0.1 with small object stores (``.node_running(pid)``: the node a task's worker
+    process runs on); the driver connected; all shut down and removed
     after. Slow (a few seconds to start): for tests marked slow."""
     import os
     import shutil
@@ -67,6 +82,7 @@ def ray_cluster(monkeypatch) -> Iterator[Any]:
     try:
         made.workers = [made.add_node(num_cpus=1, **common) for _ in range(3)]
         made.wait_for_nodes()
+        made.node_running = lambda pid: _node_running(made, pid)
         ray.init(address=made.address, log_to_driver=False, configure_logging=False)
         yield made
     finally:

@@ -119,18 +119,6 @@ def test_a_study_runs_one_driver_per_node_with_exact_counts(tmp_path: Path, clus
     assert len({t.params["model.width"] for t in study.finished_trials()}) > 1  # distinct draws
 
 
-def _raylet_pid(node) -> int:
-    return node.all_processes["raylet"][0].process.pid
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def test_removing_a_node_mid_trial_retries_the_trial_from_its_checkpoint(
     tmp_path: Path, cluster
 ) -> None:
@@ -163,8 +151,7 @@ def test_removing_a_node_mid_trial_retries_the_trial_from_its_checkpoint(
             progress = study.trial_dir(trial.number) / "progress.json"
             if not progress.is_file() or '"epoch": 1,' not in progress.read_text():
                 continue
-            parent = _parent(trial.system_attrs["gradhpo:driver"]["pid"])
-            node = next((w for w in cluster.workers if _raylet_pid(w) == parent), None)
+            node = cluster.node_running(trial.system_attrs["gradhpo:driver"]["pid"])
             if node is None:
                 continue
             before = {t.number: (t.params, t.value) for t in study.finished_trials()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sqlite3
 import sys
 import threading
@@ -101,17 +102,26 @@ def test_pbt_on_three_nodes_survives_a_node_removed_mid_interval(
         if count >= 10:  # two steps committed; the third is running
             break
         time.sleep(0.02)
-    # The copies of step 2 ran before its commit: the builds logged from now on are step 3's
-    # training tasks. Once three have started, every node runs one (0.5 s each).
+    # The copies of step 2 ran before its commit: a build logged from now on is one of step
+    # 3's training tasks, which then runs for 0.5 s. Remove the node it runs on at once.
     builds = tmp_path / "ray.builds"
-    started = len(builds.read_text().splitlines())
-    while thread.is_alive() and time.monotonic() < deadline:
-        if len(builds.read_text().splitlines()) >= started + 3:
-            break
+    seen = len(builds.read_text().splitlines())
+    victim = task_pid = None
+    while victim is None and thread.is_alive() and time.monotonic() < deadline:
+        for line in builds.read_text().splitlines()[seen:]:
+            task_pid = int(line.split()[0])
+            victim = ray_cluster.node_running(task_pid)
+            if victim is not None:
+                break
         time.sleep(0.01)
-    time.sleep(0.1)
-    victim = ray_cluster.workers[0]
+    assert victim is not None, "no member task was caught running"
+    # A machine that dies takes its processes with it: the node's raylet and the worker that
+    # runs the task (a worker left running would still hand its result to the driver).
     ray_cluster.remove_node(victim, allow_graceful=False)
+    try:
+        os.kill(task_pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     thread.join(timeout=300)
     assert not thread.is_alive() and "error" not in out, out.get("error")
     assert out["trace"] == _trace(local)
