@@ -672,10 +672,10 @@ class TrainingRun:
             constant[name] = current[name] * factor
         if constant:
             self.set_hyperparameters(**constant)  # validates every value before a tuned change
-        assert self.tuner is not None or not (set(factors) & tuned)
-        for name, factor in factors.items():
-            if name in tuned:
-                self.tuner.hypers.scale_values(name, factor)  # type: ignore[union-attr]
+        if self.tuner is not None:
+            for name, factor in factors.items():
+                if name in tuned:
+                    self.tuner.hypers.scale_values(name, factor)
 
     # ------------------------------------------------------------------ training options
     def set_batch_size(self, batch_size: int) -> None:
