@@ -5,6 +5,11 @@ are printed as one line on stderr and exit with code 2; nothing is written to di
 the config has been checked. A study that learned nothing (every trial failed the same way,
 or none completed) prints its trial counts and one error line and exits with code 1, as a
 diverged `gradhpo train` does.
+
+Start-up is kept light: torch, optuna, matplotlib and the jobs are imported inside the
+subcommand that needs them, after its cheap checks (arguments, reading the YAML file), so
+``--version``, ``--help`` and those mistakes answer without loading them
+(tests/test_cli_startup.py).
 """
 
 from __future__ import annotations
@@ -18,25 +23,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import optuna
-
 from gradhpo import __version__
 from gradhpo.config import ConfigError, load_yaml
-from gradhpo.data import DatasetNotFoundError
-from gradhpo.jobs.export import export_model
-from gradhpo.jobs.pbt import prepare_pbt, run_pbt
-from gradhpo.jobs.rundir import check_pbt_checkpoints, check_writable_dir, open_run_dir
-from gradhpo.jobs.train import prepare_train, run_train
-from gradhpo.jobs.tune import StudyFailed, counts_line, prepare_study, run_study
-from gradhpo.jobs.worker import STORAGE_ENV, prepare_worker, run_worker
-from gradhpo.models import ModelConfigError
-from gradhpo.report import write_pbt_report, write_report
-from gradhpo.search.study import load_optuna_study
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+
+#: The storage variable's name for the help texts. It is read as
+#: gradhpo.jobs.worker.STORAGE_ENV, whose module loads torch; tests/test_cli_startup.py
+#: checks that the two agree.
+_STORAGE_ENV_HELP = "GRADHPO_STORAGE"
 
 
 class UserError(Exception):
@@ -85,7 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--storage",
         default=None,
         help="Optuna storage URL for the trials (e.g. postgresql://user:pw@host/db; default "
-        f"search.storage, else ${STORAGE_ENV}, else the journal file of the study folder); "
+        f"search.storage, else ${_STORAGE_ENV_HELP}, else the journal file of the study folder); "
         "a password is never written to disk",
     )
     tune.add_argument(
@@ -138,7 +136,10 @@ def _build_parser() -> argparse.ArgumentParser:
     resume.add_argument(
         "--storage",
         default=None,
-        help=f"the study's storage URL when study.json cannot name it (a password); default ${STORAGE_ENV}",
+        help=(
+            "the study's storage URL when study.json cannot name it (a password); default "
+            f"${_STORAGE_ENV_HELP}"
+        ),
     )
     resume.add_argument("--no-progress", action="store_true", help="hide progress bars")
     resume.set_defaults(func=_cmd_resume)
@@ -159,7 +160,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--storage",
         default=None,
         help="the study's storage URL when study.json cannot name it (a password); "
-        "default: $GRADHPO_STORAGE",
+        f"default: ${_STORAGE_ENV_HELP}",
     )
     worker.add_argument(
         "--objective", default=None, help="module:function, for a study made from Python"
@@ -215,7 +216,7 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--storage",
         default=None,
-        help=f"the study's storage URL when study.json cannot name it; default ${STORAGE_ENV}",
+        help=f"the study's storage URL when study.json cannot name it; default ${_STORAGE_ENV_HELP}",
     )
     export.set_defaults(func=_cmd_export)
     return parser
@@ -238,7 +239,10 @@ def _apply_overrides(raw: dict[str, Any], args: argparse.Namespace) -> dict[str,
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    config, run = prepare_train(_apply_overrides(load_yaml(args.config), args))
+    raw = _apply_overrides(load_yaml(args.config), args)
+    from gradhpo.jobs.train import prepare_train, run_train
+
+    config, run = prepare_train(raw)
     summary = run_train(config, run, progress=not args.no_progress)
     name = config["name"]
     if summary["diverged"]:
@@ -318,6 +322,8 @@ def _print_pareto(
 
 def _print_stored_pareto(directory: Path) -> None:
     """The Pareto front a multi-objective study stored at its end (``pareto_test``)."""
+    from gradhpo.search.study import load_optuna_study
+
     study = load_optuna_study(directory)
     pareto = study.user_attrs.get("pareto_test")
     if len(study.directions) < 2 or not pareto:
@@ -327,15 +333,22 @@ def _print_stored_pareto(directory: Path) -> None:
     _print_pareto(directory.name, names, directions, pareto)
 
 
-_TUNE_ERRORS: tuple[type[BaseException], ...] = (ModelConfigError, DatasetNotFoundError)
+def _job_errors() -> tuple[type[BaseException], ...]:
+    """User mistakes found while a job is prepared (unknown model knob, missing data files),
+    besides ConfigError: imported here, as their modules load torch."""
+    from gradhpo.data import DatasetNotFoundError
+    from gradhpo.models import ModelConfigError
+
+    return (ModelConfigError, DatasetNotFoundError)
 
 
 def _quiet_optuna() -> None:
+    import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happened
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    _quiet_optuna()
     _check_count("--trials", args.trials)
     _check_count("--epochs", args.epochs)
     if args.timeout is not None and not args.timeout > 0:
@@ -345,9 +358,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raw["search"]["trials"] = args.trials
     if args.baseline and isinstance(raw.get("search"), dict):
         raw["search"]["baseline"] = True
+    _quiet_optuna()
+    from gradhpo.jobs.tune import prepare_study
+
     try:
         study, config, space, folds = prepare_study(raw=raw, storage=_storage_arg(args))
-    except _TUNE_ERRORS as exc:
+    except _job_errors() as exc:
         raise UserError(str(exc)) from exc
     print(f"{study.name}: study in {study.directory} ({study.dashboard_hint})")
     return _run_and_print(study, config, space, folds, args, trials=None)
@@ -356,6 +372,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _storage_arg(args: argparse.Namespace) -> str | None:
     """The storage URL of ``tune``/``resume``: --storage, else $GRADHPO_STORAGE (None: the
     config's search.storage or what study.json records)."""
+    from gradhpo.jobs.worker import STORAGE_ENV
+
     return getattr(args, "storage", None) or os.environ.get(STORAGE_ENV) or None
 
 
@@ -364,6 +382,8 @@ def _run_and_print(
 ) -> int:
     """Run the study, print how its trials ended and the best one; StudyFailed (nothing
     learned) is printed after the counts as one error line, exit code 1."""
+    from gradhpo.jobs.tune import StudyFailed, counts_line, run_study
+
     asked = trials if trials is not None else config["search"]["trials"]
     try:
         summary = run_study(
@@ -418,11 +438,13 @@ def _print_pbt(name: str, best: dict[str, Any]) -> None:
 
 
 def _cmd_pbt(args: argparse.Namespace) -> int:
-    _quiet_optuna()
     raw = _apply_overrides(load_yaml(args.config), args)
+    _quiet_optuna()
+    from gradhpo.jobs.pbt import prepare_pbt, run_pbt
+
     try:
         manager, config, population = prepare_pbt(raw)
-    except _TUNE_ERRORS as exc:
+    except _job_errors() as exc:
         raise UserError(str(exc)) from exc
     print(f"{config['name']}: PBT run in {manager.db.directory}")
     try:
@@ -435,6 +457,8 @@ def _cmd_pbt(args: argparse.Namespace) -> int:
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     _quiet_optuna()
+    from gradhpo.jobs.rundir import check_pbt_checkpoints, open_run_dir
+
     kind, _ = open_run_dir(args.dir)
     if kind == "train":
         raise UserError(
@@ -446,9 +470,11 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         if args.seed is not None:
             raise UserError("--seed: not used by a PBT run (its seeds are in its config)")
         check_pbt_checkpoints(args.dir)
+        from gradhpo.jobs.pbt import prepare_pbt, run_pbt
+
         try:
             manager, config, population = prepare_pbt(resume_dir=args.dir)
-        except _TUNE_ERRORS as exc:
+        except _job_errors() as exc:
             raise UserError(str(exc)) from exc
         print(f"{config['name']}: resuming the PBT run in {args.dir}")
         try:
@@ -463,9 +489,11 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         raise UserError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
     if not args.dir.is_dir():
         raise UserError(f"study directory not found: {str(args.dir)!r}")
+    from gradhpo.jobs.tune import prepare_study
+
     try:
         study, config, space, folds = prepare_study(resume_dir=args.dir, storage=_storage_arg(args))
-    except _TUNE_ERRORS as exc:
+    except _job_errors() as exc:
         raise UserError(str(exc)) from exc
     if args.seed is not None:
         study.reseed(args.seed)
@@ -477,17 +505,19 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    _quiet_optuna()
     _check_count("--trials", args.trials)
     _check_count("--threads", args.threads)
     if args.timeout is not None and not args.timeout > 0:
         raise UserError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed: expected an integer >= 0, got {args.seed!r}")
+    _quiet_optuna()
+    from gradhpo.jobs.worker import STORAGE_ENV, prepare_worker, run_worker
+
     storage = args.storage or os.environ.get(STORAGE_ENV) or None
     try:
         job = prepare_worker(args.dir, storage=storage, objective=args.objective)
-    except _TUNE_ERRORS as exc:
+    except _job_errors() as exc:
         raise UserError(str(exc)) from exc
     if job.config is None and args.trials is None:
         raise UserError("--trials: required for a study made from Python (with --objective)")
@@ -516,6 +546,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     if not args.dir.is_dir():
         raise UserError(f"study directory not found: {str(args.dir)!r}")
+    from gradhpo.jobs.rundir import check_writable_dir, open_run_dir
+    from gradhpo.report import write_pbt_report, write_report
+
     kind, _ = open_run_dir(args.dir)
     if kind == "train":
         raise UserError(
@@ -548,11 +581,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    _quiet_optuna()
     if args.trial is not None and args.trial < 0:
         raise UserError(f"--trial: expected a trial number >= 0, got {args.trial!r}")
     if args.fold < 0:
         raise UserError(f"--fold: expected an integer >= 0, got {args.fold!r}")
+    _quiet_optuna()
+    from gradhpo.jobs.export import export_model
+
     result = export_model(
         args.dir,
         args.out,
@@ -586,12 +621,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, UserError, DatasetNotFoundError, ModelConfigError) as exc:
-        print(f"gradhpo: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except (ConfigError, UserError) as exc:
+        return _usage_error(exc)
     except KeyboardInterrupt:
         print("gradhpo: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # the job's own user errors can only come from a command that has loaded the job,
+        # so importing their classes here costs nothing new
+        if isinstance(exc, _job_errors()):
+            return _usage_error(exc)
+        raise
+
+
+def _usage_error(exc: BaseException) -> int:
+    print(f"gradhpo: error: {exc}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover
