@@ -37,10 +37,100 @@ from gradhpo.models import count_parameters  # noqa: E402
 from gradhpo.run import TrainingRun  # noqa: E402
 
 
+def retrain(
+    model: dict,
+    *,
+    lr: float,
+    weight_decay: float = 5e-4,
+    epochs: int,
+    seed: int = 0,
+    batch_size: int = 128,
+    val_fraction: float = 0.05,
+    train_size: int | None = None,
+    augment: bool = True,
+    device: str = "auto",
+    test_each_epoch: bool = True,
+    on_epoch=None,
+) -> dict:
+    """Trains ``model`` on Fashion-MNIST with the recipe of the module docstring and returns
+    ``{"summary": ..., "epochs": [...]}``. ``on_epoch(row)`` is called after every epoch
+    (a study reports to its pruner there; raising stops the run). Without ``test_each_epoch``
+    the test split is evaluated after the last epoch only (a study's trials)."""
+    data = {"name": "fashion_mnist", "seed": seed, "val_fraction": val_fraction}
+    if train_size:
+        data["train_size"] = train_size
+    run = TrainingRun(
+        model=model,
+        data=data,
+        optimizer={
+            "name": "sgd",
+            "lr": lr,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": weight_decay,
+        },
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        augment=augment,
+    )
+    params = count_parameters(run.model)
+    total = epochs * run.steps_per_epoch
+    chunk = 10
+    start = time.perf_counter()
+    best_val, test_at_best_val, rows = -1.0, math.nan, []
+    for epoch in range(1, epochs + 1):
+        done = 0
+        while done < run.steps_per_epoch and not run.diverged:
+            n = min(chunk, run.steps_per_epoch - done)
+            progress = run.global_step / total
+            run.set_hyperparameters(lr=lr * 0.5 * (1 + math.cos(math.pi * progress)))
+            run.step(n)
+            done += n
+        last = epoch == epochs or run.diverged
+        val = run.evaluate("val")
+        test = (
+            run.evaluate("test")
+            if test_each_epoch or last
+            else {"accuracy": math.nan, "loss": math.nan}
+        )
+        if val["accuracy"] > best_val:
+            best_val, test_at_best_val = val["accuracy"], test["accuracy"]
+        row = {
+            "epoch": epoch,
+            "val_accuracy": round(val["accuracy"], 4),
+            "test_accuracy": round(test["accuracy"], 4),
+            "test_loss": round(test["loss"], 4),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        rows.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+        if run.diverged:
+            break
+    summary = {
+        "model": model,
+        "parameters": params,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "epochs": epochs,
+        "seed": seed,
+        "train_images": len(run.data.train),
+        "device": str(run.device),
+        "final_val_accuracy": rows[-1]["val_accuracy"] if rows else math.nan,
+        "final_test_accuracy": rows[-1]["test_accuracy"] if rows else math.nan,
+        "test_accuracy_at_best_val": round(test_at_best_val, 4),
+        "seconds": round(time.perf_counter() - start, 1),
+        "diverged": run.diverged,
+    }
+    return {"summary": summary, "epochs": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="model config as JSON")
     ap.add_argument("--lr", type=float, default=0.05, help="starting learning rate")
+    ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
@@ -53,69 +143,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = json.loads(args.model)
-    data = {"name": "fashion_mnist", "seed": args.seed, "val_fraction": args.val_fraction}
-    if args.train_size:
-        data["train_size"] = args.train_size
-    run = TrainingRun(
-        model=model,
-        data=data,
-        optimizer={
-            "name": "sgd",
-            "lr": args.lr,
-            "momentum": 0.9,
-            "nesterov": True,
-            "weight_decay": 5e-4,
-        },
-        batch_size=args.batch_size,
+    result = retrain(
+        json.loads(args.model),
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        epochs=args.epochs,
         seed=args.seed,
-        device=args.device,
+        batch_size=args.batch_size,
+        val_fraction=args.val_fraction,
+        train_size=args.train_size,
         augment=not args.no_augment,
+        device=args.device,
+        on_epoch=lambda row: print(json.dumps(row), flush=True),
     )
-    params = count_parameters(run.model)
-    total = args.epochs * run.steps_per_epoch
-    chunk = 10
-    start = time.perf_counter()
-    best_val, test_at_best_val, rows = -1.0, math.nan, []
-    for epoch in range(1, args.epochs + 1):
-        done = 0
-        while done < run.steps_per_epoch and not run.diverged:
-            n = min(chunk, run.steps_per_epoch - done)
-            progress = run.global_step / total
-            run.set_hyperparameters(lr=args.lr * 0.5 * (1 + math.cos(math.pi * progress)))
-            run.step(n)
-            done += n
-        val, test = run.evaluate("val"), run.evaluate("test")
-        if val["accuracy"] > best_val:
-            best_val, test_at_best_val = val["accuracy"], test["accuracy"]
-        row = {
-            "epoch": epoch,
-            "val_accuracy": round(val["accuracy"], 4),
-            "test_accuracy": round(test["accuracy"], 4),
-            "test_loss": round(test["loss"], 4),
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if run.diverged:
-            break
-    summary = {
-        "model": model,
-        "parameters": params,
-        "lr": args.lr,
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "train_images": len(run.data.train),
-        "device": str(run.device),
-        "final_test_accuracy": rows[-1]["test_accuracy"] if rows else math.nan,
-        "test_accuracy_at_best_val": round(test_at_best_val, 4),
-        "seconds": round(time.perf_counter() - start, 1),
-        "diverged": run.diverged,
-    }
-    print("summary " + json.dumps(summary), flush=True)
+    print("summary " + json.dumps(result["summary"]), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"summary": summary, "epochs": rows}, indent=1))
+        args.out.write_text(json.dumps(result, indent=1))
     return 0
 
 
