@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("gradhpo.pbt",),
     ("gradhpo.testing",),
     ("gradhpo.jobs",),
+    ("gradhpo.integrations",),
     ("gradhpo.report",),
     ("gradhpo.cli",),
 ]
