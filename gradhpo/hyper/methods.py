@@ -285,10 +285,7 @@ def _autograd_loss_grad(
         grads = torch.autograd.grad(
             total, list(leaves.values()), create_graph=create_graph, allow_unused=True
         )
-    grad_dict = {
-        k: g if g is not None else torch.zeros_like(v)
-        for (k, v), g in zip(leaves.items(), grads, strict=True)
-    }
+    grad_dict = _or_zeros(leaves, grads)
     if not create_graph:
         data_loss = data_loss.detach()
     return grad_dict, data_loss, _detach(new_buffers)
@@ -337,6 +334,45 @@ def _zeros_like(raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: torch.zeros_like(v) for k, v in raw.items()}
 
 
+def _or_zeros(like: Mapping[str, Tensor], grads: Sequence[Tensor | None]) -> dict[str, Tensor]:
+    """``autograd.grad(..., allow_unused=True)``'s results keyed like ``like``, with zeros
+    where an input was unused (``None``)."""
+    return {
+        k: g if g is not None else torch.zeros_like(v)
+        for (k, v), g in zip(like.items(), grads, strict=True)
+    }
+
+
+def _with_train_mean(value: Tensor, objective: Objective, losses: Sequence[Tensor]) -> Tensor:
+    """The objective's value: its final term ``value`` plus the train-mean term, if any."""
+    if not objective.train_weight:
+        return value
+    return value + objective.train_weight * torch.stack(list(losses)).mean()
+
+
+@dataclass(frozen=True)
+class _Unroll:
+    """What every method differentiates: K = len(batches) inner steps of ``problem`` from
+    (params, state, buffers), scored by ``objective``."""
+
+    problem: InnerProblem
+    params: Params
+    state: Params
+    buffers: Params
+    batches: Sequence[Batch]
+    objective: Objective
+
+
+@dataclass(frozen=True)
+class _ForwardOptions:
+    """Forward mode's own options (see :func:`hypergradient`)."""
+
+    max_directions: int = 64
+    chunk: int | None = None
+    compile: bool = False
+    tangents: Mapping[str, Tensor] | None = None
+
+
 def _final_loss(objective: Objective, params: Params, buffers: Params) -> Tensor:
     if objective.final is None or objective.final_weight == 0:
         return torch.zeros((), dtype=next(iter(params.values())).dtype)
@@ -355,15 +391,9 @@ def _check_horizon(batches: Sequence[Batch], truncate: int | None) -> int:
 
 
 # ---------------------------------------------------------------------- reverse mode
-def _reverse(
-    problem: InnerProblem,
-    params: Params,
-    state: Params,
-    buffers: Params,
-    batches: Sequence[Batch],
-    objective: Objective,
-    truncate: int | None,
-) -> HypergradResult:
+def _reverse(u: _Unroll, truncate: int | None) -> HypergradResult:
+    problem, params, state, buffers, batches = u.problem, u.params, u.state, u.buffers, u.batches
+    objective = u.objective
     raw = problem.hypers.raw
     k_total = len(batches)
     t = _check_horizon(batches, truncate)
@@ -389,18 +419,14 @@ def _reverse(
     obj = _final_loss(objective, params, buffers)
     if objective.train_weight:
         obj = obj + objective.train_weight * (torch.stack(losses + tracked_losses).sum() / k_total)
-    keys = list(raw)
     if obj.requires_grad:
-        grads = torch.autograd.grad(obj, [raw[k] for k in keys], allow_unused=True)
+        grads = torch.autograd.grad(obj, list(raw.values()), allow_unused=True)
     else:  # nothing in the objective depends on the hypers (e.g. train_mean over one step)
-        grads = (None,) * len(keys)
+        grads = (None,) * len(raw)
     with torch.no_grad():
         all_losses = torch.stack([*losses, *(loss.detach() for loss in tracked_losses)])
     return HypergradResult(
-        grads={
-            k: g if g is not None else torch.zeros_like(raw[k])
-            for k, g in zip(keys, grads, strict=True)
-        },
+        grads=_or_zeros(raw, grads),
         objective=obj.detach(),
         train_losses=all_losses,
         params=_detach(params),
@@ -410,15 +436,9 @@ def _reverse(
 
 
 # ---------------------------------------------------------------------- checkpointed
-def _checkpointed(
-    problem: InnerProblem,
-    params: Params,
-    state: Params,
-    buffers: Params,
-    batches: Sequence[Batch],
-    objective: Objective,
-    truncate: int | None,
-) -> HypergradResult:
+def _checkpointed(u: _Unroll, truncate: int | None) -> HypergradResult:
+    problem, params, state, buffers, batches = u.problem, u.params, u.state, u.buffers, u.batches
+    objective = u.objective
     raw = problem.hypers.raw
     k_total = len(batches)
     t = _check_horizon(batches, truncate)
@@ -457,10 +477,7 @@ def _checkpointed(
         adj = torch.autograd.grad(
             obj, [*tracked.values(), *(raw[k] for k in keys)], allow_unused=True
         )
-        adj_params = {
-            n: g if g is not None else torch.zeros_like(v)
-            for (n, v), g in zip(tracked.items(), adj, strict=False)
-        }
+        adj_params = _or_zeros(tracked, adj[: len(tracked)])
         for k, g in zip(keys, adj[len(tracked) :], strict=True):
             if g is not None:
                 grads[k] += g
@@ -494,23 +511,15 @@ def _checkpointed(
         inputs = [*p_in.values(), *s_in_float.values(), *(raw[k] for k in keys)]
         vjp = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
         n_p, n_s = len(p_in), len(s_in_float)
-        adj_params = {
-            n: g if g is not None else torch.zeros_like(p_in[n])
-            for n, g in zip(p_in, vjp[:n_p], strict=True)
-        }
-        adj_state = {
-            n: g if g is not None else torch.zeros_like(s_in_float[n])
-            for n, g in zip(s_in_float, vjp[n_p : n_p + n_s], strict=True)
-        }
+        adj_params = _or_zeros(p_in, vjp[:n_p])
+        adj_state = _or_zeros(s_in_float, vjp[n_p : n_p + n_s])
         for k, g in zip(keys, vjp[n_p + n_s :], strict=True):
             if g is not None:
                 grads[k] += g
     _set_rng(device, rng_after)
 
     with torch.no_grad():
-        obj_value = obj.detach()
-        if objective.train_weight:
-            obj_value = obj_value + objective.train_weight * torch.stack(losses).mean()
+        obj_value = _with_train_mean(obj.detach(), objective, losses)
     return HypergradResult(
         grads=grads,
         objective=obj_value,
@@ -594,19 +603,9 @@ def _compiled_tangent_step() -> Callable[..., Any]:
     return _COMPILED["tangent_step"]
 
 
-def _forward(
-    problem: InnerProblem,
-    params: Params,
-    state: Params,
-    buffers: Params,
-    batches: Sequence[Batch],
-    objective: Objective,
-    truncate: int | None,
-    max_directions: int,
-    chunk: int | None,
-    compile: bool = False,
-    tangents: Mapping[str, Tensor] | None = None,
-) -> HypergradResult:
+def _forward(u: _Unroll, truncate: int | None, options: _ForwardOptions) -> HypergradResult:
+    problem, params, state, buffers, batches = u.problem, u.params, u.state, u.buffers, u.batches
+    objective, max_directions, chunk = u.objective, options.max_directions, options.chunk
     if truncate is not None and truncate != len(batches):
         raise ValueError(
             f"truncate: forward mode differentiates every step (real-time), got truncate={truncate!r} "
@@ -638,7 +637,7 @@ def _forward(
     # Only the optimizer's slots carry a tangent: the step counter, flags and carried
     # hyperparameter values do not depend on the hypers (their tangent would stay 0).
     moving = [n for n, v in state.items() if _carries_tangent(n, v)]
-    start = _check_tangents(tangents, params, state, moving, n_dir)
+    start = _check_tangents(options.tangents, params, state, moving, n_dir)
     tan_p = [{n: start[_P + n][a:b] for n in params} for a, b in chunks]
     tan_s = [{n: start[_S + n][a:b] for n in moving} for a, b in chunks]
     loss_tangent_sum = [
@@ -647,7 +646,7 @@ def _forward(
     losses: list[Tensor] = []
 
     device = next(iter(params.values())).device
-    step_fn = _compiled_tangent_step() if compile else _tangent_step
+    step_fn = _compiled_tangent_step() if options.compile else _tangent_step
     first = _first_step(problem, state)
     for k, batch in enumerate(batches):
         rng = _get_rng(device)
@@ -679,11 +678,9 @@ def _forward(
         else None
     )
     if obj is not None and obj.requires_grad:
-        dobj = torch.autograd.grad(obj, list(tracked.values()), allow_unused=True)
-        dobj = {
-            n: g if g is not None else torch.zeros_like(v)
-            for (n, v), g in zip(tracked.items(), dobj, strict=True)
-        }
+        dobj = _or_zeros(
+            tracked, torch.autograd.grad(obj, list(tracked.values()), allow_unused=True)
+        )
     else:
         dobj = {n: torch.zeros_like(v) for n, v in params.items()}
     k_total = len(batches)
@@ -699,13 +696,12 @@ def _forward(
         for k, g in zip(keys, torch.split(flat, sizes), strict=True)
     }
     with torch.no_grad():
-        obj_value = (
+        final = (
             obj.detach()
             if obj is not None
             else torch.zeros((), dtype=hypers.dtype, device=hypers.device)
         )
-        if objective.train_weight:
-            obj_value = obj_value + objective.train_weight * torch.stack(losses).mean()
+        obj_value = _with_train_mean(final, objective, losses)
     return HypergradResult(
         grads=grads,
         objective=obj_value,
@@ -901,22 +897,16 @@ def hypergradient(
         )
     if tangents is not None and method != "forward":
         raise ValueError(f"tangents: only forward mode carries tangents, got method {method!r}")
-    params, state, buffers = dict(params), dict(state), dict(buffers)
+    if method == "greedy" and len(batches) != 1:
+        raise ValueError(f"greedy differentiates one step: K must be 1, got K={len(batches)}")
+    u = _Unroll(problem, dict(params), dict(state), dict(buffers), batches, objective)
     with _unrolling(problem):
-        return _dispatch(
-            method,
-            problem,
-            params,
-            state,
-            buffers,
-            batches,
-            objective,
-            truncate,
-            max_directions,
-            chunk,
-            compile,
-            tangents,
-        )
+        if method == "forward":
+            options = _ForwardOptions(max_directions, chunk, compile, tangents)
+            return _forward(u, truncate, options)
+        if method == "checkpointed":
+            return _checkpointed(u, truncate)
+        return _reverse(u, None if method == "greedy" else truncate)
 
 
 @contextmanager
@@ -960,40 +950,3 @@ def unroll(
             params, state, buffers, loss = _step(problem, params, state, buffers, values, batch)
             losses.append(loss)
     return params, state, buffers, torch.stack(losses)
-
-
-def _dispatch(
-    method: str,
-    problem: InnerProblem,
-    params: Params,
-    state: Params,
-    buffers: Params,
-    batches: Sequence[Batch],
-    objective: Objective,
-    truncate: int | None,
-    max_directions: int,
-    chunk: int | None,
-    compile: bool,
-    tangents: Mapping[str, Tensor] | None,
-) -> HypergradResult:
-    if method == "greedy":
-        if len(batches) != 1:
-            raise ValueError(f"greedy differentiates one step: K must be 1, got K={len(batches)}")
-        return _reverse(problem, params, state, buffers, batches, objective, None)
-    if method == "reverse":
-        return _reverse(problem, params, state, buffers, batches, objective, truncate)
-    if method == "checkpointed":
-        return _checkpointed(problem, params, state, buffers, batches, objective, truncate)
-    return _forward(
-        problem,
-        params,
-        state,
-        buffers,
-        batches,
-        objective,
-        truncate,
-        max_directions,
-        chunk,
-        compile,
-        tangents,
-    )
