@@ -18,21 +18,7 @@ set -u
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gradhpo-device}
 QUICK=${1:-}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ! $PY -c "import optuna, higher" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-# Not installed there: gradhpo.models is the top-level models/ (pyproject maps it), so link it.
-if ! $PY -c "import gradhpo.models" 2>/dev/null; then
-    [ -e gradhpo/models ] || ln -s ../models gradhpo/models
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-$PY -c "import torch, gradhpo.models; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
-    | tee "$OUT/machine.txt" || exit 1
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv >>"$OUT/machine.txt" 2>&1
+source experiments/device_setup.sh
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
     local name=$1 limit=$2

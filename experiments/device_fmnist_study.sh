@@ -11,20 +11,8 @@
 set -u
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gradhpo-fmnist}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 GRADHPO_DATA_DIR=$PWD/.fmnist
-if ! $PY -c "import optuna" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-if ! $PY -c "import gradhpo.models" 2>/dev/null; then
-    [ -e gradhpo/models ] || ln -s ../models gradhpo/models
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
-    | tee "$OUT/machine.txt" || exit 1
-nvidia-smi --query-gpu=name,driver_version --format=csv >>"$OUT/machine.txt" 2>&1
+export GRADHPO_DATA_DIR=$PWD/.fmnist
+source experiments/device_setup.sh
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 \
     >"$OUT/gpu_use.csv" 2>/dev/null &
 timeout "${LIMIT:-480}" $PY experiments/fmnist_study_retrain.py --device cuda --workers 6 --threads 2 \

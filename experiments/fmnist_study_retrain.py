@@ -81,10 +81,41 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _train(
+    args: argparse.Namespace, config: dict, *, epochs: int, seed: int, study: bool, on_epoch=None
+) -> dict:
+    """``config`` ({model, lr, weight_decay}) trained by the retrain recipe: on the study's
+    split (``study``: 10 % validation, the test split read only after the last epoch) or on
+    the retrain's (2 % held out for monitoring)."""
+    from experiments.fmnist_retrain import retrain
+
+    return retrain(
+        config["model"],
+        lr=config["lr"],
+        weight_decay=config["weight_decay"],
+        epochs=epochs,
+        seed=seed,
+        val_fraction=0.1 if study else 0.02,
+        train_size=args.train_size,
+        device=args.device,
+        test_each_epoch=not study,
+        on_epoch=on_epoch,
+    )
+
+
+def _run_config(config: dict) -> dict:
+    """{model, lr, weight_decay} of a run config in the YAML shape (``SearchSpace.apply``)."""
+    optimizer = config["optimizer"]
+    return {
+        "model": config["model"],
+        "lr": optimizer["lr"],
+        "weight_decay": optimizer["weight_decay"],
+    }
+
+
 def _study_worker(args: argparse.Namespace, worker: int, deadline: float) -> None:
     import optuna
 
-    from experiments.fmnist_retrain import retrain
     from gradhpo.search.space import SearchSpace
 
     _set_threads(args.threads)
@@ -106,9 +137,8 @@ def _study_worker(args: argparse.Namespace, worker: int, deadline: float) -> Non
     )
 
     def objective(trial: optuna.Trial) -> float:
-        config = SearchSpace.apply(BASE, space.suggest(trial))
-        model, opt = config["model"], config["optimizer"]
-        n = parameters_of(model)
+        config = _run_config(SearchSpace.apply(BASE, space.suggest(trial)))
+        n = parameters_of(config["model"])
         trial.set_user_attr("parameters", n)
         if n >= MAX_PARAMETERS:
             raise optuna.TrialPruned(f"{n} parameters >= {MAX_PARAMETERS}")
@@ -120,17 +150,8 @@ def _study_worker(args: argparse.Namespace, worker: int, deadline: float) -> Non
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {row['epoch']}")
 
-        result = retrain(
-            model,
-            lr=opt["lr"],
-            weight_decay=opt["weight_decay"],
-            epochs=args.trial_epochs,
-            seed=args.seed,
-            val_fraction=0.1,
-            train_size=args.train_size,
-            device=args.device,
-            test_each_epoch=False,
-            on_epoch=report,
+        result = _train(
+            args, config, epochs=args.trial_epochs, seed=args.seed, study=True, on_epoch=report
         )
         summary = result["summary"]
         if summary["diverged"]:
@@ -160,8 +181,6 @@ def _study_worker(args: argparse.Namespace, worker: int, deadline: float) -> Non
 
 
 def _retrain_worker(args: argparse.Namespace, name: str, config: dict, seed: int) -> None:
-    from experiments.fmnist_retrain import retrain
-
     _set_threads(args.threads)
     path = args.out / f"retrain_{name}_seed{seed}.jsonl"
 
@@ -169,37 +188,15 @@ def _retrain_worker(args: argparse.Namespace, name: str, config: dict, seed: int
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    result = retrain(
-        config["model"],
-        lr=config["lr"],
-        weight_decay=config["weight_decay"],
-        epochs=args.epochs,
-        seed=seed,
-        val_fraction=0.02,
-        train_size=args.train_size,
-        device=args.device,
-        on_epoch=write,
-    )
+    result = _train(args, config, epochs=args.epochs, seed=seed, study=False, on_epoch=write)
     write({"summary": result["summary"]})
 
 
 def _rung_worker(args: argparse.Namespace, trial: int, config: dict) -> None:
     """One promoted trial trained for ``--epochs`` on the study's split (val 10 %, the study's
     seed): its final validation accuracy decides; its test accuracy is not read."""
-    from experiments.fmnist_retrain import retrain
-
     _set_threads(args.threads)
-    result = retrain(
-        config["model"],
-        lr=config["lr"],
-        weight_decay=config["weight_decay"],
-        epochs=args.epochs,
-        seed=args.seed,
-        val_fraction=0.1,
-        train_size=args.train_size,
-        device=args.device,
-        test_each_epoch=False,
-    )
+    result = _train(args, config, epochs=args.epochs, seed=args.seed, study=True)
     row = {"trial": trial, "val_accuracy": result["summary"]["final_val_accuracy"]}
     with open(args.out / "promoted.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -229,12 +226,8 @@ def _selected(out: Path, top: int = 1) -> tuple[list[tuple[int, dict]], dict]:
     space = SearchSpace.from_config(SPACE)  # per-layer widths back into lists
 
     def config_of(trial: optuna.trial.FrozenTrial) -> dict:
-        config = SearchSpace.apply(BASE, space.suggest(optuna.trial.FixedTrial(trial.params)))
-        return {
-            "model": config["model"],
-            "lr": config["optimizer"]["lr"],
-            "weight_decay": config["optimizer"]["weight_decay"],
-        }
+        fixed = optuna.trial.FixedTrial(trial.params)
+        return _run_config(SearchSpace.apply(BASE, space.suggest(fixed)))
 
     counts = {s.name: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
     info = {
