@@ -47,6 +47,7 @@ from gradhpo.hyper.implicit import implicit_hypergradient
 # The per-example losses live in losses.py; re-exported here, where they were first defined.
 from gradhpo.hyper.losses import LossFn, cross_entropy_per_example, squared_error_per_example
 from gradhpo.hyper.optimizers import HYPER_PREFIX, STEP_KEY, InnerOptimizer
+from gradhpo.hyper.rng import RngState
 from gradhpo.hyper.spec import LOSS_HYPERS, HyperParameters
 
 __all__ = [
@@ -291,18 +292,6 @@ def _autograd_loss_grad(
     return grad_dict, data_loss, _detach(new_buffers)
 
 
-def _get_rng(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """RNG states that dropout draws from on ``device`` (CPU, plus the CUDA device's)."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng(device: torch.device, rng: tuple[Tensor, Tensor | None]) -> None:
-    torch.set_rng_state(rng[0])
-    if rng[1] is not None:
-        torch.cuda.set_rng_state(rng[1], device)
-
-
 def _detach(tensors: Mapping[str, Tensor]) -> Params:
     return {k: v.detach() for k, v in tensors.items()}
 
@@ -444,14 +433,14 @@ def _checkpointed(u: _Unroll, truncate: int | None) -> HypergradResult:
     t = _check_horizon(batches, truncate)
     first = _first_step(problem, state)
     const = problem.hypers.values_by_step({k: v.detach() for k, v in raw.items()})
-    saved: list[tuple[Params, Params, Params, Any]] = []
+    saved: list[tuple[Params, Params, Params, RngState]] = []
     losses: list[Tensor] = []
     params, state, buffers = _detach(params), _detach(state), _detach(buffers)
     moving = {n for n, v in state.items() if _carries_tangent(n, v)}
     device = next(iter(params.values())).device
     for i, batch in enumerate(batches[:-1]):
         if i >= k_total - t:  # a tracked step: recomputed in the backward sweep
-            saved.append((params, state, buffers, _get_rng(device)))
+            saved.append((params, state, buffers, RngState.capture(device)))
         with torch.no_grad():
             values = const(_step_at(first, i))
             params, state, buffers, loss = _step(problem, params, state, buffers, values, batch)
@@ -486,7 +475,7 @@ def _checkpointed(u: _Unroll, truncate: int | None) -> HypergradResult:
     adj_state = {n: torch.zeros_like(final_state[n]) for n in moving}
     loss_weight = objective.train_weight / k_total
 
-    rng_after = _get_rng(device)
+    rng_after = RngState.capture(device)
     recompute = [
         (k_total - 2 - i, batches[k_total - 2 - i], step) for i, step in enumerate(reversed(saved))
     ]
@@ -495,7 +484,7 @@ def _checkpointed(u: _Unroll, truncate: int | None) -> HypergradResult:
             (p_in, s_in), (p_out, s_out, _, loss) = last_in, last_out
         else:
             k, batch, (p_k, s_k, b_k, rng_k) = recompute[j - 1]
-            _set_rng(device, rng_k)
+            rng_k.restore()
             p_in = _track(p_k)
             s_in = {n: v.detach().requires_grad_(n in moving) for n, v in s_k.items()}
             p_out, s_out, _, loss = inner_step(
@@ -516,7 +505,7 @@ def _checkpointed(u: _Unroll, truncate: int | None) -> HypergradResult:
         for k, g in zip(keys, vjp[n_p + n_s :], strict=True):
             if g is not None:
                 grads[k] += g
-    _set_rng(device, rng_after)
+    rng_after.restore()
 
     with torch.no_grad():
         obj_value = _with_train_mean(obj.detach(), objective, losses)
@@ -649,12 +638,12 @@ def _forward(u: _Unroll, truncate: int | None, options: _ForwardOptions) -> Hype
     step_fn = _compiled_tangent_step() if options.compile else _tangent_step
     first = _first_step(problem, state)
     for k, batch in enumerate(batches):
-        rng = _get_rng(device)
+        rng = RngState.capture(device)
         fixed = {n: v for n, v in state.items() if n not in moving}
         constants = _forward_constants(problem, state, params)
         primals = (params, {n: state[n] for n in moving}, raw, constants)
         for c in range(len(chunks)):
-            _set_rng(device, rng)  # every chunk replays the same dropout masks
+            rng.restore()  # every chunk replays the same dropout masks
             p_next, loss, dp, ds, dloss, full_state, new_buffers = step_fn(
                 problem,
                 primals,

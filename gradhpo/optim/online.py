@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from gradhpo.hyper.methods import LossFn, inner_step
+from gradhpo.hyper.rng import RngState
 from gradhpo.hyper.tuner import HyperTuner, TunerReport
 
 __all__ = ["OnlineHyperTuner", "TUNABLE"]
@@ -151,8 +152,7 @@ class OnlineHyperTuner:
                 "params": {n: p.detach().clone() for n, p in self.model.named_parameters()},
                 "buffers": {n: b.detach().clone() for n, b in self.model.named_buffers()},
                 "state": dict(self.tuner.opt_state),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": _cuda_rng(x.device),
+                "rng": RngState.capture(x.device),
             }
         self._pending.append((x, y))
         if len(self._pending) < self.horizon:
@@ -183,9 +183,7 @@ class OnlineHyperTuner:
             for name, b in self.model.named_buffers():
                 b.copy_(start["buffers"][name])
         self.tuner.opt_state = start["state"]
-        torch.set_rng_state(start["rng"])
-        if start["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(*start["cuda_rng"])
+        start["rng"].restore()
         batches, self._pending, self._start = self._pending, [], None
         report = self.tuner.step(batches, self._next_val())
         self.last_report = report
@@ -203,9 +201,3 @@ class OnlineHyperTuner:
         are kept in the weights but not used for a hypergradient)."""
         self.tuner.load_state_dict(state["tuner"])
         self._pending, self._start = [], None
-
-
-def _cuda_rng(device: torch.device) -> tuple[Tensor, torch.device] | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_rng_state(device), device

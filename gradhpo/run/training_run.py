@@ -40,6 +40,7 @@ from gradhpo.hyper.optimizers import (
     optimizer_config,
     torch_optimizer,
 )
+from gradhpo.hyper.rng import RngState
 from gradhpo.hyper.tuner import HyperTuner, TunerReport
 from gradhpo.models import build_model
 
@@ -126,15 +127,15 @@ def swapped_rng(owner: Any) -> Iterator[None]:
     global stream is left as it was. Used by TrainingRun and BatchedPopulation."""
     devices = [owner.device] if owner.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(owner._rng_state)
-        if owner._cuda_rng_state is not None:
-            torch.cuda.set_rng_state(owner._cuda_rng_state, owner.device)
+        own = owner._cuda_rng_state is not None
+        RngState(owner._rng_state, owner._cuda_rng_state, owner.device if own else None).restore()
         try:
             yield
         finally:
-            owner._rng_state = torch.get_rng_state()
-            if owner._cuda_rng_state is not None:
-                owner._cuda_rng_state = torch.cuda.get_rng_state(owner.device)
+            now = RngState.capture(owner.device)
+            owner._rng_state = now.cpu
+            if own:
+                owner._cuda_rng_state = now.cuda
 
 
 def _callable_name(fn: Any) -> str:
@@ -525,19 +526,21 @@ class TrainingRun:
         snap: dict[str, Any] = {
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "tuner": self.tuner.state_dict(),
-            "rng": torch.get_rng_state(),
         }
-        if self._cuda_rng_state is not None:
-            snap["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        # Plain tensors under "rng"/"cuda_rng": the snapshot of an open horizon is saved in
+        # checkpoints (weights_only loads), so it holds no RngState object.
+        rng = RngState.capture(self.device)
+        snap["rng"] = rng.cpu
+        if rng.cuda is not None:
+            snap["cuda_rng"] = rng.cuda
         return snap
 
     def _restore(self, snap: Mapping[str, Any] | None) -> None:
         assert self.tuner is not None and snap is not None
         self.model.load_state_dict(snap["model"])
         self.tuner.load_state_dict(snap["tuner"])
-        torch.set_rng_state(snap["rng"])
-        if "cuda_rng" in snap:
-            torch.cuda.set_rng_state(snap["cuda_rng"], self.device)
+        cuda = snap.get("cuda_rng")
+        RngState(snap["rng"], cuda, self.device if cuda is not None else None).restore()
 
     def _close_horizon(self) -> None:
         """Forget the open horizon: its steps stay applied (plain, no hypergradient)."""
