@@ -253,11 +253,23 @@ def reseed_sampler(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
         getattr(owner, attr).seed((seed + k) % 2**32)
 
 
-def save_sampler_state(sampler: optuna.samplers.BaseSampler, path: str | os.PathLike[str]) -> None:
+def save_sampler_state(
+    sampler: optuna.samplers.BaseSampler,
+    path: str | os.PathLike[str],
+    *,
+    trial: int | None = None,
+) -> None:
     """Write the sampler's RNG states to ``path`` (JSON) atomically: a killed process leaves
     the previous state or this one. Called once per fresh trial, so without fsync (the rename
-    alone is what makes it atomic against a kill; an fsync cost more than a trivial trial)."""
-    payload = {"sampler": type(sampler).__name__, "rng": sampler_rng_states(sampler, compact=True)}
+    alone is what makes it atomic against a kill; an fsync cost more than a trivial trial).
+    ``trial``: the number of the trial whose draw the state follows (kept as ``"trial"``), so
+    a resume can tell a dead trial that drew from this state from one that drew before it."""
+    payload: dict[str, Any] = {
+        "sampler": type(sampler).__name__,
+        "rng": sampler_rng_states(sampler, compact=True),
+    }
+    if trial is not None:
+        payload["trial"] = int(trial)
     with atomic_write(path, "w", fsync=False) as fh:
         fh.write(json.dumps(payload, separators=(",", ":")))
 

@@ -25,7 +25,9 @@ What :class:`Study` adds to ``optuna.Study``:
 * trials left RUNNING by a dead driver (killed process) are recovered: marked FAIL and their
   parameters enqueued again, with ``gradhpo:resume_from`` pointing at the dead trial so the
   objective can continue from its last checkpoint. Enqueued trials are asked without moving
-  the sampler's random state, so recovery does not change what the sampler proposes next;
+  the sampler's random state, so recovery does not change what the sampler proposes next; a
+  dead trial killed after its draw but before the sampler's state after it was saved (and
+  before any work: nothing claimed or reported) is failed uncounted and drawn again instead;
 * ``optimize(objective, n_trials=N)`` counts *finished* trials in the study, not calls: the
   study ends with exactly N finished trials, however many drivers (processes, threads,
   resumes) share it. This differs from Optuna, whose ``n_trials`` means "N more in this call";
@@ -420,13 +422,17 @@ def _check_sqlite(path: Path, restore: str) -> None:
         )
 
 
-def _load_sampler_state(sampler: optuna.samplers.BaseSampler, path: Path) -> None:
+def _load_sampler_state(sampler: optuna.samplers.BaseSampler, path: Path) -> int | None:
     """Restore the sampler state saved in ``path`` (see :mod:`gradhpo.search.samplers`). An
     unreadable state is a ConfigError naming the file (continuing from a wrong state would
     silently change the study's sequence); one of another kind of sampler is ignored (the
-    sampler starts from its seed)."""
+    sampler starts from its seed).
+
+    Returns the number of the trial whose draw the restored state follows: -1 when there is
+    no saved state (the sampler is at its seed, before any draw), None when that is unknown
+    (a state saved without it, or one ignored)."""
     if not path.is_file():
-        return
+        return -1
     fix = "delete it to continue the study with the sampler started from its seed"
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
@@ -442,11 +448,13 @@ def _load_sampler_state(sampler: optuna.samplers.BaseSampler, path: Path) -> Non
             f"{{...}}}}, got {_short(payload, 60)}); {fix}"
         )
     if payload["sampler"] != type(sampler).__name__:
-        return
+        return None
     try:
         restore_sampler_rng_states(sampler, payload["rng"])
     except (ValueError, TypeError, KeyError, IndexError) as exc:
         raise ConfigError(f"{str(path)!r}: unusable sampler state ({exc}); {fix}") from exc
+    after = payload.get("trial")
+    return after if isinstance(after, int) and not isinstance(after, bool) else None
 
 
 def _read_meta(directory: Path, where: str) -> dict[str, Any]:
@@ -486,9 +494,9 @@ def load_optuna_study(
 # ---------------------------------------------------------------------- trials
 def is_retried(trial: optuna.trial.FrozenTrial) -> bool:
     """A trial that does not count: a dead trial whose parameters were enqueued again (its
-    retry counts instead), a surplus trial a driver asked while other drivers were already
-    running the last ones (see :meth:`Study.optimize`), or a duplicate proposal that was
-    never evaluated (see :meth:`Study.claim`)."""
+    retry counts instead) or that the sampler draws again, a surplus trial a driver asked
+    while other drivers were already running the last ones (see :meth:`Study.optimize`), or
+    a duplicate proposal that was never evaluated (see :meth:`Study.claim`)."""
     return trial.state == TrialState.FAIL and bool(
         trial.system_attrs.get(_RETRIED)
         or trial.system_attrs.get(_SURPLUS)
@@ -578,6 +586,9 @@ class Study:
         self.storage_record = dict(storage_record or {})
         self.token = uuid.uuid4().hex
         self._unsaved: set[int] = set()  # fresh trials whose sampler state is not saved yet
+        #: The trial whose draw this driver's sampler state follows (saved or restored): -1
+        #: before any draw, None when unknown (reseeded, or restored from an untagged state).
+        self._state_after: int | None = None
         self._lock = threading.Lock()
         _LIVE_TOKENS[self.token] = self
         _BY_OPTUNA[id(optuna_study)] = self
@@ -764,6 +775,7 @@ class Study:
             number = self.optuna._storage.get_trial_number_from_id(trial._trial_id)
             with self._lock:
                 reseed_sampler(self.sampler, derived_seed(self.seed, number))
+                self._state_after = None
         return trial
 
     def _others_running(self, trial_id: int) -> bool:
@@ -783,6 +795,7 @@ class Study:
         of continuing the saved state: ``gradhpo resume --seed``."""
         with self._lock:
             reseed_sampler(self.sampler, derived_seed(self.seed, int(seed), "reseed"))
+            self._state_after = None
 
     def claim(self, trial: optuna.trial.Trial) -> None:
         """Claim the parameters ``trial`` has drawn, before any work is done on them; raise
@@ -845,7 +858,8 @@ class Study:
         the ask itself would be too early: most samplers draw inside ``suggest_*``."""
         if trial._trial_id in self._unsaved:
             self._unsaved.discard(trial._trial_id)
-            save_sampler_state(self.sampler, self.sampler_state_path)
+            save_sampler_state(self.sampler, self.sampler_state_path, trial=trial.number)
+            self._state_after = trial.number
 
     def tell(
         self,
@@ -889,9 +903,8 @@ class Study:
             return driver.get("token") not in _LIVE_TOKENS
         return not _pid_alive(int(driver.get("pid", -1)))
 
-    def _requeue(self, trial: FrozenTrial) -> bool:
-        """Fail a RUNNING trial and enqueue its parameters again (``gradhpo:resume_from``
-        points at the first dead trial of the chain); False if it finished meanwhile."""
+    def _retire(self, trial: FrozenTrial) -> bool:
+        """Fail a RUNNING trial as retried (not counted); False if it finished meanwhile."""
         storage = self.optuna._storage
         # Mark first (a finished trial takes no attributes), then fail it. Only FAIL +
         # retried counts as "retried", so if its driver finished it meanwhile, it stays counted.
@@ -899,6 +912,31 @@ class Study:
             storage.set_trial_system_attr(trial._trial_id, _RETRIED, True)
             storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
+
+    def _draws_again(self, trial: FrozenTrial) -> bool:
+        """Whether a dead trial is drawn again rather than queued again: a fresh trial (not
+        enqueued) whose driver died after the draw but before it saved the sampler's state
+        after the draw (so the state this driver holds, saved after an earlier trial, is the
+        one the dead trial drew from), and before any work on it (no claim, nothing
+        reported). Queued again, its parameters would be evaluated and the sampler would draw
+        from the same state once more: the study would go on differently from the
+        uninterrupted one. Drawn again, it gets the same parameters (one driver: the same
+        state, the same finished trials) and the sequence goes on unchanged."""
+        after = self._state_after
+        return (
+            after is not None
+            and after < trial.number
+            and "fixed_params" not in trial.system_attrs
+            and not trial.system_attrs.get(_CLAIMED)
+            and not trial.intermediate_values
+        )
+
+    def _requeue(self, trial: FrozenTrial) -> bool:
+        """Fail a RUNNING trial and enqueue its parameters again (``gradhpo:resume_from``
+        points at the first dead trial of the chain); False if it finished meanwhile."""
+        if not self._retire(trial):
             return False
         origin = trial.user_attrs.get(RESUME_FROM, trial.number)
         self.enqueue(
@@ -909,10 +947,25 @@ class Study:
 
     def recover_stale_trials(self) -> list[int]:
         """Fail every stale RUNNING trial and enqueue its parameters again; returns the numbers
-        of the recovered trials."""
+        of the recovered trials. A dead trial that had drawn its parameters but not yet saved
+        the sampler's state after the draw is failed (not counted) without being queued again:
+        the sampler draws it again (see :meth:`_draws_again`)."""
         recovered = []
         for trial in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if self._is_stale(trial) and self._requeue(trial):
+            if not self._is_stale(trial):
+                continue
+            if self._draws_again(trial):
+                if self._retire(trial):
+                    recovered.append(trial.number)
+                    logger.warning(
+                        "Trial %d was left running by a driver that is gone before it saved "
+                        "the sampler's state after drawing %s; failed it (not counted): the "
+                        "sampler draws it again.",
+                        trial.number,
+                        trial.params,
+                    )
+                continue
+            if self._requeue(trial):
                 recovered.append(trial.number)
                 logger.warning(
                     "Trial %d was left running by a driver that is gone; failed it and queued "
@@ -1563,7 +1616,9 @@ def load_study(
             f"{str(directory)!r}: the storage ({_describe(record)}) holds no study named "
             f"{meta['name']!r}"
         ) from None
-    _load_sampler_state(sampler, directory / "sampler_state.json")
-    return Study(
+    after = _load_sampler_state(sampler, directory / "sampler_state.json")
+    loaded = Study(
         directory, study, stale_after=stale_after, storage_record=record, seed=meta.get("seed")
     )
+    loaded._state_after = after
+    return loaded

@@ -10,8 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -212,56 +210,89 @@ def test_bad_objectives_are_one_line_exit_2_nothing_written(
     assert not (tmp_path / "runs").exists() and not (tmp_path / "tensorboard_logs").exists()
 
 
+KILLED = {**MULTI, "training": {**MULTI["training"], "epochs": 3}}  # a window inside trial 2
+KILLED["search"] = {**MULTI["search"], "sampler": {"name": "tpe", "n_startup_trials": 2}}
+
+
+def _by_origin(directory: Path) -> list[tuple[dict, list[float]]]:
+    """Finished trials as (params, values) in the order of the trial each continues."""
+    done = load_study(directory).finished_trials()
+    key = lambda t: t.user_attrs.get("gradhpo:resume_from", t.number)  # noqa: E731
+    return [(t.params, t.values) for t in sorted(done, key=key)]
+
+
+@pytest.fixture(scope="module")
+def killed_reference(tmp_path_factory) -> tuple[Path, list[tuple[dict, list[float]]]]:
+    """The uninterrupted study the killed ones must end as (one for the module)."""
+    root = tmp_path_factory.mktemp("mo_reference")
+    cfg = write(root, KILLED)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["tune", str(cfg), "--out", str(root / "ref"), "--no-progress"]) == 0
+    finally:
+        os.chdir(cwd)
+    return cfg, _by_origin(root / "ref" / "mo")
+
+
+# Named points (tests/kill_points.py), each hit exactly, so each test passes every time:
+# (kill point, the epoch trial 2 resumes at; None: it is drawn again, nothing to resume).
+MO_KILLS = {
+    # Trial 2 has its epoch-1 checkpoint and progress: resumed from epoch 1.
+    "after_epoch_1": ("replaced:*/trials/0002/progress.json@1", 1),
+    # Its epoch-2 weights are written, the epoch-2 progress is not: still epoch 1's.
+    "between_checkpoint_and_progress": ("replaced:*/trials/0002/last_0.pt@2", 1),
+    # Trial 2 has drawn its parameters; the sampler state after the draw is not yet saved.
+    "before_sampler_state": ("replace:*/mo/sampler_state.json@3", None),
+}
+# The timed kill this test had before landed in this window about one run in five: the
+# trial's last_<fold>.pt and progress.json are two files written one after the other, so the
+# resumed trial took epoch 2's weights with epoch 1's progress and trained an extra epoch.
+# The fix is in gradhpo/jobs/tune.py (Objective.checkpoint / _resume), issue 16.
+_TORN = pytest.mark.xfail(
+    strict=True, reason="issue 16: a trial's checkpoint and progress file are two commits"
+)
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        pytest.param(name, marks=_TORN) if name == "between_checkpoint_and_progress" else name
+        for name in MO_KILLS
+    ],
+)
 def test_a_killed_multi_objective_study_resumes_to_the_uninterrupted_result(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, killed_reference, point: str
 ) -> None:
-    """Killed (SIGKILL) in the middle of trial 2; `gradhpo resume` continues that trial from
-    its checkpoint and the study ends with the trials, parameters and values (both
-    objectives) of the uninterrupted study."""
+    """`gradhpo tune` killed (SIGKILL) at a named point of trial 2; `gradhpo resume` ends with
+    the trials, parameters and values (both objectives) of the uninterrupted study, a trial
+    continued from its checkpoint where it had one. A kill timed by polling for a file (as
+    this test once did) landed between trial 2's checkpoint and its progress file about one
+    run in five, and the resumed trial trained one epoch too many."""
+    from kill_points import command
+
     monkeypatch.chdir(tmp_path)
-    config = copy.deepcopy(MULTI)
-    config["training"]["epochs"] = 3  # a window to kill trial 2 between its epochs
-    config["search"].update(sampler={"name": "tpe", "n_startup_trials": 2}, trials=4)
-
-    def by_origin(directory: Path) -> list[tuple[dict, list[float]]]:
-        done = load_study(directory).finished_trials()
-        key = lambda t: t.user_attrs.get("gradhpo:resume_from", t.number)  # noqa: E731
-        return [(t.params, t.values) for t in sorted(done, key=key)]
-
-    (tmp_path / "ref").mkdir()
-    cfg = write(tmp_path, config)
-    assert main(["tune", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress"]) == 0
-    reference = by_origin(tmp_path / "ref" / "mo")
-
+    cfg, reference = killed_reference
+    kill_at, resumed_at = MO_KILLS[point]
     run_dir = tmp_path / "runs" / "mo"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradhpo.cli", "tune", str(cfg), "--out", str(tmp_path / "runs")]
-        + ["--no-progress"],
+    proc = subprocess.run(
+        command(kill_at, "tune", str(cfg), "--out", str(tmp_path / "runs"), "--no-progress"),
         cwd=tmp_path,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        timeout=300,
     )
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            if (run_dir / "trials" / "0002" / "progress.json").is_file():
-                break
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     states = {t.number: t.state.name for t in load_optuna_study(run_dir).trials}
-    assert states.get(0) == states.get(1) == "COMPLETE" and states.get(2) == "RUNNING"
+    assert states == {0: "COMPLETE", 1: "COMPLETE", 2: "RUNNING"}
 
     assert main(["resume", str(run_dir), "--no-progress"]) == 0
     study = load_study(run_dir)
-    retry = [t for t in study.finished_trials() if t.user_attrs.get("gradhpo:resume_from") == 2]
-    assert len(retry) == 1 and retry[0].user_attrs["gradhpo:resumed_at_epoch"] >= 1
-    resumed = by_origin(run_dir)
+    if resumed_at is not None:
+        retry = [t for t in study.finished_trials() if t.user_attrs.get("gradhpo:resume_from") == 2]
+        assert len(retry) == 1 and retry[0].user_attrs["gradhpo:resumed_at_epoch"] == resumed_at
+    resumed = _by_origin(run_dir)
     assert [p for p, _ in resumed] == [p for p, _ in reference]
     flat = lambda pairs: [x for _, values in pairs for x in values]  # noqa: E731
     assert flat(resumed) == pytest.approx(flat(reference), abs=1e-6)
