@@ -174,6 +174,25 @@ def _build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--no-progress", action="store_true", help="hide progress bars")
     worker.set_defaults(func=_cmd_worker)
 
+    proxy = sub.add_parser(
+        "storage-proxy",
+        help="serve a study database to drivers on other machines (Optuna's gRPC proxy)",
+        description=(
+            "Serve the study storage at --storage (postgresql://, mysql://, sqlite:///) "
+            "through Optuna's gRPC storage proxy, until Ctrl-C. Drivers on other machines "
+            "then use storage grpc://HOST:PORT (config `search.storage`, --storage of "
+            "resume/worker, or create_study(storage=...)) and need no database driver or "
+            "password. Listens on 127.0.0.1 unless --host names another address; the proxy "
+            "has no authentication of its own."
+        ),
+    )
+    proxy.add_argument(
+        "--storage", default=None, help=f"database URL; default: ${_STORAGE_ENV_HELP}"
+    )
+    proxy.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    proxy.add_argument("--port", type=int, default=13000, help="port to listen on (13000)")
+    proxy.set_defaults(func=_cmd_storage_proxy)
+
     report = sub.add_parser(
         "report",
         help="tables and plots of a study",
@@ -540,6 +559,21 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         f"{result['seconds']:.1f} s (sampler seed {result['seed']}); the study holds "
         f"{result['finished']} of {result['target']}"
     )
+    return 0
+
+
+def _cmd_storage_proxy(args: argparse.Namespace) -> int:
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port: expected an integer in [1, 65535], got {args.port!r}")
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # errors are reported here, in one line
+    _quiet_optuna()
+    from gradhpo.jobs.proxy import serve_storage_proxy
+    from gradhpo.jobs.worker import STORAGE_ENV
+
+    url = args.storage or os.environ.get(STORAGE_ENV) or None
+    if url is None:
+        raise UserError(f"--storage: give the database URL (or set ${STORAGE_ENV})")
+    serve_storage_proxy(url, host=args.host, port=args.port)
     return 0
 
 

@@ -16,7 +16,7 @@ import pytest
 
 HEAVY = ("torch", "optuna", "matplotlib", "numpy")
 
-COMMANDS = ("train", "tune", "pbt", "resume", "worker", "report", "export")
+COMMANDS = ("train", "tune", "pbt", "resume", "worker", "storage-proxy", "report", "export")
 
 #: One fresh interpreter runs every case in turn and reports, per case, the exit code, the
 #: output and the heavy modules loaded so far.

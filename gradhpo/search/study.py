@@ -13,7 +13,8 @@ Layout of a study directory::
 
 The trials can also live outside the directory: ``create_study(directory,
 storage="postgresql://user:pw@host/db")`` (any Optuna RDB URL: sqlite:///, postgresql://,
-mysql://, ...) or ``storage=<optuna BaseStorage>`` (e.g. ``optuna.storages.InMemoryStorage()``,
+mysql://, ...), ``storage="grpc://host:port"`` (Optuna's gRPC storage proxy in front of one
+database, for drivers on many machines) or ``storage=<optuna BaseStorage>`` (e.g. ``optuna.storages.InMemoryStorage()``,
 a JournalStorage of your own). The directory still holds ``study.json``, the sampler state and
 the trials' checkpoints. ``study.json`` records the URL with its password masked; a password is
 never written to a file or shown in a message, so :func:`load_study` then needs the URL again.
@@ -75,12 +76,13 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
@@ -119,6 +121,7 @@ __all__ = [
     "load_optuna_study",
     "load_study",
     "mask_password",
+    "open_storage_url",
     "owning_study",
 ]
 
@@ -253,9 +256,57 @@ def _journal_storage(path: Path) -> JournalStorage:
     return JournalStorage(backend)
 
 
+#: Optuna's gRPC storage proxy listens here unless the URL names another port.
+GRPC_DEFAULT_PORT = 13000
+
+
+def _grpc_storage(url: str) -> BaseStorage:
+    """Optuna's gRPC storage proxy client for ``grpc://host[:port]`` (a proxy server in front
+    of one database, for many drivers on many machines: ``gradhpo storage-proxy``)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or GRPC_DEFAULT_PORT
+    except ValueError:  # not a number or out of range
+        port = None
+    if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
+        raise ValueError(
+            f"storage {url!r}: a gRPC storage URL is grpc://HOST[:PORT] (port 1-65535, "
+            f"default {GRPC_DEFAULT_PORT}), nothing after it"
+        )
+    from optuna.storages import GrpcStorageProxy
+
+    with warnings.catch_warnings():  # experimental in Optuna since 4.2: tested here
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        proxy = GrpcStorageProxy(host=parts.hostname, port=port)
+    try:
+        proxy.get_all_studies()  # the first call connects: an unreachable proxy fails here
+    except Exception as exc:
+        details = getattr(exc, "details", None)  # a grpc.RpcError says why in details()
+        detail = str(details() if callable(details) else exc).strip()
+        raise ValueError(
+            f"storage {url!r}: cannot reach the gRPC storage proxy: {detail}"
+        ) from None
+    return proxy
+
+
+def open_storage_url(url: str) -> BaseStorage:
+    """The Optuna storage a study ``storage=`` URL names (an RDB URL such as
+    ``postgresql://user:pw@host/db`` or ``sqlite:///path.db``, or ``grpc://host:port``), as a
+    study opens it: database servers behind the connection-retrying wrapper. A failure is a
+    ValueError that names the URL with its password masked."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ValueError(
+            f"storage: expected a storage URL such as 'sqlite:///study.db', got {url!r}"
+        )
+    return _url_storage(url)
+
+
 def _url_storage(url: str) -> BaseStorage:
-    """An Optuna RDB storage for ``url``; every failure is a ValueError with the password
-    masked (and the driver's exception not chained, as it may quote the URL)."""
+    """An Optuna RDB storage for ``url`` (or the gRPC proxy's client for ``grpc://``); every
+    failure is a ValueError with the password masked (and the driver's exception not chained,
+    as it may quote the URL)."""
+    if url.startswith("grpc://"):
+        return _grpc_storage(url)
     try:
         parsed = make_url(url)
         database = parsed.database
@@ -271,6 +322,7 @@ def _url_storage(url: str) -> BaseStorage:
         return RetryingStorage(optuna.storages._CachedStorage(rdb), name=mask_password(url))
     except Exception as exc:
         message = _sanitize(f"{type(exc).__name__}: {exc}", url)
+    message = " ".join(message.split())  # drivers' messages span lines: one line here
     raise ValueError(f"storage {mask_password(url)!r}: cannot open it: {message}")
 
 
@@ -289,8 +341,9 @@ def _storage_spec(storage: Any, where: str) -> tuple[str, Any]:
     shown = mask_password(storage) if isinstance(storage, str) else storage
     raise ValueError(
         f"{where}: storage must be 'journal' or 'sqlite' (a file in the study directory), an "
-        f"Optuna storage URL such as 'sqlite:///path/study.db' or "
-        f"'postgresql://user:password@host/db', or an optuna.storages.BaseStorage; got {shown!r}"
+        f"Optuna storage URL such as 'sqlite:///path/study.db', "
+        f"'postgresql://user:password@host/db' or 'grpc://host:port' (a storage proxy), or an "
+        f"optuna.storages.BaseStorage; got {shown!r}"
     )
 
 
