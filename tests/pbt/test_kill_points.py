@@ -1,0 +1,155 @@
+"""`gradhpo pbt` / `resume` killed (SIGKILL) at named points - inside the run directory's
+creation, during a member checkpoint's write, inside a step's database transaction, right
+before and right after its COMMIT, between the deletions that follow a commit, before the
+best member is recorded - then resumed: the result is the uninterrupted run's, plain and
+hybrid (a `tuner` in every member) alike (issue 16).
+
+The points are those of tests/kill_points.py: each kill lands exactly there, every run."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kill_points import command
+
+from gradhpo.pbt.store import PBTDatabase
+
+PLAIN: dict[str, Any] = {
+    "name": "pop",
+    "data": {"name": "digits", "seed": 0},
+    "model": {"name": "cnn", "depth": 1, "width": 4, "norm": "none", "dropout": 0.1},
+    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+    "training": {"epochs": 1, "batch_size": 64, "device": "cpu", "seed": 0},
+    "pbt": {
+        "population": 4,
+        "interval": 5,
+        "steps": 20,  # 4 steps: an exploit after each of the first 3
+        "space": {
+            "optimizer.lr": {"type": "float", "low": 0.02, "high": 0.3, "log": True},
+            "training.batch_size": {"type": "categorical", "choices": [32, 64]},
+            "model.dropout": {"type": "float", "low": 0.05, "high": 0.5},
+        },
+        "fraction": 0.25,
+        "seed": 1,
+    },
+}
+# Hybrid: every member also tunes a carried forward-mode lr schedule and its momentum by
+# hypergradient; PBT explores what gradients cannot reach. A horizon of 3 in intervals of 5
+# leaves a tuner's horizon open at every checkpoint.
+HYBRID: dict[str, Any] = {
+    **copy.deepcopy(PLAIN),
+    "name": "hybrid",
+    "tuner": {
+        "hypers": [{"name": "lr", "schedule": {"segments": 3}}, {"name": "momentum"}],
+        "method": "forward",
+        "horizon": 3,
+        "carry": True,
+        "hyper_val_fraction": 0.1,
+        "hyper_optimizer": "adam",
+        "hyper_lr": 0.05,
+    },
+}
+# Async: members served one at a time, one transaction per member step (2 exploits here).
+ASYNC: dict[str, Any] = {**copy.deepcopy(PLAIN), "name": "apop"}
+ASYNC["pbt"]["mode"] = "async"
+HYBRID["pbt"]["space"] = {
+    "training.batch_size": {"type": "categorical", "choices": [32, 64]},
+    "model.dropout": {"type": "float", "low": 0.05, "high": 0.5},
+}
+
+# (command, point) in order; every kill must land. COMMIT 1 of a new run is the members'
+# creation, COMMIT 1 of a resume the repair (sweep) of what a kill left; then one per step.
+KILLS = [
+    ("pbt", "replaced:*/.{name}.*.tmp/config.yaml"),  # creation: the config in the hidden folder
+    ("pbt", "sql:PRAGMA journal_mode"),  # creation: the database being made in it
+    ("pbt", "rename:*/.{name}.*.tmp"),  # creation: all written, not yet renamed into place
+    ("pbt", "commit@3"),  # step 1 committed; step 2 about to COMMIT: its changes are lost
+    ("resume", "replace:*/checkpoints/member*@2"),  # a checkpoint written, not renamed
+    ("resume", "committed@2"),  # step 2 committed, the files it released not yet deleted
+    ("resume", "unlink:*/checkpoints/member*@1"),  # between the deletions of the repair
+    ("resume", "sql:INSERT INTO lineage@1"),  # inside step 3's transaction, before its exploit
+    ("resume", "sql:'best'"),  # every step committed, the best member not yet recorded
+]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300
+    )
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gradhpo.cli", *args, "--no-progress"]
+
+
+def _result(run_dir: Path) -> dict[str, Any]:
+    """What a user gets from a PBT run: every score, every exploit, the best member."""
+    db = PBTDatabase(run_dir)
+    try:
+        best = dict(db.get_meta("best"))
+        best.pop("resumed")
+        return {
+            "scores": [(s["step"], s["member"], s["score"], s["values"]) for s in db.scores()],
+            "lineage": [
+                (e["step"], e["member"], e["source"], e["old"], e["new"]) for e in db.lineage()
+            ],
+            "members": [(m["member"], m["step"], m["values"], m["score"]) for m in db.members()],
+            "best": best,
+        }
+    finally:
+        db.close()
+
+
+def _left_consistent(runs: Path, run_dir: Path) -> None:
+    """No temporary file, no hidden build folder, no checkpoint the database does not hold,
+    every reference count equal to the members pointing at the checkpoint."""
+    assert not [p for p in runs.rglob("*.tmp")], sorted(runs.rglob("*.tmp"))
+    assert sorted(p.name for p in runs.iterdir()) == [run_dir.name]
+    db = PBTDatabase(run_dir)
+    try:
+        known = dict(db.conn.execute("SELECT path, refs FROM checkpoints").fetchall())
+        assert sorted(p.name for p in db.checkpoint_dir.iterdir()) == sorted(known)
+        pointing: dict[int, int] = {}
+        for m in db.members():
+            pointing[m["checkpoint"]] = pointing.get(m["checkpoint"], 0) + 1
+        assert db.refcounts() == pointing
+    finally:
+        db.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("config", "exploits"), [(PLAIN, 3), (ASYNC, 2), (HYBRID, 3)], ids=["plain", "async", "hybrid"]
+)
+def test_pbt_killed_at_named_points_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, config: dict[str, Any], exploits: int
+) -> None:
+    name = config["name"]
+    path = tmp_path / "pbt.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    done = _run(_cli("pbt", str(path), "--out", str(tmp_path / "ref")), tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    reference = _result(tmp_path / "ref" / name)
+    assert len(reference["scores"]) == 16 and len(reference["lineage"]) == exploits
+
+    runs = tmp_path / "runs"
+    run_dir = runs / name
+    for what, point in KILLS:
+        args = ["pbt", str(path), "--out", str(runs)] if what == "pbt" else ["resume", str(run_dir)]
+        assert (what == "resume") == (run_dir / "gradhpo.json").is_file(), point
+        killed = _run(command(point.format(name=name), *args, "--no-progress"), tmp_path)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr.decode())
+
+    done = _run(_cli("resume", str(run_dir)), tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    assert _result(run_dir) == reference
+    _left_consistent(runs, run_dir)
