@@ -500,18 +500,26 @@ class ConfigObjective:
 
         def checkpoint(epoch: Epoch) -> None:
             """best_<fold>.pt at the best epoch, last_<fold>.pt and progress.json each epoch
-            (what a retried trial continues from); nothing for a diverged epoch."""
+            (what a retried trial continues from); nothing for a diverged epoch.
+
+            progress.json is the commit: it names each fold's step, and until it is written
+            the previous last_<fold>.pt is kept as prev_<fold>.pt, so a kill anywhere in
+            between leaves, for every fold, the checkpoint the progress file names."""
             if epoch.diverged:
                 return
             history.append({"epoch": epoch.epoch, "value": epoch.value, "folds": epoch.records})
             for i, run in enumerate(runs):
                 if epoch.improved:
                     run.save(tdir / f"best_{i}.pt")
-                run.save(tdir / f"last_{i}.pt")
+                last = tdir / f"last_{i}.pt"
+                if last.is_file():
+                    os.replace(last, tdir / f"prev_{i}.pt")
+                run.save(last)
             write_json(
                 tdir / "progress.json",
                 {
                     "epoch": epoch.epoch,
+                    "steps": [run.global_step for run in runs],
                     "best": epoch.best,
                     "history": history,
                     "early": early.state_dict() if early else None,
@@ -595,15 +603,15 @@ class ConfigObjective:
             progress_file = old / "progress.json"
             if not progress_file.is_file():
                 continue
-            if not all((old / f"last_{i}.pt").is_file() for i in range(len(runs))):
+            if not all(
+                (old / f"last_{i}.pt").is_file() or (old / f"prev_{i}.pt").is_file()
+                for i in range(len(runs))
+            ):
                 continue
             try:
                 progress = json.loads(progress_file.read_text(encoding="utf-8"))
                 history = list(progress["history"])
-                states = [
-                    torch.load(old / f"last_{i}.pt", map_location="cpu", weights_only=True)
-                    for i in range(len(runs))
-                ]
+                states = [_checkpoint_at(old, i, progress.get("steps")) for i in range(len(runs))]
                 for run, state in zip(runs, states, strict=True):
                     run.load_state_dict(state)
             except Exception as exc:  # noqa: BLE001 - any damage: the trial starts over
@@ -654,6 +662,23 @@ def kept_trials(study: Study) -> list[optuna.trial.FrozenTrial]:
     return [] if best is None else [best]
 
 
+def _checkpoint_at(tdir: Path, fold: int, steps: list[int] | None) -> dict[str, Any]:
+    """Fold ``fold``'s checkpoint in ``tdir`` at the step progress.json names: last_<fold>.pt,
+    or prev_<fold>.pt when a kill came after the next epoch's checkpoint but before its
+    progress file (a progress file without steps, from before they were recorded: last)."""
+    for name in (f"last_{fold}.pt", f"prev_{fold}.pt"):
+        path = tdir / name
+        if not path.is_file():
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if steps is None or int(state["step"]) == int(steps[fold]):
+            return state
+    raise ValueError(
+        f"no checkpoint of fold {fold} at step {steps[fold] if steps else '?'} "
+        "(last_/prev_ files of another epoch)"
+    )
+
+
 def _cleanup_checkpoints(study: Study, keep: str) -> None:
     """After each trial: unfinished trials keep ``last_*``; finished ones drop it; with
     ``keep == "best"`` only the best trial (the Pareto front of a multi-objective study)
@@ -671,7 +696,7 @@ def _cleanup_checkpoints(study: Study, keep: str) -> None:
         tdir = study.trial_dir(trial.number)
         if not tdir.is_dir():
             continue
-        for f in tdir.glob("last_*.pt"):
+        for f in [*tdir.glob("last_*.pt"), *tdir.glob("prev_*.pt")]:
             f.unlink(missing_ok=True)
         if keep == "best" and trial.number not in kept:
             for f in tdir.glob("best_*.pt"):

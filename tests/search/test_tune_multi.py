@@ -240,27 +240,16 @@ def killed_reference(tmp_path_factory) -> tuple[Path, list[tuple[dict, list[floa
 MO_KILLS = {
     # Trial 2 has its epoch-1 checkpoint and progress: resumed from epoch 1.
     "after_epoch_1": ("replaced:*/trials/0002/progress.json@1", 1),
-    # Its epoch-2 weights are written, the epoch-2 progress is not: still epoch 1's.
+    # Its epoch-2 weights are written, the epoch-2 progress is not: still epoch 1's, whose
+    # weights were kept as prev_0.pt (the timed kill this test had before landed here about
+    # one run in five, and the resumed trial took epoch 2's weights with epoch 1's progress).
     "between_checkpoint_and_progress": ("replaced:*/trials/0002/last_0.pt@2", 1),
     # Trial 2 has drawn its parameters; the sampler state after the draw is not yet saved.
     "before_sampler_state": ("replace:*/mo/sampler_state.json@3", None),
 }
-# The timed kill this test had before landed in this window about one run in five: the
-# trial's last_<fold>.pt and progress.json are two files written one after the other, so the
-# resumed trial took epoch 2's weights with epoch 1's progress and trained an extra epoch.
-# The fix is in gradhpo/jobs/tune.py (Objective.checkpoint / _resume), issue 16.
-_TORN = pytest.mark.xfail(
-    strict=True, reason="issue 16: a trial's checkpoint and progress file are two commits"
-)
 
 
-@pytest.mark.parametrize(
-    "point",
-    [
-        pytest.param(name, marks=_TORN) if name == "between_checkpoint_and_progress" else name
-        for name in MO_KILLS
-    ],
-)
+@pytest.mark.parametrize("point", MO_KILLS)
 def test_a_killed_multi_objective_study_resumes_to_the_uninterrupted_result(
     tmp_path: Path, monkeypatch, killed_reference, point: str
 ) -> None:
