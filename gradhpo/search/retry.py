@@ -16,11 +16,22 @@ in that state (the first attempt was committed, only its answer was lost) counts
 repeated ``create_new_trial`` whose template carries system attributes (gradhpo's driver
 record with its heartbeat time) first looks for the trial the lost attempt may have created,
 so a retried ask never makes two trials.
+
+Optuna's ``RDBStorage`` also repeats a failed trial creation itself (up to 5 attempts, for
+deadlocks), out of this wrapper's sight: when the first attempt's COMMIT reached the server
+but its answer was lost, the second attempt made a second trial and the first was left
+RUNNING under a live driver, which no one recovers before the heartbeat grace period runs out
+(the study waited for it). So every error SQLAlchemy reports on the storage's engine is
+counted (per thread, ``handle_error``), and a creation that met one, or that was repeated
+here, looks for the twins of its trial afterwards (the same driver record and attributes:
+only a template with gradhpo's driver record is told apart from every other trial) and
+closes them, never run and not counted: FAIL + ``gradhpo:duplicate``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +46,11 @@ logger = logging.getLogger("gradhpo.search")
 
 #: Seconds a storage call is retried while the database cannot be reached.
 RETRY_SECONDS = 120.0
+#: The mark of a trial closed without being run (FAIL + it: not counted); the same key as
+#: :meth:`gradhpo.search.Study.claim`'s duplicate proposals (``is_retried`` reads it).
+_DUPLICATE = "gradhpo:duplicate"
+#: The system attribute in which :meth:`gradhpo.search.Study.ask` writes its driver record.
+_DRIVER = "gradhpo:driver"
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -112,6 +128,36 @@ class RetryingStorage(BaseStorage):
         self.name = name
         self._sleep = sleep
         self.retries = 0  # calls repeated after a lost connection (for tests and logs)
+        self.twins_closed = 0  # trials a retried creation made twice, closed (for tests and logs)
+        self._watch_engine()
+
+    def _watch_engine(self) -> None:
+        """Count the errors SQLAlchemy reports on the backend's engine, per thread, so a
+        creation Optuna repeated inside one call is noticed (see the module docstring)."""
+        self._errors = threading.local()
+        engine = getattr(getattr(self.backend, "_backend", self.backend), "engine", None)
+        try:
+            from sqlalchemy import event
+            from sqlalchemy.engine import Engine
+        except ImportError:  # pragma: no cover - Optuna depends on SQLAlchemy
+            return
+        if isinstance(engine, Engine):
+            event.listen(engine, "handle_error", self._count_error)
+
+    def _count_error(self, context: Any) -> None:
+        self._errors.n = getattr(self._errors, "n", 0) + 1
+
+    def _error_count(self) -> int:
+        return int(getattr(self._errors, "n", 0))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_errors"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._watch_engine()  # the backend's engine is a new one after unpickling
 
     def __repr__(self) -> str:
         return f"RetryingStorage({self.name})"
@@ -160,19 +206,61 @@ class RetryingStorage(BaseStorage):
                 pause = min(2.0, pause * 2)
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        def committed() -> tuple[bool, Any]:
-            if template_trial is None or not template_trial.system_attrs:
-                return False, None
-            for t in self.backend.get_all_trials(study_id, deepcopy=False):
-                if (
-                    t.system_attrs == template_trial.system_attrs
-                    and t.user_attrs == template_trial.user_attrs
-                    and t.state == template_trial.state
-                ):
-                    return True, t._trial_id
-            return False, None
+        # A template with system attributes (gradhpo's driver record; Optuna's fixed_params of
+        # an enqueued trial) tells the trial this call made from most others; one with the
+        # driver record (its heartbeat time) from every other, so only its twins are closed.
+        findable = template_trial is not None and bool(template_trial.system_attrs)
+        unique = findable and _DRIVER in template_trial.system_attrs  # type: ignore[union-attr]
 
-        return self._call("create_new_trial", study_id, template_trial, on_retry=committed)
+        def made() -> list[FrozenTrial]:
+            assert template_trial is not None
+            return [
+                t
+                for t in self.backend.get_all_trials(study_id, deepcopy=False)
+                if t.system_attrs == template_trial.system_attrs
+                and t.user_attrs == template_trial.user_attrs
+                and t.state == template_trial.state
+            ]
+
+        repeated = [False]
+
+        def committed() -> tuple[bool, Any]:
+            repeated[0] = True
+            found = made() if findable else []
+            return (True, found[0]._trial_id) if found else (False, None)
+
+        errors = self._error_count()
+        trial_id = self._call("create_new_trial", study_id, template_trial, on_retry=committed)
+        if unique and (repeated[0] or self._error_count() != errors):
+            self._close_twins([t for t in made() if t._trial_id != trial_id], trial_id)
+        return trial_id
+
+    def _close_twins(self, twins: list[FrozenTrial], trial_id: int) -> None:
+        """Close the trials a repeated creation made besides ``trial_id`` (its first attempts
+        were committed, only their answers were lost): FAIL + ``gradhpo:duplicate``, never
+        run and not counted."""
+        if not twins:
+            return
+        number = self.get_trial_number_from_id(trial_id)
+        for twin in twins:
+            self.set_trial_system_attr(
+                twin._trial_id,
+                _DUPLICATE,
+                f"made twice by a trial creation repeated after a lost connection; trial "
+                f"{number} is the one run",
+            )
+            try:
+                self.set_trial_state_values(twin._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:  # pragma: no cover - no one else has its id
+                pass
+            self.twins_closed += 1
+            logger.warning(
+                "Storage %s: trial %d was made twice (a creation repeated after a lost "
+                "connection); closed it, not counted: trial %d is the one run.",
+                self.name,
+                twin.number,
+                number,
+            )
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         repeated = [False]
