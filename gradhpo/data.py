@@ -173,9 +173,10 @@ class DatasetNotFoundError(FileNotFoundError):
         if note:
             message += f" ({note})"
         message += (
-            f"; pass download=True (load_dataset({dataset!r}, data_dir={self.data_dir!r}, "
-            "download=True) fetches them with torchvision, needs internet) or place the files "
-            "there in torchvision's on-disk layout"
+            f"; download=True (load_dataset({dataset!r}, data_dir={self.data_dir!r}, "
+            "download=True), or `download: true` in a config's data section) fetches them "
+            "with torchvision, needs internet; or place the files there in torchvision's "
+            "on-disk layout"
         )
         if install:
             message += f"; or install them system-wide with `{install}`"
@@ -1048,7 +1049,11 @@ DATA_KEYS = (
     "n_folds",
     "fold",
     "train_size",
+    "normalize",
+    "download",
 )
+#: The ``data`` keys that take true or false.
+_DATA_FLAGS = ("normalize", "download")
 
 
 def load_data(
@@ -1075,6 +1080,9 @@ def load_data(
             "data.name is required (e.g. 'digits'), or data.factory for your own data set "
             "('package.module:function' returning DataSplits)"
         )
+    for key in _DATA_FLAGS:
+        if key in data and not isinstance(data[key], bool):
+            raise ValueError(f"data.{key}: expected true or false, got {data[key]!r}")
     spec = {k: (str(v) if k == "data_dir" and v is not None else v) for k, v in data.items()}
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     return spec, load_dataset(spec["name"], **kwargs)

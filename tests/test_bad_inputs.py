@@ -120,6 +120,8 @@ BAD_VALUES: list[tuple[str, str, Any, tuple[str, ...]]] = [
     ("train", "training.epochs", -3, ("training.epochs", "-3")),
     ("train", "training.seed", -1, ("training.seed", "-1")),
     ("train", "data.seed", -1, ("data.seed", "-1")),
+    ("train", "data.download", "yes", ("data.download", "'yes'")),
+    ("train", "data.normalize", 1, ("data.normalize", "1")),
     ("train", "model.depth", 0, ("depth", "0")),
     ("train", "model.name", "transformer", ("'transformer'",)),
     ("train", "optimizer.lr", -1.0, ("optimizer.lr", "-1.0")),

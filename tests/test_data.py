@@ -961,3 +961,19 @@ def test_cuda_iterator_and_augment_match_cpu() -> None:
     for _ in range(5):
         (xa, ya), (xb, yb) = next(cpu), next(gpu)
         assert xb.is_cuda and torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())
+
+
+def test_a_data_config_takes_normalize_and_download() -> None:
+    """The ``data`` section of a config takes ``normalize`` and ``download`` (the message for
+    missing files tells a config user to set ``download: true``): normalize false keeps the
+    features as loaded; download is passed on (digits ship with scikit-learn: no effect)."""
+    from gradhpo.data import DatasetNotFoundError, load_data
+
+    spec, plain = load_data({"name": "digits", "normalize": False, "download": True})
+    assert spec == {"name": "digits", "normalize": False, "download": True}
+    _, standard = load_data({"name": "digits"})
+    assert plain.train.x.min() >= 0 and plain.train.x.max() <= 1
+    assert abs(float(standard.train.x.mean())) < 1e-3 and float(plain.train.x.mean()) > 0.1
+    assert plain.preprocessing["mean"] is None and standard.preprocessing["mean"] is not None
+    message = str(DatasetNotFoundError("cifar10", ["/nowhere/cifar-10"], "/nowhere"))
+    assert "`download: true` in a config's data section" in message
