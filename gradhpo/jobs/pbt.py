@@ -20,6 +20,10 @@ A PBT config is a train config plus a ``pbt`` section::
       seed: 0
       batched: false             # true: one vmapped step for all members (BatchedPopulation;
                                  # sync mode, optimizer.* values only, no tuner)
+      executor: null             # members' intervals as tasks: {name: processes | ray, ...}
+      checkpoints: files         # with an executor: tasks read/write checkpoint files in the
+                                 # run directory (shared by all workers); or executor: they
+                                 # get and return them as bytes, only this process writes
 
 With a ``tuner`` section the members also adapt their continuous hyperparameters by
 hypergradient between exploits (the hybrid mode); a tuned schedule spans a member's whole run
@@ -41,7 +45,13 @@ from gradhpo.execution import make_executor
 from gradhpo.jobs.rundir import create_run_dir, open_run_dir, run_dir_of
 from gradhpo.models import ModelConfigError
 from gradhpo.pbt.batched import BatchedPopulation
-from gradhpo.pbt.manager import BatchedGroup, BatchedMember, PopulationBasedTraining, RunMember
+from gradhpo.pbt.manager import (
+    CHECKPOINTS,
+    BatchedGroup,
+    BatchedMember,
+    PopulationBasedTraining,
+    RunMember,
+)
 from gradhpo.pbt.store import PBTDatabase
 from gradhpo.run.builder import build_run, load_job_data
 from gradhpo.run.loop import METRICS, check_metric_fits
@@ -65,12 +75,14 @@ PBT_DEFAULTS: dict[str, Any] = {
     "seed": None,
     "batched": False,
     "executor": None,
+    "checkpoints": "files",
 }
 _CHOICES = {
     "exploit": ("truncation", "tournament"),
     "explore": ("perturb", "resample", "sampler"),
     "mode": ("sync", "async"),
     "metric": ("val_accuracy", "val_loss"),
+    "checkpoints": CHECKPOINTS,
 }
 
 
@@ -291,6 +303,7 @@ def prepare_pbt(
         maximize=METRICS[p["metric"]] == "maximize",
         seed=p["seed"],
         on_evaluate=population.on_evaluate,
+        checkpoints=p["checkpoints"],
     )
     return manager, config, population
 

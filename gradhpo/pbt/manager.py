@@ -23,6 +23,7 @@ gradients cannot reach (batch size, dropout, discrete choices) — the hybrid mo
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -36,7 +37,21 @@ from gradhpo.pbt.strategies import explore, rank, resample, sampler_proposal, to
 from gradhpo.run.loop import check_metric
 from gradhpo.search.space import Parameter
 
-__all__ = ["Member", "RunMember", "BatchedGroup", "BatchedMember", "PopulationBasedTraining"]
+__all__ = [
+    "CHECKPOINTS",
+    "Member",
+    "RunMember",
+    "BatchedGroup",
+    "BatchedMember",
+    "PopulationBasedTraining",
+    "member_task",
+    "member_state_task",
+]
+
+# How the checkpoints of members trained on an executor move (see PopulationBasedTraining):
+# "files": the tasks read and write them in the run directory (shared by every worker);
+# "executor": as bytes in the tasks' arguments and results, the driver alone touches the files.
+CHECKPOINTS = ("files", "executor")
 
 
 class Member(Protocol):
@@ -156,6 +171,53 @@ class _Hypers:
         self.hyperparameters = dict(hyperparameters)
 
 
+def _load_state(source: str | bytes) -> dict[str, Any]:
+    """A member state from a checkpoint file (its path) or from its bytes; untrusted either
+    way: ``weights_only=True``."""
+    where: Any = io.BytesIO(source) if isinstance(source, bytes) else source
+    return torch.load(where, map_location="cpu", weights_only=True)
+
+
+def _state_bytes(state: Mapping[str, Any]) -> bytes:
+    """A member state as the bytes of its checkpoint file (what ``torch.save`` writes)."""
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    return buffer.getvalue()
+
+
+def _train_interval(
+    factory: Callable[[int, dict[str, Any]], Member],
+    index: int,
+    values: Mapping[str, Any],
+    state: str | bytes | None,
+    stream: str | bytes | None,
+    steps: int,
+    built_with: Mapping[str, Any] | None,
+) -> tuple[Member, float | None]:
+    """What every member task does, whatever carries its checkpoints: build member ``index``
+    with ``built_with`` (default ``values``), restore ``state`` (with ``stream``: restore
+    that fully first, then take ``state``'s weights keeping the stream, as an exploit does),
+    apply ``values``, train ``steps`` and score (``steps`` 0: no training, no score).
+
+    A copier is built with the values it trained with (``built_with``), which its own
+    ``stream`` was saved under (its batch size, among others), and then given the explored
+    ``values``: the in-process exploit's sequence on the live member. Built with the explored
+    values, a member whose batch size was explored could not restore its own stream."""
+    member = factory(index, dict(values if built_with is None else built_with))
+    if stream is not None:
+        member.load_state_dict(_load_state(stream))
+        if state is not None:
+            member.load_state_dict(_load_state(state), keep_stream=True)
+    elif state is not None:
+        member.load_state_dict(_load_state(state))
+    member.apply(values)
+    score = None
+    if steps > 0:
+        member.step(steps)
+        score = float(member.score())
+    return member, score
+
+
 def member_task(
     factory: Callable[[int, dict[str, Any]], Member],
     index: int,
@@ -164,26 +226,34 @@ def member_task(
     stream_path: str | None,
     steps: int,
     out_path: str,
+    built_with: Mapping[str, Any] | None = None,
 ) -> tuple[float | None, dict[str, float]]:
-    """One member's work on an executor: build it, restore ``state_path`` (with
-    ``stream_path``: restore that fully first, then take ``state_path``'s weights keeping the
-    stream, as an exploit does), apply ``values``, train ``steps`` and score (``steps`` 0: no
-    training, no score), write the state to ``out_path`` atomically."""
-    member = factory(index, dict(values))
-    if stream_path is not None:
-        member.load_state_dict(torch.load(stream_path, map_location="cpu", weights_only=True))
-        if state_path is not None:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            member.load_state_dict(state, keep_stream=True)
-    elif state_path is not None:
-        member.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
-    member.apply(values)
-    score = None
-    if steps > 0:
-        member.step(steps)
-        score = float(member.score())
+    """One member's work on an executor, checkpoints as files (``checkpoints="files"``): the
+    member's interval from the checkpoint files ``state_path`` / ``stream_path`` (see
+    :func:`_train_interval`), its new state written to ``out_path`` atomically."""
+    member, score = _train_interval(
+        factory, index, values, state_path, stream_path, steps, built_with
+    )
     write_torch(out_path, member.state_dict())
     return score, dict(member.hyperparameters)
+
+
+def member_state_task(
+    factory: Callable[[int, dict[str, Any]], Member],
+    index: int,
+    values: Mapping[str, Any],
+    state: bytes | None,
+    stream: bytes | None,
+    steps: int,
+    built_with: Mapping[str, Any] | None = None,
+) -> tuple[float | None, dict[str, float], bytes]:
+    """One member's work on an executor, checkpoints through the executor
+    (``checkpoints="executor"``): ``state`` / ``stream`` are the bytes of checkpoint files
+    (see :func:`_train_interval`), the new state comes back as such bytes, for the driver to
+    write. No path, no file: the task needs nothing of the run directory, and running it
+    twice changes nothing."""
+    member, score = _train_interval(factory, index, values, state, stream, steps, built_with)
+    return score, dict(member.hyperparameters), _state_bytes(member.state_dict())
 
 
 class BatchedGroup:
@@ -280,6 +350,13 @@ class PopulationBasedTraining:
         initial_values: optional list of initial values per member (else drawn from the prior).
         on_evaluate: ``callback(member_index, step, score, member, values)`` after each
             evaluation (TensorBoard logging).
+        checkpoints: how checkpoints move when members train on an executor
+            (``run(executor=...)``): ``"files"`` (each task reads its starting checkpoint and
+            writes its new one in ``directory``, which every worker must then reach: a shared
+            file system on a multi-node cluster) or ``"executor"`` (as bytes in the tasks'
+            arguments and results, through Ray's object store or the process pool's pipes;
+            only this process reads and writes ``directory``). Both give the same run; without
+            an executor there is nothing to move.
     """
 
     def __init__(
@@ -301,6 +378,7 @@ class PopulationBasedTraining:
         seed: int = 0,
         initial_values: Sequence[Mapping[str, Any]] | None = None,
         on_evaluate: Callable[[int, int, float, Member, dict[str, Any]], None] | None = None,
+        checkpoints: str = "files",
     ) -> None:
         for name, value, low in (
             ("population", population, 2),
@@ -315,6 +393,8 @@ class PopulationBasedTraining:
             raise ValueError(f"explore must be 'perturb', 'resample' or 'sampler', got {explore!r}")
         if mode not in ("sync", "async"):
             raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+        if checkpoints not in CHECKPOINTS:
+            raise ValueError(f"checkpoints must be 'files' or 'executor', got {checkpoints!r}")
         if not 0 < fraction <= 0.5:
             raise ValueError(f"fraction must be in (0, 0.5], got {fraction!r}")
         if not 0 <= resample_probability <= 1:
@@ -339,6 +419,7 @@ class PopulationBasedTraining:
         self.factors = tuple(float(f) for f in factors)
         self.resample_probability = float(resample_probability)
         self.mode = mode
+        self.checkpoint_transport = checkpoints
         self.maximize = maximize
         self.on_evaluate = on_evaluate
         self.rng = np.random.RandomState(seed)
@@ -593,27 +674,49 @@ class PopulationBasedTraining:
         if not self.values:
             self.start(build=False)
         self._remote_hypers: dict[int, dict[str, float]] = {}
+        as_bytes = self.checkpoint_transport == "executor"
         path = self.db.checkpoint_path
         while min(self.steps) < self.total_steps:
             n = min(self.interval, self.total_steps - min(self.steps))
             outs = [
                 self.db.new_checkpoint_path(i, self.steps[i] + n) for i in range(self.population)
             ]
-            tasks = [
-                (
-                    self.factory,
-                    i,
-                    self.values[i],
-                    None if self.checkpoints[i] is None else str(path(self.checkpoints[i])),
-                    None,
-                    n,
-                    str(outs[i]),
-                )
-                for i in range(self.population)
-            ]
-            results = executor.run(member_task, tasks)
+            states: list[bytes] | None = None
+            if as_bytes:
+                tasks: list[tuple[Any, ...]] = [
+                    (
+                        self.factory,
+                        i,
+                        self.values[i],
+                        None
+                        if self.checkpoints[i] is None
+                        else self.db.checkpoint_bytes(self.checkpoints[i]),
+                        None,
+                        n,
+                    )
+                    for i in range(self.population)
+                ]
+                results = executor.run(member_state_task, tasks)
+                del tasks  # the starting states: nobody needs them any more
+                states = [state for _, _, state in results]
+                for i, state in enumerate(states):  # what a files task writes before it returns
+                    self.db.write_checkpoint_bytes(outs[i], state)
+            else:
+                tasks = [
+                    (
+                        self.factory,
+                        i,
+                        self.values[i],
+                        None if self.checkpoints[i] is None else str(path(self.checkpoints[i])),
+                        None,
+                        n,
+                        str(outs[i]),
+                    )
+                    for i in range(self.population)
+                ]
+                results = executor.run(member_task, tasks)
             scores = {}
-            for i, (score, hypers) in enumerate(results):
+            for i, (score, hypers, *_) in enumerate(results):
                 self.steps[i] += n
                 scores[i] = float(score)
                 self._remote_hypers[i] = hypers
@@ -621,7 +724,7 @@ class PopulationBasedTraining:
                     self.on_evaluate(i, self.steps[i], scores[i], _Hypers(hypers), self.values[i])
             final = min(self.steps) >= self.total_steps
             copies = {} if final else self._decide([scores[i] for i in range(self.population)])
-            self._commit_remote(scores, copies, outs, executor)
+            self._commit_remote(scores, copies, outs, executor, states)
             if progress is not None:
                 progress.update(n)
         return self.best()
@@ -632,26 +735,47 @@ class PopulationBasedTraining:
         copies: Mapping[int, int],
         outs: Sequence[Any],
         executor: Any,
+        states: Sequence[bytes] | None = None,
     ) -> None:
-        """The remote twin of :meth:`_commit`: workers already wrote every member's trained
-        state; step-free tasks give each copier its own checkpoint (the source's weights, its
-        own stream, the explored values); then one transaction records it all."""
+        """The remote twin of :meth:`_commit`: every member's trained state is in its file
+        ``outs[i]`` (written by the task, or from ``states``, the bytes the tasks returned, by
+        this process); step-free tasks give each copier its own checkpoint (the source's
+        weights, its own stream, the explored values); then one transaction records it all."""
         new_values = {loser: self._new_values(winner) for loser, winner in sorted(copies.items())}
         mine = {loser: self.db.new_checkpoint_path(loser, self.steps[loser]) for loser in copies}
-        tasks = [
-            (
-                self.factory,
-                loser,
-                new_values[loser],
-                str(outs[winner]),
-                str(outs[loser]),
-                0,
-                str(mine[loser]),
-            )
-            for loser, winner in sorted(copies.items())
-        ]
-        if tasks:
-            executor.run(member_task, tasks)
+        order = sorted(copies.items())
+        if states is None:
+            tasks: list[tuple[Any, ...]] = [
+                (
+                    self.factory,
+                    loser,
+                    new_values[loser],
+                    str(outs[winner]),
+                    str(outs[loser]),
+                    0,
+                    str(mine[loser]),
+                    self.values[loser],
+                )
+                for loser, winner in order
+            ]
+            if tasks:
+                executor.run(member_task, tasks)
+        else:
+            tasks = [
+                (
+                    self.factory,
+                    loser,
+                    new_values[loser],
+                    states[winner],
+                    states[loser],
+                    0,
+                    self.values[loser],
+                )
+                for loser, winner in order
+            ]
+            copied = executor.run(member_state_task, tasks) if tasks else []
+            for (loser, _), (_, _, state) in zip(order, copied, strict=True):
+                self.db.write_checkpoint_bytes(mine[loser], state)
         everyone = list(range(self.population))
         self._record_step(everyone, scores, dict(enumerate(outs)), copies, mine, new_values)
 
@@ -661,8 +785,10 @@ class PopulationBasedTraining:
         i = rank(scores, self.maximize)[0]
         if self.members:
             hypers = dict(self.members[i].hyperparameters)
-        else:
-            hypers = dict(getattr(self, "_remote_hypers", {}).get(i, {}))
+        elif i in getattr(self, "_remote_hypers", {}):
+            hypers = dict(self._remote_hypers[i])
+        else:  # members on an executor, no task ran in this process (a resume after the end)
+            hypers = dict(self.build_member(i).hyperparameters)
         return {
             "member": i,
             "score": scores[i],

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from gradhpo.config import ConfigError
-from gradhpo.files import write_torch
+from gradhpo.files import atomic_write, write_torch
 
 __all__ = ["PBTDatabase"]
 
@@ -118,6 +118,14 @@ class PBTDatabase:
         path = self.new_checkpoint_path(member, step)
         return write_torch(path, dict(state))
 
+    def write_checkpoint_bytes(self, path: Path, data: bytes) -> Path:
+        """Write a checkpoint file's content (a member state as bytes, from a task that cannot
+        reach this directory) to ``path`` (from :meth:`new_checkpoint_path`) atomically; it is
+        not referenced yet (call :meth:`add_checkpoint` inside the step's transaction)."""
+        with atomic_write(path, "wb") as fh:
+            fh.write(data)
+        return path
+
     def add_checkpoint(self, member: int, step: int, path: Path) -> int:
         cur = self.conn.execute(
             "INSERT INTO checkpoints (member, step, path, refs) VALUES (?, ?, ?, 0)",
@@ -146,6 +154,11 @@ class PBTDatabase:
         if row is None:
             raise KeyError(f"checkpoint {checkpoint} is not in the database")
         return self.checkpoint_dir / row[0]
+
+    def checkpoint_bytes(self, checkpoint: int) -> bytes:
+        """The content of a checkpoint's file, for a task that cannot reach this directory
+        (it loads it with ``weights_only=True``)."""
+        return self.checkpoint_path(checkpoint).read_bytes()
 
     def load_checkpoint(self, checkpoint: int) -> dict[str, Any]:
         return torch.load(self.checkpoint_path(checkpoint), map_location="cpu", weights_only=True)

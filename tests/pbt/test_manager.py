@@ -186,6 +186,7 @@ def test_pbt_arguments_are_checked(tmp_path: Path) -> None:
         ({"mode": "batch"}, "mode must be 'sync' or 'async', got 'batch'"),
         ({"fraction": 0.9}, "fraction must be in"),
         ({"factors": [0.8, -1]}, "factors must be positive"),
+        ({"checkpoints": "s3"}, "checkpoints must be 'files' or 'executor', got 's3'"),
     ]:
         with pytest.raises(ValueError, match=message):
             _toy_pbt(tmp_path / "bad", **kwargs)

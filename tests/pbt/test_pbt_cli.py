@@ -100,6 +100,11 @@ BAD = [
         {"type": "float", "low": 0.0, "high": 0.5},
         r"pbt.space.model.dropout.low: must be > 0",
     ),
+    (
+        "pbt/checkpoints",
+        "shared",
+        r"pbt.checkpoints: expected one of \['files', 'executor'\], got 'shared'",
+    ),
     ("pbt/colour", 1, r"pbt: unknown key\(s\) \['colour'\]"),
     ("model/name", "vit", r"gives an invalid member: .*'vit'"),
 ]
