@@ -2,7 +2,10 @@
 creation, during a member checkpoint's write, inside a step's database transaction, right
 before and right after its COMMIT, between the deletions that follow a commit, before the
 best member is recorded - then resumed: the result is the uninterrupted run's, plain and
-hybrid (a `tuner` in every member) alike (issue 16).
+hybrid (a `tuner` in every member) alike (issue 16). A population on two processes whose
+checkpoints move through the executor (`pbt.checkpoints: executor`: the driver writes what
+the tasks return) killed between a task's return and the driver's write of its state, and at
+the step's commit, resumes to the uninterrupted in-process run (issue 17).
 
 The points are those of tests/kill_points.py: each kill lands exactly there, every run."""
 
@@ -80,6 +83,20 @@ KILLS = [
 ]
 
 
+# On two processes, checkpoints through the executor: every checkpoint write is the driver's
+# (killed by these points; under `checkpoints: files` the workers write and no kill lands).
+# A step here writes 4 trained states, then 1 copier's state, then COMMITs.
+EXECUTOR_KILLS = [
+    ("pbt", "replace:*/checkpoints/member*@1"),  # step 1's tasks returned; none written yet
+    ("resume", "replaced:*/checkpoints/member*@3"),  # three of the four states written
+    ("resume", "replace:*/checkpoints/member*@5"),  # the copier's state returned, not written
+    ("resume", "commit@2"),  # step 1 written whole, its COMMIT (1: the repair) not run
+    ("resume", "committed@3"),  # step 2 committed, the files it released not yet deleted
+    ("resume", "sql:INSERT INTO lineage@1"),  # inside step 3's transaction
+    ("resume", "sql:'best'"),  # every step committed: the resume runs no task at all
+]
+
+
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
@@ -151,5 +168,51 @@ def test_pbt_killed_at_named_points_resumes_to_the_uninterrupted_result(
 
     done = _run(_cli("resume", str(run_dir)), tmp_path)
     assert done.returncode == 0, done.stderr.decode()
+    assert _result(run_dir) == reference
+    _left_consistent(runs, run_dir)
+
+
+def _run_session(args: list[str], cwd: Path) -> tuple[int, str]:
+    """``_run`` in a session of its own, ended whole: the pool workers of a killed driver
+    outlive it (idle, holding its stderr), a machine that dies takes them along."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    err = cwd / "stderr.txt"
+    with open(err, "wb") as fh:
+        proc = subprocess.Popen(
+            args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=fh, start_new_session=True
+        )
+        try:
+            code = proc.wait(timeout=300)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return code, err.read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_executor_checkpoints_killed_at_named_points_resume_to_the_in_process_result(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "pbt.yaml"
+    path.write_text(yaml.safe_dump(PLAIN), encoding="utf-8")
+    done = _run(_cli("pbt", str(path), "--out", str(tmp_path / "ref")), tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    reference = _result(tmp_path / "ref" / "pop")
+
+    config = copy.deepcopy(PLAIN)
+    config["pbt"]["executor"] = {"name": "processes", "workers": 2, "threads_per_worker": 1}
+    config["pbt"]["checkpoints"] = "executor"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    runs = tmp_path / "runs"
+    run_dir = runs / "pop"
+    for what, point in EXECUTOR_KILLS:
+        args = ["pbt", str(path), "--out", str(runs)] if what == "pbt" else ["resume", str(run_dir)]
+        code, err = _run_session(command(point, *args, "--no-progress"), tmp_path)
+        assert code == -signal.SIGKILL, (point, code, err)
+
+    code, err = _run_session(_cli("resume", str(run_dir)), tmp_path)
+    assert code == 0, err
     assert _result(run_dir) == reference
     _left_consistent(runs, run_dir)

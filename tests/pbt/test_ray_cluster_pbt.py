@@ -1,8 +1,10 @@
 """PBT across the nodes of a Ray cluster (issue 17): members trained as tasks on three
 one-CPU nodes give the in-process run's scores, exploits and explored values, also when a
 node is removed (SIGKILL, a machine that dies) in the middle of an interval: Ray retries the
-killed member's task on another node from the same checkpoint files, so nothing is lost or
-counted twice."""
+killed member's task on another node from the same checkpoint (a file in the run directory
+with ``checkpoints="files"``; with ``"executor"`` the same bytes, held by the driver in Ray's
+object store, while no task touches the run directory), so nothing is lost or counted
+twice."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import run_dir_guard
 
 from gradhpo.pbt.manager import PopulationBasedTraining
 from gradhpo.search.space import SearchSpace
@@ -43,11 +46,23 @@ class CountingFactory:
         return self.inner(index, values)
 
 
-def _pbt(directory: Path, step_seconds: float = 0.0) -> PopulationBasedTraining:
+# 32768 float64 weights: a member's state (256 KiB) is above Ray's 100 KiB limit for objects
+# passed inline, so under checkpoints="executor" states go through the nodes' object stores.
+DIM = 32768
+
+
+def _pbt(
+    directory: Path, step_seconds: float = 0.0, checkpoints: str = "files"
+) -> PopulationBasedTraining:
     lrs = np.exp(np.random.RandomState(0).uniform(math.log(1e-4), math.log(0.05), 5))
     directory.mkdir(parents=True, exist_ok=True)
+    factory: Any = CountingFactory(
+        directory.parent / f"{directory.name}.builds", step_seconds=step_seconds, dim=DIM
+    )
+    if checkpoints == "executor":  # a task that touches the run directory fails
+        factory = run_dir_guard.GuardedFactory(factory, directory)
     return PopulationBasedTraining(
-        CountingFactory(directory.parent / f"{directory.name}.builds", step_seconds=step_seconds),
+        factory,
         LR.parameters,
         directory,
         population=5,
@@ -56,6 +71,7 @@ def _pbt(directory: Path, step_seconds: float = 0.0) -> PopulationBasedTraining:
         seed=2,
         fraction=0.4,
         initial_values=[{"optimizer.lr": float(x)} for x in lrs],
+        checkpoints=checkpoints,
     )
 
 
@@ -65,15 +81,17 @@ def _trace(pbt: PopulationBasedTraining) -> tuple[list, list]:
     return scores, lineage
 
 
+@pytest.mark.parametrize("checkpoints", ["files", "executor"])
 def test_pbt_on_three_nodes_survives_a_node_removed_mid_interval(
-    tmp_path: Path, ray_cluster: Any
+    tmp_path: Path, ray_cluster: Any, checkpoints: str
 ) -> None:
     import ray
 
     from gradhpo.execution import RayExecutor
 
-    # the workers cannot import tests/: CountingFactory travels by value
+    # the workers cannot import tests/: CountingFactory and GuardedFactory travel by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(run_dir_guard)
 
     local = _pbt(tmp_path / "local")
     expected = local.run()
@@ -84,7 +102,7 @@ def test_pbt_on_three_nodes_survives_a_node_removed_mid_interval(
 
     def drive() -> None:  # the manager's database connection lives in this thread
         try:
-            remote = _pbt(tmp_path / "ray", step_seconds=0.05)
+            remote = _pbt(tmp_path / "ray", step_seconds=0.05, checkpoints=checkpoints)
             out["best"] = remote.run(executor=executor)
             out["trace"] = _trace(remote)
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
