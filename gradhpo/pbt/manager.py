@@ -625,8 +625,10 @@ class PopulationBasedTraining:
 
         With an ``executor`` (:mod:`gradhpo.execution`) each member's interval runs as a task
         on it (sync mode): the task builds the member with ``factory`` (which must then be
-        picklable), loads its checkpoint, trains, scores and writes a new checkpoint; the
-        driver keeps only the database. Same decisions and results as in-process training."""
+        picklable), restores its checkpoint, trains, scores and writes a new checkpoint file
+        (``checkpoints="files"``) or returns its new state as bytes, which this process writes
+        (``"executor"``: the tasks never touch ``directory``); the driver keeps the database.
+        Same decisions and results as in-process training."""
         if executor is not None:
             return self._run_remote(executor, progress)
         if not self.members:
