@@ -20,10 +20,13 @@ def quadratic(trial: optuna.trial.Trial) -> float:
 
 
 def die_once(trial: optuna.trial.Trial) -> float:
-    """Kills its own process (SIGKILL) the first time trial 2 runs; a marker file remembers."""
+    """Kills its own process (SIGKILL) in the middle of trial 2 the first time it runs (after
+    one reported epoch, so the trial has done work and is continued, not drawn again); a
+    marker file remembers."""
     x = trial.suggest_float("x", -2.0, 2.0)
     marker = Path(os.environ["GRADHPO_TEST_MARKER"])
     if trial.number == 2 and not marker.exists():
+        trial.report((x - 0.5) ** 2 + 1.0, 0)
         marker.write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
     return (x - 0.5) ** 2
