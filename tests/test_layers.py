@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("gradhpo.jobs",),
     ("gradhpo.integrations",),
     ("gradhpo.report",),
-    ("gradhpo.cli",),
+    ("gradhpo.cli", "gradhpo.__main__"),
 ]
 
 
