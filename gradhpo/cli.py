@@ -24,17 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from gradhpo import __version__
-from gradhpo.config import ConfigError, load_yaml
+from gradhpo.config import STORAGE_ENV, ConfigError, load_yaml
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-
-#: The storage variable's name for the help texts. It is read as
-#: gradhpo.jobs.worker.STORAGE_ENV, whose module loads torch; tests/test_cli_startup.py
-#: checks that the two agree.
-_STORAGE_ENV_HELP = "GRADHPO_STORAGE"
 
 
 class UserError(Exception):
@@ -83,7 +78,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--storage",
         default=None,
         help="Optuna storage URL for the trials (e.g. postgresql://user:pw@host/db; default "
-        f"search.storage, else ${_STORAGE_ENV_HELP}, else the journal file of the study folder); "
+        f"search.storage, else ${STORAGE_ENV}, else the journal file of the study folder); "
         "a password is never written to disk",
     )
     tune.add_argument(
@@ -138,7 +133,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help=(
             "the study's storage URL when study.json cannot name it (a password); default "
-            f"${_STORAGE_ENV_HELP}"
+            f"${STORAGE_ENV}"
         ),
     )
     resume.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -160,7 +155,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--storage",
         default=None,
         help="the study's storage URL when study.json cannot name it (a password); "
-        f"default: ${_STORAGE_ENV_HELP}",
+        f"default: ${STORAGE_ENV}",
     )
     worker.add_argument(
         "--objective", default=None, help="module:function, for a study made from Python"
@@ -186,9 +181,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "has no authentication of its own."
         ),
     )
-    proxy.add_argument(
-        "--storage", default=None, help=f"database URL; default: ${_STORAGE_ENV_HELP}"
-    )
+    proxy.add_argument("--storage", default=None, help=f"database URL; default: ${STORAGE_ENV}")
     proxy.add_argument("--host", default="127.0.0.1", help="address to listen on")
     proxy.add_argument("--port", type=int, default=13000, help="port to listen on (13000)")
     proxy.set_defaults(func=_cmd_storage_proxy)
@@ -235,7 +228,7 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--storage",
         default=None,
-        help=f"the study's storage URL when study.json cannot name it; default ${_STORAGE_ENV_HELP}",
+        help=f"the study's storage URL when study.json cannot name it; default ${STORAGE_ENV}",
     )
     export.set_defaults(func=_cmd_export)
     return parser
@@ -389,10 +382,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _storage_arg(args: argparse.Namespace) -> str | None:
-    """The storage URL of ``tune``/``resume``: --storage, else $GRADHPO_STORAGE (None: the
-    config's search.storage or what study.json records)."""
-    from gradhpo.jobs.worker import STORAGE_ENV
-
+    """The storage URL of ``tune``/``resume``/``worker``/``storage-proxy``: --storage, else
+    $GRADHPO_STORAGE (None: the config's search.storage or what study.json records)."""
     return getattr(args, "storage", None) or os.environ.get(STORAGE_ENV) or None
 
 
@@ -531,9 +522,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed: expected an integer >= 0, got {args.seed!r}")
     _quiet_optuna()
-    from gradhpo.jobs.worker import STORAGE_ENV, prepare_worker, run_worker
+    from gradhpo.jobs.worker import prepare_worker, run_worker
 
-    storage = args.storage or os.environ.get(STORAGE_ENV) or None
+    storage = _storage_arg(args)
     try:
         job = prepare_worker(args.dir, storage=storage, objective=args.objective)
     except _job_errors() as exc:
@@ -568,9 +559,8 @@ def _cmd_storage_proxy(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # errors are reported here, in one line
     _quiet_optuna()
     from gradhpo.jobs.proxy import serve_storage_proxy
-    from gradhpo.jobs.worker import STORAGE_ENV
 
-    url = args.storage or os.environ.get(STORAGE_ENV) or None
+    url = _storage_arg(args)
     if url is None:
         raise UserError(f"--storage: give the database URL (or set ${STORAGE_ENV})")
     serve_storage_proxy(url, host=args.host, port=args.port)

@@ -24,6 +24,7 @@ import yaml
 __all__ = [
     "ConfigError",
     "SIZE_LIMITS",
+    "STORAGE_ENV",
     "check_sizes",
     "import_object",
     "load_yaml",
@@ -36,6 +37,13 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A user mistake in a configuration file or mapping."""
+
+
+#: Environment variable read for a study's storage URL when the command line gives none
+#: (``--storage``): it keeps a password out of the command line, which other users of the
+#: machine can see, and out of config files. Read by ``gradhpo tune | resume | worker |
+#: storage-proxy``; here, at the bottom, so the CLI names it without loading a job.
+STORAGE_ENV = "GRADHPO_STORAGE"
 
 
 #: Defaults of the ``training`` and ``output`` sections of a ``gradhpo train`` config.

@@ -72,6 +72,7 @@ import torch
 from tqdm import tqdm
 
 from gradhpo.config import (
+    STORAGE_ENV,
     ConfigError,
     check_executor,
     check_int,
@@ -406,7 +407,7 @@ def check_storage(field: str, value: Any) -> str | None:
     if mask_password(value) != value:
         raise ConfigError(
             f"{field}: {mask_password(value)!r} has a password, which would be written into "
-            "the study's config.yaml; give the URL with --storage or $GRADHPO_STORAGE instead"
+            f"the study's config.yaml; give the URL with --storage or ${STORAGE_ENV} instead"
         )
     return value
 

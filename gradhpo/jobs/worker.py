@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from gradhpo.config import ConfigError
+from gradhpo.config import STORAGE_ENV, ConfigError
 from gradhpo.jobs.rundir import MARKER, open_run_dir
 from gradhpo.jobs.tune import load_folds, run_trials, validate_tune_config
 from gradhpo.search.samplers import reseed_sampler
@@ -42,10 +42,6 @@ from gradhpo.search.space import SearchSpace
 from gradhpo.search.study import Study, load_study
 
 __all__ = ["WorkerJob", "prepare_worker", "run_worker", "STORAGE_ENV"]
-
-#: Environment variable read for the storage URL when none is given (keeps a password out of
-#: the command line, which other users of the machine can see).
-STORAGE_ENV = "GRADHPO_STORAGE"
 
 
 @dataclass
