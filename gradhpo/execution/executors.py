@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -88,8 +92,64 @@ class SerialExecutor(Executor):
         return [fn(*args) for args in args_list]
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: tuple[int, bool] | None = None) -> None:
+    if parent is not None:
+        _exit_with_parent(*parent)
     torch.set_num_threads(threads)
+
+
+#: prctl(2) option: the signal this process gets when the thread that spawned it ends.
+_PR_SET_PDEATHSIG = 1
+#: How often a pool worker's watcher thread checks that its driver is alive (seconds).
+PARENT_CHECK_INTERVAL = 0.5
+
+
+class _Spawner:
+    """A pool worker's start-up argument that names the driver: pickled when the worker is
+    spawned, in the thread that spawns it (``Process.start`` pickles its arguments there), it
+    becomes ``(driver pid, spawned by the main thread)`` in the worker."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        by_main = threading.current_thread() is threading.main_thread()
+        return (tuple, ((os.getpid(), by_main),))
+
+
+def _exit_with_parent(pid: int, by_main_thread: bool) -> None:
+    """Make this pool worker end as soon as the driver process ``pid`` that spawned it dies.
+
+    A SIGKILLed driver runs no clean-up: its workers kept training and writing (the pool's
+    queues never report the driver gone to a busy worker, and an idle one waits on them for
+    ever). On Linux the kernel sends SIGKILL to the worker when its parent dies
+    (``prctl(PR_SET_PDEATHSIG)``) - but it does so when the *thread* that spawned the worker
+    ends, so only for workers spawned by the driver's main thread, which lives as long as the
+    process. Everywhere, a daemon thread also watches the parent: on POSIX the worker is
+    re-parented when its driver dies (``os.getppid()`` changes), on Windows the parent's
+    process handle is signalled. The check after ``prctl`` covers a driver that died before."""
+    if by_main_thread and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no usable libc
+            pass
+    if os.name == "posix" and os.getppid() != pid:
+        os._exit(1)
+    threading.Thread(
+        target=_watch_parent, args=(pid,), name="gradhpo-watch-driver", daemon=True
+    ).start()
+
+
+def _watch_parent(pid: int) -> None:
+    if os.name == "posix":
+        while os.getppid() == pid:
+            time.sleep(PARENT_CHECK_INTERVAL)
+    else:  # pragma: no cover - Windows: no re-parenting; wait on the parent's handle
+        from multiprocessing.connection import wait as wait_for
+
+        parent = mp.parent_process()
+        if parent is None:
+            return
+        wait_for([parent.sentinel])
+    os._exit(1)  # from any thread: the whole process, at once, no clean-up to run
 
 
 class ProcessExecutor(Executor):
@@ -100,7 +160,10 @@ class ProcessExecutor(Executor):
     the pool is rebuilt and every unfinished task submitted again — tasks must therefore be
     idempotent, which study drivers (they continue the shared study) and PBT member tasks
     (they write their own output file) are. More than ``max_failures`` such breaks in all raise
-    :class:`WorkerFailed`. Results must be picklable."""
+    :class:`WorkerFailed`. Results must be picklable. A worker ends by itself when its driver
+    process dies, even by SIGKILL (see :func:`_exit_with_parent`): at once on Linux, within
+    ``PARENT_CHECK_INTERVAL`` seconds on other POSIX systems or when a thread other than the
+    main one spawned it."""
 
     name = "processes"
 
@@ -125,7 +188,7 @@ class ProcessExecutor(Executor):
                 max_workers=self.workers,
                 mp_context=mp.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(self.threads,),
+                initargs=(self.threads, _Spawner()),
             )
         return self._pool
 
