@@ -8,7 +8,6 @@ import copy
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,37 +15,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import HYBRID_TUNER, count_scores, digits_pbt_config
 
 from gradhpo.cli import main
 from gradhpo.jobs.pbt import prepare_pbt, validate_pbt_config
 from gradhpo.pbt.store import PBTDatabase
 
-HYBRID = {
-    "name": "hybrid",
-    "data": {"name": "digits", "seed": 0},
-    "model": {"name": "cnn", "depth": 1, "width": 4, "norm": "none", "dropout": 0.1},
-    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
-    "tuner": {
-        "hypers": [{"name": "lr", "schedule": {"segments": 3}}, {"name": "momentum"}],
-        "method": "forward",
-        "horizon": 3,
-        "carry": True,
-        "hyper_val_fraction": 0.1,
-        "hyper_optimizer": "adam",
-        "hyper_lr": 0.05,
-    },
-    "training": {"epochs": 1, "batch_size": 64, "device": "cpu", "seed": 0},
-    "pbt": {
-        "population": 4,
-        "interval": 5,
-        "steps": 60,
-        "space": {
-            "training.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
-            "model.dropout": {"type": "float", "low": 0.05, "high": 0.5},
-        },
-        "fraction": 0.25,
-        "seed": 1,
-    },
+HYBRID = digits_pbt_config("hybrid", tuner=HYBRID_TUNER)
+HYBRID["pbt"]["steps"] = 60
+HYBRID["pbt"]["space"] = {
+    "training.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
+    "model.dropout": {"type": "float", "low": 0.05, "high": 0.5},
 }
 
 CLI = "import sys; from gradhpo.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -97,12 +76,7 @@ def test_hybrid_pbt_killed_at_random_points_resumes_exactly(tmp_path: Path) -> N
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL)
         try:
             while proc.poll() is None:
-                try:
-                    with sqlite3.connect(run_dir / "pbt.db", timeout=5) as conn:
-                        count = conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
-                except sqlite3.Error:
-                    count = 0
-                if count >= at_least:
+                if count_scores(run_dir) >= at_least:
                     time.sleep(rng.uniform(0.0, 0.3))
                     proc.send_signal(signal.SIGKILL)
                     kills += 1

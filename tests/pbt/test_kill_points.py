@@ -21,45 +21,15 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import HYBRID_TUNER, digits_pbt_config, members_per_checkpoint, run_result
 from kill_points import command
 
 from gradhpo.pbt.store import PBTDatabase
 
-PLAIN: dict[str, Any] = {
-    "name": "pop",
-    "data": {"name": "digits", "seed": 0},
-    "model": {"name": "cnn", "depth": 1, "width": 4, "norm": "none", "dropout": 0.1},
-    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
-    "training": {"epochs": 1, "batch_size": 64, "device": "cpu", "seed": 0},
-    "pbt": {
-        "population": 4,
-        "interval": 5,
-        "steps": 20,  # 4 steps: an exploit after each of the first 3
-        "space": {
-            "optimizer.lr": {"type": "float", "low": 0.02, "high": 0.3, "log": True},
-            "training.batch_size": {"type": "categorical", "choices": [32, 64]},
-            "model.dropout": {"type": "float", "low": 0.05, "high": 0.5},
-        },
-        "fraction": 0.25,
-        "seed": 1,
-    },
-}
+PLAIN = digits_pbt_config("pop")
 # Hybrid: every member also tunes a carried forward-mode lr schedule and its momentum by
-# hypergradient; PBT explores what gradients cannot reach. A horizon of 3 in intervals of 5
-# leaves a tuner's horizon open at every checkpoint.
-HYBRID: dict[str, Any] = {
-    **copy.deepcopy(PLAIN),
-    "name": "hybrid",
-    "tuner": {
-        "hypers": [{"name": "lr", "schedule": {"segments": 3}}, {"name": "momentum"}],
-        "method": "forward",
-        "horizon": 3,
-        "carry": True,
-        "hyper_val_fraction": 0.1,
-        "hyper_optimizer": "adam",
-        "hyper_lr": 0.05,
-    },
-}
+# hypergradient; PBT explores what gradients cannot reach.
+HYBRID = digits_pbt_config("hybrid", tuner=HYBRID_TUNER)
 # Async: members served one at a time, one transaction per member step (2 exploits here).
 ASYNC: dict[str, Any] = {**copy.deepcopy(PLAIN), "name": "apop"}
 ASYNC["pbt"]["mode"] = "async"
@@ -108,24 +78,6 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "gradhpo.cli", *args, "--no-progress"]
 
 
-def _result(run_dir: Path) -> dict[str, Any]:
-    """What a user gets from a PBT run: every score, every exploit, the best member."""
-    db = PBTDatabase(run_dir)
-    try:
-        best = dict(db.get_meta("best"))
-        best.pop("resumed")
-        return {
-            "scores": [(s["step"], s["member"], s["score"], s["values"]) for s in db.scores()],
-            "lineage": [
-                (e["step"], e["member"], e["source"], e["old"], e["new"]) for e in db.lineage()
-            ],
-            "members": [(m["member"], m["step"], m["values"], m["score"]) for m in db.members()],
-            "best": best,
-        }
-    finally:
-        db.close()
-
-
 def _left_consistent(runs: Path, run_dir: Path) -> None:
     """No temporary file, no hidden build folder, no checkpoint the database does not hold,
     every reference count equal to the members pointing at the checkpoint."""
@@ -135,10 +87,7 @@ def _left_consistent(runs: Path, run_dir: Path) -> None:
     try:
         known = dict(db.conn.execute("SELECT path, refs FROM checkpoints").fetchall())
         assert sorted(p.name for p in db.checkpoint_dir.iterdir()) == sorted(known)
-        pointing: dict[int, int] = {}
-        for m in db.members():
-            pointing[m["checkpoint"]] = pointing.get(m["checkpoint"], 0) + 1
-        assert db.refcounts() == pointing
+        assert db.refcounts() == members_per_checkpoint(db)
     finally:
         db.close()
 
@@ -155,7 +104,7 @@ def test_pbt_killed_at_named_points_resumes_to_the_uninterrupted_result(
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     done = _run(_cli("pbt", str(path), "--out", str(tmp_path / "ref")), tmp_path)
     assert done.returncode == 0, done.stderr.decode()
-    reference = _result(tmp_path / "ref" / name)
+    reference = run_result(tmp_path / "ref" / name)
     assert len(reference["scores"]) == 16 and len(reference["lineage"]) == exploits
 
     runs = tmp_path / "runs"
@@ -168,7 +117,7 @@ def test_pbt_killed_at_named_points_resumes_to_the_uninterrupted_result(
 
     done = _run(_cli("resume", str(run_dir)), tmp_path)
     assert done.returncode == 0, done.stderr.decode()
-    assert _result(run_dir) == reference
+    assert run_result(run_dir) == reference
     _left_consistent(runs, run_dir)
 
 
@@ -199,7 +148,7 @@ def test_executor_checkpoints_killed_at_named_points_resume_to_the_in_process_re
     path.write_text(yaml.safe_dump(PLAIN), encoding="utf-8")
     done = _run(_cli("pbt", str(path), "--out", str(tmp_path / "ref")), tmp_path)
     assert done.returncode == 0, done.stderr.decode()
-    reference = _result(tmp_path / "ref" / "pop")
+    reference = run_result(tmp_path / "ref" / "pop")
 
     config = copy.deepcopy(PLAIN)
     config["pbt"]["executor"] = {"name": "processes", "workers": 2, "threads_per_worker": 1}
@@ -214,5 +163,5 @@ def test_executor_checkpoints_killed_at_named_points_resume_to_the_in_process_re
 
     code, err = _run_session(_cli("resume", str(run_dir)), tmp_path)
     assert code == 0, err
-    assert _result(run_dir) == reference
+    assert run_result(run_dir) == reference
     _left_consistent(runs, run_dir)

@@ -14,16 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import LR, check_references, initial_lrs
 
 from gradhpo.pbt.manager import PopulationBasedTraining
 from gradhpo.pbt.store import PBTDatabase
 from gradhpo.pbt.strategies import explore, perturb, rank, resample, tournament, truncation
 from gradhpo.search.space import SearchSpace
 from gradhpo.testing.quartic import QuarticMember
-
-LR = SearchSpace.from_config(
-    {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 10.0, "log": True}}
-)
 
 
 def test_rank_ties_and_nan() -> None:
@@ -94,27 +91,13 @@ def test_perturb_and_resample_statistics() -> None:
 def _toy_pbt(directory: Path, **kw) -> PopulationBasedTraining:
     settings = dict(population=6, interval=20, total_steps=200, seed=3, resample_probability=0.0)
     settings.update(kw)
-    lrs = np.exp(
-        np.random.RandomState(0).uniform(math.log(1e-4), math.log(0.05), settings["population"])
-    )
     return PopulationBasedTraining(
         lambda i, v: QuarticMember(v["optimizer.lr"], seed=100 + i),
         LR.parameters,
         directory,
-        initial_values=[{"optimizer.lr": float(lr)} for lr in lrs],
+        initial_values=initial_lrs(settings["population"]),
         **settings,
     )
-
-
-def _check_references(db: PBTDatabase) -> None:
-    members = db.members()
-    refs = db.refcounts()
-    pointing: dict[int, int] = {}
-    for m in members:
-        pointing[m["checkpoint"]] = pointing.get(m["checkpoint"], 0) + 1
-    assert refs == pointing  # every reference is a member that resumes from it, nothing else
-    files = {p.name for p in db.checkpoint_dir.iterdir()}
-    assert files == {db.checkpoint_path(c).name for c in refs}  # none missing, none orphaned
 
 
 @pytest.mark.parametrize("exploit", ["truncation", "tournament"])
@@ -126,7 +109,7 @@ def test_checkpoint_reference_counts_under_many_exploits(
     pbt.run()
     lineage = pbt.db.lineage()
     assert len(lineage) >= 40
-    _check_references(pbt.db)
+    check_references(pbt.db)
     for event in lineage:  # a copier always takes a source's values, then explores them
         assert event["source"] != event["member"]
 
@@ -146,7 +129,7 @@ def test_refcounts_random_operations(tmp_path: Path) -> None:
                 loser, winner = rng.choice(n, 2, replace=False)
                 source = [m for m in db.members() if m["member"] == winner][0]["checkpoint"]
                 db.set_member(int(loser), step, source, {}, 0.0)
-        _check_references(db)
+        check_references(db)
     for m in db.members():  # every member can still restore its state
         assert db.load_checkpoint(m["checkpoint"])["x"] >= 1
 
@@ -155,10 +138,10 @@ def test_pbt_beats_every_fixed_learning_rate_on_the_quartic(tmp_path: Path) -> N
     """The best lr rises (curvature falls) then falls (noise floor): PBT's best member beats
     every member of the same population trained with its initial lr kept fixed."""
     for seed in (0, 1):
-        lrs = np.exp(np.random.RandomState(seed).uniform(math.log(1e-4), math.log(10), 8))
+        initial = initial_lrs(8, seed=seed, high=10.0)
         fixed = []
-        for i, lr in enumerate(lrs):
-            member = QuarticMember(float(lr), seed=100 + i)
+        for i, values in enumerate(initial):
+            member = QuarticMember(values["optimizer.lr"], seed=100 + i)
             member.step(600)
             fixed.append(member.score())
         pbt = PopulationBasedTraining(
@@ -170,7 +153,7 @@ def test_pbt_beats_every_fixed_learning_rate_on_the_quartic(tmp_path: Path) -> N
             total_steps=600,
             seed=seed,
             resample_probability=0.0,
-            initial_values=[{"optimizer.lr": float(lr)} for lr in lrs],
+            initial_values=initial,
         )
         best = pbt.run()
         best_fixed = max(s for s in fixed if not math.isnan(s))
@@ -258,7 +241,7 @@ def test_resume_after_killed_process_loses_at_most_one_interval(tmp_path: Path, 
     )
     assert resumed.values == reference.values
     assert len(resumed.db.lineage()) == len(reference.db.lineage())
-    _check_references(resumed.db)
+    check_references(resumed.db)
 
 
 @pytest.mark.parametrize("maximize", [True, False])

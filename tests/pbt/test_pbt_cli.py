@@ -9,18 +9,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import digits_pbt_config
 
 from gradhpo.cli import main
 from gradhpo.pbt.store import PBTDatabase
 
-TINY = {
-    "name": "pop",
-    "data": {"name": "digits", "seed": 0},
-    "model": {"name": "cnn", "depth": 1, "width": 4, "norm": "none", "dropout": 0.1},
-    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
-    "tuner": {"hypers": [{"name": "lr"}], "method": "greedy", "horizon": 1, "hyper_lr": 0.05},
-    "training": {"epochs": 1, "batch_size": 64, "device": "cpu", "seed": 0},
-    "pbt": {
+TINY = digits_pbt_config(
+    "pop",
+    tuner={"hypers": [{"name": "lr"}], "method": "greedy", "horizon": 1, "hyper_lr": 0.05},
+    pbt={
         "population": 3,
         "interval": 5,
         "steps": 20,
@@ -32,7 +29,7 @@ TINY = {
         "fraction": 0.34,
         "seed": 1,
     },
-}
+)
 
 
 def pbt(tmp_path: Path, config: dict) -> int:

@@ -8,29 +8,22 @@ twice."""
 
 from __future__ import annotations
 
-import math
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import run_dir_guard
+from helpers import LR, count_scores, initial_lrs, trace
 
 from gradhpo.pbt.manager import PopulationBasedTraining
-from gradhpo.search.space import SearchSpace
 from gradhpo.testing.quartic import QuarticFactory
 
 pytestmark = pytest.mark.slow
-
-LR = SearchSpace.from_config(
-    {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 10.0, "log": True}}
-)
 
 
 class CountingFactory:
@@ -54,7 +47,6 @@ DIM = 32768
 def _pbt(
     directory: Path, step_seconds: float = 0.0, checkpoints: str = "files"
 ) -> PopulationBasedTraining:
-    lrs = np.exp(np.random.RandomState(0).uniform(math.log(1e-4), math.log(0.05), 5))
     directory.mkdir(parents=True, exist_ok=True)
     factory: Any = CountingFactory(
         directory.parent / f"{directory.name}.builds", step_seconds=step_seconds, dim=DIM
@@ -70,15 +62,9 @@ def _pbt(
         total_steps=80,
         seed=2,
         fraction=0.4,
-        initial_values=[{"optimizer.lr": float(x)} for x in lrs],
+        initial_values=initial_lrs(5),
         checkpoints=checkpoints,
     )
-
-
-def _trace(pbt: PopulationBasedTraining) -> tuple[list, list]:
-    scores = [(s["step"], s["member"], s["score"], s["values"]) for s in pbt.db.scores()]
-    lineage = [(e["step"], e["member"], e["source"], e["new"]) for e in pbt.db.lineage()]
-    return scores, lineage
 
 
 @pytest.mark.parametrize("checkpoints", ["files", "executor"])
@@ -104,7 +90,7 @@ def test_pbt_on_three_nodes_survives_a_node_removed_mid_interval(
         try:
             remote = _pbt(tmp_path / "ray", step_seconds=0.05, checkpoints=checkpoints)
             out["best"] = remote.run(executor=executor)
-            out["trace"] = _trace(remote)
+            out["trace"] = trace(remote)
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             out["error"] = exc
 
@@ -112,12 +98,7 @@ def test_pbt_on_three_nodes_survives_a_node_removed_mid_interval(
     thread.start()
     deadline = time.monotonic() + 120
     while thread.is_alive() and time.monotonic() < deadline:
-        try:
-            with sqlite3.connect(tmp_path / "ray" / "pbt.db", timeout=5) as conn:
-                count = conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
-        except sqlite3.Error:
-            count = 0
-        if count >= 10:  # two steps committed; the third is running
+        if count_scores(tmp_path / "ray") >= 10:  # two steps committed; the third is running
             break
         time.sleep(0.02)
     # The copies of step 2 ran before its commit: a build logged from now on is one of step
@@ -142,7 +123,7 @@ def test_pbt_on_three_nodes_survives_a_node_removed_mid_interval(
         pass
     thread.join(timeout=300)
     assert not thread.is_alive() and "error" not in out, out.get("error")
-    assert out["trace"] == _trace(local)
+    assert out["trace"] == trace(local)
     assert out["best"]["member"] == expected["member"]
     assert out["best"]["score"] == expected["score"]
     # One task per member and step (8 steps of 5 members) and one step-free task per copy

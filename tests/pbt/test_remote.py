@@ -6,31 +6,23 @@ moved as bytes through the executor, the driver alone writing them (``"executor"
 from __future__ import annotations
 
 import copy
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
+from helpers import LR, check_references, digits_pbt_config, initial_lrs, run_result, trace
 from run_dir_guard import ArgumentAudit, GuardedFactory
 
 from gradhpo.execution import ProcessExecutor, SerialExecutor
 from gradhpo.pbt.manager import PopulationBasedTraining
-from gradhpo.pbt.store import PBTDatabase
-from gradhpo.search.space import SearchSpace
 from gradhpo.testing.quartic import QuarticFactory
-
-LR = SearchSpace.from_config(
-    {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 10.0, "log": True}}
-)
 
 
 def _pbt(
     directory: Path, exploit: str = "truncation", checkpoints: str = "files", factory: Any = None
 ) -> PopulationBasedTraining:
-    lrs = np.exp(np.random.RandomState(0).uniform(math.log(1e-4), math.log(0.05), 5))
     return PopulationBasedTraining(
         factory or QuarticFactory(seed=100),
         LR.parameters,
@@ -42,25 +34,9 @@ def _pbt(
         exploit=exploit,
         fraction=0.4,
         resample_probability=0.0,
-        initial_values=[{"optimizer.lr": float(x)} for x in lrs],
+        initial_values=initial_lrs(5),
         checkpoints=checkpoints,
     )
-
-
-def _trace(pbt: PopulationBasedTraining) -> tuple[list, list]:
-    scores = [(s["step"], s["member"], s["score"], s["values"]) for s in pbt.db.scores()]
-    lineage = [(e["step"], e["member"], e["source"], e["new"]) for e in pbt.db.lineage()]
-    return scores, lineage
-
-
-def _references_consistent(db: PBTDatabase) -> None:
-    pointing: dict[int, int] = {}
-    for m in db.members():
-        pointing[m["checkpoint"]] = pointing.get(m["checkpoint"], 0) + 1
-    assert db.refcounts() == pointing
-    assert {p.name for p in db.checkpoint_dir.iterdir()} == {
-        db.checkpoint_path(c).name for c in pointing
-    }
 
 
 @pytest.mark.parametrize("exploit", ["truncation", "tournament"])
@@ -72,10 +48,10 @@ def test_remote_members_match_in_process_training(tmp_path: Path, exploit: str) 
             for checkpoints in ("files", "executor"):
                 remote = _pbt(tmp_path / f"{name}-{checkpoints}", exploit, checkpoints)
                 best = remote.run(executor=executor)
-                assert _trace(remote) == _trace(local), (name, checkpoints)
+                assert trace(remote) == trace(local), (name, checkpoints)
                 assert best == expected, (name, checkpoints)
                 assert len(remote.db.lineage()) > 0
-                _references_consistent(remote.db)
+                check_references(remote.db)
                 rebuilt = remote.build_member(best["member"])
                 assert rebuilt.score() == expected["score"]
 
@@ -104,8 +80,8 @@ def test_executor_checkpoints_keep_every_task_out_of_the_run_directory(
     assert executor.tasks == 5 * 12 + len(remote.db.lineage())  # every interval, every copy
     assert executor.argument_bytes > 0  # the starting states went as bytes
     assert best == expected
-    assert _trace(remote) == _trace(local)
-    _references_consistent(remote.db)
+    assert trace(remote) == trace(local)
+    check_references(remote.db)
 
 
 def test_sweep_repairs_a_pin_left_by_a_killed_step(tmp_path: Path) -> None:
@@ -115,7 +91,7 @@ def test_sweep_repairs_a_pin_left_by_a_killed_step(tmp_path: Path) -> None:
     with pbt.db.transaction():
         pbt.db.acquire(ck)  # a step that pinned a source and then died
     pbt.db.sweep()
-    _references_consistent(pbt.db)
+    check_references(pbt.db)
 
 
 @pytest.mark.slow
@@ -131,27 +107,9 @@ def test_ray_members_match_in_process_training(tmp_path: Path, monkeypatch) -> N
         for checkpoints in ("files", "executor"):
             remote = _pbt(tmp_path / f"ray-{checkpoints}", "tournament", checkpoints)
             remote.run(executor=executor)
-            assert _trace(remote) == _trace(local), checkpoints
+            assert trace(remote) == trace(local), checkpoints
     finally:
         executor.close()
-
-
-def _run_result(run_dir: Path) -> dict[str, Any]:
-    """Every score, exploit and member of a finished config-driven run, and its best member."""
-    db = PBTDatabase(run_dir)
-    try:
-        best = dict(db.get_meta("best"))
-        best.pop("resumed")
-        return {
-            "scores": [(s["step"], s["member"], s["score"], s["values"]) for s in db.scores()],
-            "lineage": [
-                (e["step"], e["member"], e["source"], e["old"], e["new"]) for e in db.lineage()
-            ],
-            "members": [(m["member"], m["step"], m["values"], m["score"]) for m in db.members()],
-            "best": best,
-        }
-    finally:
-        db.close()
 
 
 @pytest.mark.slow
@@ -165,30 +123,12 @@ def test_cli_pbt_on_processes(tmp_path: Path, monkeypatch, capsys) -> None:
     from gradhpo.cli import main
 
     monkeypatch.chdir(tmp_path)
-    config = {
-        "name": "inprocess",
-        "data": {"name": "digits", "seed": 0},
-        "model": {"name": "cnn", "depth": 1, "width": 4, "norm": "none", "dropout": 0.1},
-        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
-        "training": {"epochs": 1, "batch_size": 64, "device": "cpu", "seed": 0},
-        "pbt": {
-            "population": 4,
-            "interval": 5,
-            "steps": 20,
-            "space": {
-                "optimizer.lr": {"type": "float", "low": 0.02, "high": 0.3, "log": True},
-                "training.batch_size": {"type": "categorical", "choices": [32, 64]},
-                "model.dropout": {"type": "float", "low": 0.05, "high": 0.5},
-            },
-            "fraction": 0.25,
-            "seed": 1,
-        },
-    }
+    config = digits_pbt_config("inprocess")
     path = tmp_path / "c.yaml"
     runs = tmp_path / "runs"
     path.write_text(yaml.safe_dump(config))
     assert main(["pbt", str(path), "--out", str(runs), "--no-progress"]) == 0
-    expected = _run_result(runs / "inprocess")
+    expected = run_result(runs / "inprocess")
     assert any(
         e[3]["training.batch_size"] != e[4]["training.batch_size"] for e in expected["lineage"]
     )
@@ -200,4 +140,4 @@ def test_cli_pbt_on_processes(tmp_path: Path, monkeypatch, capsys) -> None:
         path.write_text(yaml.safe_dump(remote))
         assert main(["pbt", str(path), "--out", str(runs), "--no-progress"]) == 0
         assert f"{checkpoints}: best member" in capsys.readouterr().out
-        assert _run_result(runs / checkpoints) == expected, checkpoints
+        assert run_result(runs / checkpoints) == expected, checkpoints
