@@ -81,14 +81,14 @@ from gradhpo.config import (
     with_section,
 )
 from gradhpo.data import DataSplits
-from gradhpo.execution import Executor, make_executor
+from gradhpo.execution import make_executor
 from gradhpo.files import write_json
 from gradhpo.jobs.rundir import check_output_dirs, create_run_dir, open_run_dir, run_dir_of
 from gradhpo.models import count_parameters
 from gradhpo.run import EarlyStopping, Epoch, TrainingRun, fit, resolve_device
 from gradhpo.run.builder import build_run, load_job_data
 from gradhpo.run.loop import METRICS, check_metric_fits, worst
-from gradhpo.search.drivers import distinct_sampler
+from gradhpo.search.drivers import distinct_sampler, run_drivers
 from gradhpo.search.samplers import SAMPLERS, make_pruner, make_sampler
 from gradhpo.search.space import SearchSpace
 from gradhpo.search.study import (
@@ -1070,9 +1070,10 @@ def run_study(
         with make_executor(
             {**spec, "workers": workers} if spec["name"] != "serial" else spec
         ) as ex:
-            run_config_study(
+            run_drivers(
+                config_study_worker,
                 study.directory,
-                config,
+                dict(config),
                 ex,
                 workers=workers,
                 n_trials=trials if trials is not None else s["trials"],
@@ -1119,22 +1120,3 @@ def config_study_worker(
     folds = load_job_data(config, config["search"]["cv_folds"], cached=True)
     ran = run_trials(study, config, space, folds, trials=n_trials, timeout=timeout, progress=False)
     return {"pid": os.getpid(), "trials": ran}
-
-
-def run_config_study(
-    directory: str | os.PathLike[str],
-    config: Mapping[str, Any],
-    executor: Executor | str | None,
-    *,
-    workers: int,
-    n_trials: int,
-    timeout: float | None = None,
-    storage: str | None = None,
-) -> list[dict[str, Any]]:
-    """Run ``workers`` drivers of a config-driven study on ``executor``."""
-    ex = make_executor(executor)
-    args = [
-        (str(directory), dict(config), n_trials, timeout, k, workers, storage)
-        for k in range(workers)
-    ]
-    return ex.run(config_study_worker, args)

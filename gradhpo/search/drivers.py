@@ -31,7 +31,7 @@ from gradhpo.execution import Executor, make_executor
 from gradhpo.search.samplers import reseed_sampler
 from gradhpo.search.study import derived_seed, load_study
 
-__all__ = ["distinct_sampler", "objective_worker", "run_objective_study"]
+__all__ = ["distinct_sampler", "objective_worker", "run_drivers", "run_objective_study"]
 
 
 def distinct_sampler(study: Any, worker: int, workers: int) -> None:
@@ -77,8 +77,34 @@ def run_objective_study(
 ) -> list[dict[str, Any]]:
     """Run ``workers`` drivers of the study in ``directory`` with a user objective
     (``storage``: a database URL with a password, see :func:`gradhpo.search.load_study`)."""
+    return run_drivers(
+        objective_worker,
+        directory,
+        objective,
+        executor,
+        workers=workers,
+        n_trials=n_trials,
+        timeout=timeout,
+        storage=storage,
+    )
+
+
+def run_drivers(
+    worker: Callable[..., dict[str, Any]],
+    directory: str | os.PathLike[str],
+    payload: Any,
+    executor: Executor | str | None,
+    *,
+    workers: int,
+    n_trials: int,
+    timeout: float | None = None,
+    storage: str | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``workers`` drivers of the study in ``directory`` on ``executor``, driver k as the
+    task ``worker(directory, payload, n_trials, timeout, k, workers, storage)`` (``payload``:
+    what the worker trains, a user objective or a config); one result per driver, in order."""
     ex = make_executor(executor)
     args = [
-        (str(directory), objective, n_trials, timeout, k, workers, storage) for k in range(workers)
+        (str(directory), payload, n_trials, timeout, k, workers, storage) for k in range(workers)
     ]
-    return ex.run(objective_worker, args)
+    return ex.run(worker, args)
