@@ -216,6 +216,11 @@ def _save_figure(fig: Any, path: Path) -> None:
         plt.close(fig)
 
 
+def _mark_best(ax: Any, x: Any, y: Any, label: str, color: str = "C3") -> None:
+    """The best point of a plot: a large star above the other marks."""
+    ax.scatter([x], [y], marker="*", s=140, color=color, zorder=4, label=label)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
@@ -359,15 +364,7 @@ def _plot_history(study: optuna.Study, objectives: Sequence[Objective], path: Pa
             ax.step(xs, ys, where="post", color="C3", label="best so far", zorder=2)
         if panel["best"] is not None:
             n, v = panel["best"]
-            ax.scatter(
-                [n],
-                [v],
-                s=140,
-                marker="*",
-                color="C3",
-                zorder=4,
-                label=f"best: trial {n} ({_fmt(v)})",
-            )
+            _mark_best(ax, n, v, f"best: trial {n} ({_fmt(v)})")
         if panel["pareto"]:
             pts = [(n, v) for n, v in shown if n in set(panel["pareto"])]
             if pts:
@@ -899,14 +896,11 @@ def write_pbt_report(
     ax.plot(data["steps"], data["best"], color="C3", label="best member")
     ax.plot(data["steps"], data["mean"], color="C0", alpha=0.7, label="population mean")
     if data["best_step"] is not None and data["best_score"] is not None:
-        ax.scatter(
-            [data["best_step"]],
-            [data["best_score"]],
-            marker="*",
-            s=140,
-            color="C3",
-            zorder=4,
-            label=f"best: member {data['best_member']} at step {data['best_step']} "
+        _mark_best(
+            ax,
+            data["best_step"],
+            data["best_score"],
+            f"best: member {data['best_member']} at step {data['best_step']} "
             f"({_fmt(data['best_score'])})",
         )
     ax.set_xlabel("step")
@@ -930,14 +924,12 @@ def write_pbt_report(
             arrowprops={"arrowstyle": "->", "color": "C3", "alpha": 0.6, "linewidth": 0.8},
         )
     if data["best_member"] is not None and data["best_step"] is not None:
-        ax.scatter(
-            [data["best_step"]],
-            [data["best_member"]],
-            marker="*",
-            s=140,
-            color="black",
-            zorder=4,
-            label=f"best: member {data['best_member']}",
+        _mark_best(
+            ax,
+            data["best_step"],
+            data["best_member"],
+            f"best: member {data['best_member']}",
+            "black",
         )
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_yticks(members)
