@@ -12,15 +12,21 @@ storage, the default). ``serial`` runs the study in the measuring process itself
 Every (setting, repeat) is one fresh Python process, run one after another (repeat by repeat,
 the settings in the order given), in a fresh temporary directory. Per run: the seconds of
 ``run_study`` (starting the workers, the trials, the test evaluation of the best trial), the
-span from the first trial's start to the last trial's end, trials finished (complete +
-pruned + failed), trials per minute (finished / ``run_study`` seconds), the mean seconds of a trial, and
-the best validation value. The summary gives medians over repeats and the speed-up of each
-setting over the same executor with 1 worker (median seconds of 1 worker / of N workers).
+span from the first trial's start to the last trial's end, trials finished (complete + pruned +
+failed), trials per minute (finished / ``run_study`` seconds), epochs trained (one report per
+epoch, summed over trials) and epochs per minute, the mean seconds of a trial and of one epoch
+inside a worker, and the best validation value. The pruner and early stopping make the work of
+a trial depend on what the other workers have reported, so trials per minute and epochs per
+minute differ; ``--fixed-work`` turns both off (every trial trains every epoch). The summary
+gives medians over repeats and the speed-up of each setting over the same executor with 1
+worker: median ``run_study`` seconds of 1 worker / of N workers, and the ratio of epochs per
+minute.
 
 Writes ``results.json`` (every run and the summary), ``runs.csv`` and ``results.md`` under
 ``--out``.
 
     python experiments/bench_study_scaling.py --trials 12 --workers 1 2 4 --repeats 2
+    python experiments/bench_study_scaling.py --fixed-work --epochs 30 --out /tmp/scaling
 """
 
 from __future__ import annotations
@@ -89,6 +95,9 @@ def run_once(spec: dict[str, Any]) -> dict[str, Any]:
     raw["search"]["executor"] = executor_spec(spec["executor"], spec["workers"], spec["threads"])
     if spec["epochs"] is not None:
         raw["training"]["epochs"] = spec["epochs"]
+    if spec["fixed_work"]:  # every trial trains every epoch
+        raw["search"]["pruner"] = None
+        raw["search"]["early_stopping"] = None
     raw["output"] = {"dir": str(root / "runs"), "tensorboard_dir": str(root / "tb")}
     load_before = _loadavg()
     study, config, space, folds = prepare_study(raw=raw)
@@ -105,6 +114,7 @@ def run_once(spec: dict[str, Any]) -> dict[str, Any]:
     ]
     counts = study.trial_counts()
     finished = counts["finished"]
+    epochs = sum(len(t.intermediate_values) for t in trials)  # one report per epoch
     return {
         "executor": spec["executor"],
         "workers": spec["workers"],
@@ -117,6 +127,9 @@ def run_once(spec: dict[str, Any]) -> dict[str, Any]:
         "finished": finished,
         "trials_per_min": 60.0 * finished / seconds,
         "mean_trial_s": statistics.mean(durations) if durations else None,
+        "epochs": epochs,
+        "epochs_per_min": 60.0 * epochs / seconds,
+        "s_per_epoch": sum(durations) / epochs if epochs else None,
         "metric": config["search"]["metric"],
         "best_value": None if summary is None else summary["value"],
         "best_trial": None if summary is None else summary["trial"],
@@ -153,15 +166,22 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "finished_pruned": [(r["finished"], r["counts"]["pruned"]) for r in group],
                 "trials_per_min": med("trials_per_min"),
                 "mean_trial_s": med("mean_trial_s"),
+                "epochs": med("epochs"),
+                "epochs_per_min": med("epochs_per_min"),
+                "s_per_epoch": med("s_per_epoch"),
                 "best_value": med("best_value"),
                 "best_values": [r["best_value"] for r in group],
                 "test_accuracy": med("test_accuracy"),
             }
         )
-    base = {r["executor"]: r["run_study_s"] for r in rows if r["workers"] == 1}
+    base = {r["executor"]: r for r in rows if r["workers"] == 1}
     for r in rows:
         one = base.get(r["executor"])
-        r["speedup"] = one / r["run_study_s"] if one and r["run_study_s"] else None
+        r["speedup"] = r["epochs_speedup"] = None
+        if one is not None and one["run_study_s"] and r["run_study_s"]:
+            r["speedup"] = one["run_study_s"] / r["run_study_s"]
+        if one is not None and one["epochs_per_min"] and r["epochs_per_min"]:
+            r["epochs_speedup"] = r["epochs_per_min"] / one["epochs_per_min"]
     return rows
 
 
@@ -172,9 +192,9 @@ def _f(value: float | None, fmt: str) -> str:
 def markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
     lines = [
         f"| executor | workers | repeats | run_study s | trials span s | finished (pruned) "
-        f"| trials/min | speed-up vs 1 | mean trial s | best {metric} (each repeat) "
-        f"| test acc. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| trials/min | speed-up vs 1 | epochs trained | epochs/min | epochs/min vs 1 "
+        f"| mean trial s | s per epoch in a worker | best {metric} (each repeat) | test acc. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         values = ", ".join(_f(v, ".4f") for v in r["best_values"])
@@ -183,7 +203,10 @@ def markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
             f"| {r['executor']} | {r['workers']} | {r['repeats']} | {_f(r['run_study_s'], '.1f')} "
             f"| {_f(r['span_s'], '.1f')} | {counts} "
             f"| {_f(r['trials_per_min'], '.1f')} | {_f(r['speedup'], '.2f')} "
-            f"| {_f(r['mean_trial_s'], '.2f')} | {_f(r['best_value'], '.4f')} ({values}) "
+            f"| {_f(r['epochs'], 'g')} | {_f(r['epochs_per_min'], '.1f')} "
+            f"| {_f(r['epochs_speedup'], '.2f')} "
+            f"| {_f(r['mean_trial_s'], '.2f')} | {_f(r['s_per_epoch'], '.3f')} "
+            f"| {_f(r['best_value'], '.4f')} ({values}) "
             f"| {_f(r['test_accuracy'], '.4f')} |"
         )
     return "\n".join(lines) + "\n"
@@ -224,6 +247,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--executors", nargs="+", choices=EXECUTORS, default=["processes", "ray"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument(
+        "--fixed-work",
+        action="store_true",
+        help="no pruner, no early stopping: every trial trains training.epochs epochs",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument(
@@ -273,13 +301,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "repeat": repeat,
                 "trials": args.trials,
                 "epochs": args.epochs,
+                "fixed_work": args.fixed_work,
                 "config": str(args.config.resolve()),
             }
             r = _child(spec, args.timeout)
             runs.append(r)
             print(
                 f"repeat {repeat} {name:>9} x {workers}: run_study {r['run_study_s']:.1f} s, "
-                f"{r['finished']} finished ({r['trials_per_min']:.1f}/min), mean trial "
+                f"{r['finished']} finished ({r['trials_per_min']:.1f}/min), {r['epochs']} epochs "
+                f"({r['epochs_per_min']:.1f}/min), mean trial "
                 f"{_f(r['mean_trial_s'], '.2f')} s, best {r['metric']} "
                 f"{_f(r['best_value'], '.4f')}; loadavg {r['loadavg_before']} -> "
                 f"{r['loadavg_after']}",
@@ -294,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     payload = {
         "command": command,
         "config": str(args.config),
+        "fixed_work": args.fixed_work,
         "machine": f"{platform.machine()} python {platform.python_version()} "
         f"{os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),

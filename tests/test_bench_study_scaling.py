@@ -23,7 +23,7 @@ def _module():
     return module
 
 
-def _run(executor: str, workers: int, seconds: float, best: float) -> dict:
+def _run(executor: str, workers: int, seconds: float, best: float, epochs: int = 60) -> dict:
     return {
         "executor": executor,
         "workers": workers,
@@ -34,6 +34,9 @@ def _run(executor: str, workers: int, seconds: float, best: float) -> dict:
         "counts": {"pruned": 3},
         "trials_per_min": 60.0 * 12 / seconds,
         "mean_trial_s": 2.0,
+        "epochs": epochs,
+        "epochs_per_min": 60.0 * epochs / seconds,
+        "s_per_epoch": 0.1,
         "best_value": best,
         "test_accuracy": 0.95,
     }
@@ -43,21 +46,24 @@ def test_summary_takes_medians_and_the_speedup_over_one_worker() -> None:
     bench = _module()
     runs = [
         _run("processes", 1, 60.0, 0.3),
-        _run("processes", 2, 30.0, 0.2),
+        _run("processes", 2, 30.0, 0.2, epochs=90),
         _run("ray", 2, 36.0, 0.1),
         _run("processes", 1, 40.0, 0.5),
-        _run("processes", 2, 20.0, 0.4),
+        _run("processes", 2, 20.0, 0.4, epochs=90),
         _run("ray", 2, 44.0, 0.3),
     ]
     rows = {(r["executor"], r["workers"]): r for r in bench.summarize(runs)}
     one, two, ray = rows["processes", 1], rows["processes", 2], rows["ray", 2]
     assert (one["run_study_s"], two["run_study_s"], ray["run_study_s"]) == (50.0, 25.0, 40.0)
     assert one["speedup"] == 1.0 and two["speedup"] == 2.0
-    assert ray["speedup"] is None  # no 1-worker Ray run to compare with
+    # epochs per minute: 1 worker median(60, 90) = 75, 2 workers median(180, 270) = 225
+    assert one["epochs_per_min"] == 75.0 and two["epochs_per_min"] == 225.0
+    assert two["epochs_speedup"] == 3.0 and two["epochs"] == 90
+    assert ray["speedup"] is None and ray["epochs_speedup"] is None  # no 1-worker Ray run
     assert two["best_values"] == [0.2, 0.4] and two["best_value"] == pytest.approx(0.3)
     assert two["repeats"] == 2 and two["finished_pruned"] == [(12, 3), (12, 3)]
     table = bench.markdown(bench.summarize(runs), "val_loss")
-    assert "| processes | 2 | 2 | 25.0 |" in table and "| 2.00 |" in table
+    assert "| processes | 2 | 2 | 25.0 |" in table and "| 2.00 | 90 | 225.0 | 3.00 |" in table
 
 
 @pytest.mark.parametrize(
@@ -97,6 +103,7 @@ def test_a_tiny_scaling_run_writes_its_outputs(tmp_path: Path) -> None:
         "processes",
         "--repeats",
         "1",
+        "--fixed-work",
         "--out",
         str(tmp_path / "out"),
     ]
@@ -110,6 +117,8 @@ def test_a_tiny_scaling_run_writes_its_outputs(tmp_path: Path) -> None:
         assert r["run_study_s"] > 0 and r["trials_per_min"] > 0
         assert 0 < r["span_s"] <= r["run_study_s"] < r["process_s"]
         assert r["metric"] == "val_loss" and r["best_value"] > 0
+        assert r["epochs"] == 2  # --fixed-work: two trials of one epoch each
+        assert r["counts"]["pruned"] == 0 and r["s_per_epoch"] > 0
         assert 0.0 <= r["test_accuracy"] <= 1.0
     rows = {r["workers"]: r for r in payload["summary"]}
     assert rows[1]["speedup"] == 1.0
