@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -281,8 +281,10 @@ def _valid_mnist1d(arrays: Mapping[str, np.ndarray]) -> bool:
 
 def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Writes an .npz next to ``path`` under a temporary name, then renames it into place."""
+    # numpy's stub types every keyword alike (allow_pickle among them): the arrays as Any
+    named: dict[str, Any] = dict(arrays)
     with atomic_write(path) as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **named)
 
 
 def _load_mnist1d(root: Path, download: bool) -> _Raw:
@@ -618,7 +620,8 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
+    # numbers.Integral (numpy's integers among them) behaves as int wherever it is used here
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -832,6 +835,7 @@ def load_dataset(
     if n_folds is None:
         train_idx, val_idx = pool[n_val:], pool[:n_val]
     else:
+        assert fold is not None  # checked with n_folds above
         fold_train, fold_val = kfold_indices(len(pool), int(n_folds), int(seed))[int(fold)]
         train_idx, val_idx = pool[fold_train], pool[fold_val]
     if len(train_idx) == 0:
@@ -1083,7 +1087,9 @@ def load_data(
     for key in _DATA_FLAGS:
         if key in data and not isinstance(data[key], bool):
             raise ValueError(f"data.{key}: expected true or false, got {data[key]!r}")
-    spec = {k: (str(v) if k == "data_dir" and v is not None else v) for k, v in data.items()}
+    spec: dict[str, Any] = {
+        k: (str(v) if k == "data_dir" and v is not None else v) for k, v in data.items()
+    }
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     return spec, load_dataset(spec["name"], **kwargs)
 

@@ -340,6 +340,7 @@ def run_pbt(
         result = member.group.population.evaluate("test")
         test = {k: float(result[k][member.index]) for k in ("accuracy", "loss")}  # CE only
     else:
+        assert isinstance(member, RunMember)  # a config's members are runs, batched or not
         test = member.run.evaluate("test")
     best.update(
         test_accuracy=test.get("accuracy"),  # None without class labels

@@ -87,7 +87,7 @@ from gradhpo.jobs.rundir import check_output_dirs, create_run_dir, open_run_dir,
 from gradhpo.models import count_parameters
 from gradhpo.run import EarlyStopping, Epoch, TrainingRun, fit, resolve_device
 from gradhpo.run.builder import build_run, load_job_data
-from gradhpo.run.loop import METRICS, check_metric_fits, worst
+from gradhpo.run.loop import METRICS, Direction, check_metric_fits, worst
 from gradhpo.search.drivers import distinct_sampler, run_drivers
 from gradhpo.search.samplers import SAMPLERS, make_pruner, make_sampler
 from gradhpo.search.space import SearchSpace
@@ -141,7 +141,7 @@ SEARCH_DEFAULTS: dict[str, Any] = {
 
 #: Objectives of ``search.metric`` and their directions: the training metrics (one of them
 #: selects each trial's best epoch) and properties of the trial's model.
-OBJECTIVES: dict[str, str] = {**METRICS, "params": "minimize", "latency_ms": "minimize"}
+OBJECTIVES: dict[str, Direction] = {**METRICS, "params": "minimize", "latency_ms": "minimize"}
 #: Samplers that cannot optimize several objectives.
 SINGLE_OBJECTIVE_SAMPLERS = ("cmaes", "evolution")
 #: Timed forward passes of ``latency_ms`` (after :data:`LATENCY_WARMUP` untimed ones).
@@ -339,7 +339,7 @@ def selection_metric(search: Mapping[str, Any]) -> str:
     return next(n for n in objective_names(search) if n in METRICS)
 
 
-def directions_of(search: Mapping[str, Any]) -> list[str]:
+def directions_of(search: Mapping[str, Any]) -> list[Direction]:
     return [OBJECTIVES[n] for n in objective_names(search)]
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 import torch
@@ -71,7 +71,15 @@ class Member(Protocol):
     def hyperparameters(self) -> dict[str, float]: ...
 
 
-def _positive(value: Any) -> bool:
+class Evaluated(Protocol):
+    """What ``on_evaluate`` gets of a member: its hyperparameters (the member itself, or for
+    a member trained on an executor a stand-in that holds only them)."""
+
+    @property
+    def hyperparameters(self) -> Mapping[str, float]: ...
+
+
+def _positive(value: Any) -> TypeGuard[float]:
     return (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
@@ -377,7 +385,7 @@ class PopulationBasedTraining:
         maximize: bool = True,
         seed: int = 0,
         initial_values: Sequence[Mapping[str, Any]] | None = None,
-        on_evaluate: Callable[[int, int, float, Member, dict[str, Any]], None] | None = None,
+        on_evaluate: Callable[[int, int, float, Evaluated, dict[str, Any]], None] | None = None,
         checkpoints: str = "files",
     ) -> None:
         for name, value, low in (
@@ -432,7 +440,9 @@ class PopulationBasedTraining:
 
     # ------------------------------------------------------------------ set-up / resume
     def _rng_state(self) -> list[Any]:
-        kind, keys, pos, has_gauss, cached = self.rng.get_state()
+        state = self.rng.get_state(legacy=True)
+        assert isinstance(state, tuple)  # a RandomState(seed) is MT19937: the legacy tuple
+        kind, keys, pos, has_gauss, cached = state
         return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
 
     def _set_rng_state(self, state: Sequence[Any]) -> None:
@@ -556,7 +566,7 @@ class PopulationBasedTraining:
         snapshots = {
             w: self.members[w].state_dict()
             if w in trained
-            else self.db.load_checkpoint(self.checkpoints[w])
+            else self.db.load_checkpoint(self._checkpoint_of(w))
             for w in winners
         }
         own = [i for i in trained if i not in copies or i in winners]
@@ -596,7 +606,7 @@ class PopulationBasedTraining:
                 ck = self.db.add_checkpoint(i, self.steps[i], path)
                 self.db.set_member(i, self.steps[i], ck, self.values[i], scores[i])
                 self.checkpoints[i] = ck
-            sources = {w: self.checkpoints[w] for w in set(copies.values())}
+            sources = {w: self._checkpoint_of(w) for w in set(copies.values())}
             for loser, winner in sorted(copies.items()):
                 ck = self.db.add_checkpoint(loser, self.steps[loser], copied[loser])
                 self.db.set_member(
@@ -691,8 +701,8 @@ class PopulationBasedTraining:
                         i,
                         self.values[i],
                         None
-                        if self.checkpoints[i] is None
-                        else self.db.checkpoint_bytes(self.checkpoints[i]),
+                        if (ck := self.checkpoints[i]) is None
+                        else self.db.checkpoint_bytes(ck),
                         None,
                         n,
                     )
@@ -709,7 +719,7 @@ class PopulationBasedTraining:
                         self.factory,
                         i,
                         self.values[i],
-                        None if self.checkpoints[i] is None else str(path(self.checkpoints[i])),
+                        None if (ck := self.checkpoints[i]) is None else str(path(ck)),
                         None,
                         n,
                         str(outs[i]),
@@ -799,11 +809,19 @@ class PopulationBasedTraining:
             "step": self.steps[i],
         }
 
+    def _checkpoint_of(self, i: int) -> int:
+        """Member ``i``'s checkpoint, which it has: it trained, or a resume restored it."""
+        ck = self.checkpoints[i]
+        if ck is None:
+            raise RuntimeError(f"PBT: member {i} has no checkpoint to copy from")
+        return ck
+
     def build_member(self, i: int) -> Member:
         """Member ``i`` rebuilt in this process from its current checkpoint."""
         member = self.factory(i, dict(self.values[i]))
-        if self.checkpoints[i] is not None:
-            member.load_state_dict(self.db.load_checkpoint(self.checkpoints[i]))
+        ck = self.checkpoints[i]
+        if ck is not None:
+            member.load_state_dict(self.db.load_checkpoint(ck))
             member.apply(self.values[i])
         return member
 

@@ -131,7 +131,8 @@ class PBTDatabase:
             "INSERT INTO checkpoints (member, step, path, refs) VALUES (?, ?, ?, 0)",
             (member, step, path.name),
         )
-        return int(cur.lastrowid)
+        assert cur.lastrowid is not None  # every INSERT sets it
+        return cur.lastrowid
 
     def acquire(self, checkpoint: int) -> None:
         self.conn.execute("UPDATE checkpoints SET refs = refs + 1 WHERE id = ?", (checkpoint,))

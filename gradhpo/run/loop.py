@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from gradhpo.run.training_run import TrainingRun
 from gradhpo.tensorboard_logger import TensorBoardLogger
@@ -37,8 +37,10 @@ __all__ = [
     "worst",
 ]
 
+#: An optimization direction, in Optuna's words.
+Direction = Literal["minimize", "maximize"]
 #: The metrics a run is selected by, and their direction.
-METRICS: dict[str, str] = {"val_accuracy": "maximize", "val_loss": "minimize"}
+METRICS: dict[str, Direction] = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
 
 def check_metric(metric: str) -> str:
@@ -174,9 +176,10 @@ def fit(
         ]
         diverged = any(r.get("diverged") for r in records)
         value = worst(metric) if diverged else sum(r[metric] for r in records) / len(records)
-        improved = best is None or is_better(metric, value, best)
-        if improved:
-            best = value
+        if best is None or is_better(metric, value, best):
+            best, improved = value, True
+        else:
+            improved = False
         result = Epoch(epoch, value, records, best, improved, diverged)
         history.append(result)
         if progress is not None:

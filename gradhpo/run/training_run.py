@@ -21,7 +21,7 @@ import contextlib
 import copy
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -446,6 +446,8 @@ class TrainingRun:
         self.model.train()
         if self.tuner is not None:
             return self._tuned_steps(n)
+        optimizer = self.optimizer
+        assert optimizer is not None  # a run without a tuner steps with torch.optim
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         with self._own_rng():
             for _ in range(n):
@@ -460,13 +462,13 @@ class TrainingRun:
                         buffer.copy_(copy)
                     self.diverged = True
                     return math.nan
-                self.optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
                 if self.scaler is None:
                     loss.backward()
-                    self.optimizer.step()
+                    optimizer.step()
                 else:  # float16: a step whose scaled gradients overflow is skipped, scale halved
                     self.scaler.scale(loss).backward()
-                    self.scaler.step(self.optimizer)
+                    self.scaler.step(optimizer)
                     self.scaler.update()
                 self.global_step += 1
                 total += loss.detach()
@@ -695,7 +697,12 @@ class TrainingRun:
             batch_size, self.seed * 1_000_003 + self.global_step, self.batches.augment
         )
 
-    def _train_batches(self, batch_size: int, seed: int, augment: Augment | None) -> BatchIterator:
+    def _train_batches(
+        self,
+        batch_size: int,
+        seed: int,
+        augment: Augment | Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None,
+    ) -> BatchIterator:
         """The shuffled training-batch stream (last incomplete batch dropped)."""
         return BatchIterator(
             self.data.train.x,

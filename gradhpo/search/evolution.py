@@ -349,34 +349,44 @@ def _sample(
         return distribution.choices[index]
 
     if isinstance(distribution, IntDistribution):
-        low, high, step = distribution.low, distribution.high, distribution.step
-        if distribution.log:
-            ex_int = None if exclude is None else int(exclude)
-            return _sample_log_int(low, high, ex_int, rng)
-        n = (high - low) // step + 1
-        ex = None if exclude is None else int((int(exclude) - low) // step)
-        return int(low + step * _grid_index(n, ex, rng))
-
+        return _sample_int(distribution, rng, exclude)
     if isinstance(distribution, FloatDistribution):
-        low, high = distribution.low, distribution.high
-        if distribution.step is not None:
-            step = distribution.step
-            n = int(round((high - low) / step)) + 1
-            ex = None if exclude is None else int(round((exclude - low) / step))
-            return float(min(low + step * _grid_index(n, ex, rng), high))
-        for _ in range(_MAX_REJECTIONS):
-            if distribution.log:
-                value = math.exp(rng.uniform(math.log(low), math.log(high)))
-            else:
-                value = rng.uniform(low, high)
-            value = float(min(max(value, low), high))
-            if exclude is None or value != exclude or low == high:
-                return value
-        return high if exclude != high else low
-
+        return _sample_float(distribution, rng, exclude)
     raise NotImplementedError(
         f"{type(distribution).__name__} is not supported by RegularizedEvolutionSampler."
     )
+
+
+def _sample_int(
+    distribution: IntDistribution, rng: np.random.RandomState, exclude: float | None
+) -> int:
+    low, high, step = distribution.low, distribution.high, distribution.step
+    if distribution.log:
+        ex_int = None if exclude is None else int(exclude)
+        return _sample_log_int(low, high, ex_int, rng)
+    n = (high - low) // step + 1
+    ex = None if exclude is None else int((int(exclude) - low) // step)
+    return int(low + step * _grid_index(n, ex, rng))
+
+
+def _sample_float(
+    distribution: FloatDistribution, rng: np.random.RandomState, exclude: float | None
+) -> float:
+    low, high = distribution.low, distribution.high
+    if distribution.step is not None:
+        step = distribution.step
+        n = int(round((high - low) / step)) + 1
+        ex = None if exclude is None else int(round((exclude - low) / step))
+        return float(min(low + step * _grid_index(n, ex, rng), high))
+    for _ in range(_MAX_REJECTIONS):
+        if distribution.log:
+            value = math.exp(rng.uniform(math.log(low), math.log(high)))
+        else:
+            value = rng.uniform(low, high)
+        value = float(min(max(value, low), high))
+        if exclude is None or value != exclude or low == high:
+            return value
+    return high if exclude != high else low
 
 
 def _grid_index(n: int, exclude: int | None, rng: np.random.RandomState) -> int:

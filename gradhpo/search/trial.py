@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NoReturn
 import optuna
 
 from gradhpo.run import EarlyStopping, Epoch, TrainingRun, fit
-from gradhpo.run.loop import METRICS, check_metric, worst
+from gradhpo.run.loop import METRICS, Hook, check_metric, worst
 from gradhpo.search.study import owning_study
 from gradhpo.tensorboard_logger import TensorBoardLogger
 
@@ -101,21 +101,24 @@ def fit_trial(
     )
     if study is None:
         study = owning_study(trial)  # a user objective run by Study.optimize / a driver
-    live = study is not None and isinstance(trial, optuna.trial.Trial)
+
+    def keep_alive(claim: bool = False) -> None:
+        """Refresh a live trial's heartbeat in its study (and claim its parameters)."""
+        if study is not None and isinstance(trial, optuna.trial.Trial):
+            study.heartbeat(trial)
+            if claim:
+                study.claim(trial)  # never evaluate a proposal twice
 
     def report(epoch: Epoch) -> None:
         if epoch.diverged:
             return
         trial.report(epoch.value, epoch.epoch)
-        if live:
-            study.heartbeat(trial)  # type: ignore[union-attr]
+        keep_alive()
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch.epoch} ({metric}={epoch.value:.4f})")
 
-    if live:
-        study.heartbeat(trial)  # type: ignore[union-attr]
-        study.claim(trial)  # type: ignore[union-attr]  # never evaluate a proposal twice
-    hooks = [report] if early is None else [report, early]
+    keep_alive(claim=True)
+    hooks: list[Hook] = [report] if early is None else [report, early]
     history = fit([run], epochs, metric=metric, hooks=hooks, loggers=[logger])
     if history and history[-1].diverged:
         prune_diverged(trial, history[-1].epoch)
