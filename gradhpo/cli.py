@@ -50,11 +50,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Train one model from a YAML config (data, model, optimizer, training, output).",
     )
     train.add_argument("config", type=Path, help="path to a YAML config")
-    train.add_argument("--epochs", type=int, default=None, help="override training.epochs")
-    train.add_argument("--device", default=None, help="override training.device (auto, cpu, cuda)")
-    train.add_argument("--out", type=Path, default=None, help="override output.dir")
-    train.add_argument("--name", default=None, help="override the run name (run folder)")
-    train.add_argument("--seed", type=int, default=None, help="override training.seed")
+    _add_overrides(train, *_OVERRIDES)
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(func=_cmd_train)
 
@@ -70,19 +66,18 @@ def _build_parser() -> argparse.ArgumentParser:
     tune.add_argument("config", type=Path, help="path to a YAML study config")
     tune.add_argument("--trials", type=int, default=None, help="override search.trials")
     tune.add_argument("--timeout", type=float, default=None, help="override search.timeout (s)")
-    tune.add_argument("--epochs", type=int, default=None, help="override training.epochs")
-    tune.add_argument("--device", default=None, help="override training.device (auto, cpu, cuda)")
-    tune.add_argument("--out", type=Path, default=None, help="override output.dir")
-    tune.add_argument("--name", default=None, help="override the study name (run folder)")
+    _add_overrides(
+        tune,
+        *_OVERRIDES,
+        name="override the study name (run folder)",
+        seed="override training.seed (and the sampler's seed)",
+    )
     tune.add_argument(
         "--storage",
         default=None,
         help="Optuna storage URL for the trials (e.g. postgresql://user:pw@host/db; default "
         f"search.storage, else ${STORAGE_ENV}, else the journal file of the study folder); "
         "a password is never written to disk",
-    )
-    tune.add_argument(
-        "--seed", type=int, default=None, help="override training.seed (and the sampler's seed)"
     )
     tune.add_argument(
         "--baseline",
@@ -101,9 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     pbt.add_argument("config", type=Path, help="path to a YAML PBT config")
-    pbt.add_argument("--out", type=Path, default=None, help="override output.dir")
-    pbt.add_argument("--name", default=None, help="override the run name (folder)")
-    pbt.add_argument("--device", default=None, help="override training.device")
+    _add_overrides(pbt, "device", "out", "name")
     pbt.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     pbt.set_defaults(func=_cmd_pbt)
 
@@ -234,19 +227,33 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The config overrides of train, tune and pbt: option -> (section, key, argparse keywords);
+#: section None: a top-level key.
+_OVERRIDES: dict[str, tuple[str | None, str, dict[str, Any]]] = {
+    "epochs": ("training", "epochs", {"type": int}),
+    "device": ("training", "device", {"help": "override training.device (auto, cpu, cuda)"}),
+    "out": ("output", "dir", {"type": Path}),
+    "name": (None, "name", {"help": "override the run name (run folder)"}),
+    "seed": ("training", "seed", {"type": int}),
+}
+
+
+def _add_overrides(parser: argparse.ArgumentParser, *names: str, **helps: str) -> None:
+    """The ``--NAME`` options of :data:`_OVERRIDES` (``helps``: other help texts, by NAME)."""
+    for name in names:
+        section, key, options = _OVERRIDES[name]
+        options = {"default": None, "help": f"override {section}.{key}", **options}
+        options["help"] = helps.get(name, options["help"])
+        parser.add_argument(f"--{name}", **options)
+
+
 def _apply_overrides(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Write the command-line overrides that a subcommand has into the raw config."""
-    for flag, section, key in (
-        ("seed", "training", "seed"),
-        ("epochs", "training", "epochs"),
-        ("device", "training", "device"),
-        ("out", "output", "dir"),
-    ):
-        value = getattr(args, flag, None)
+    for name, (section, key, _) in _OVERRIDES.items():
+        value = getattr(args, name, None)
         if value is not None:
-            raw.setdefault(section, {})[key] = str(value) if flag == "out" else value
-    if getattr(args, "name", None) is not None:
-        raw["name"] = args.name
+            target = raw if section is None else raw.setdefault(section, {})
+            target[key] = str(value) if isinstance(value, Path) else value
     return raw
 
 
@@ -292,6 +299,11 @@ def _versus(base: Mapping[str, Any], tuned: Mapping[str, Any]) -> str:
 def _check_count(field: str, value: Any, minimum: int = 1) -> None:
     if value is not None and value < minimum:
         raise UserError(f"{field}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _check_seconds(field: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise UserError(f"{field}: expected seconds > 0, got {value!r}")
 
 
 def _print_best(name: str, summary: dict[str, Any] | None) -> None:
@@ -363,8 +375,7 @@ def _quiet_optuna() -> None:
 def _cmd_tune(args: argparse.Namespace) -> int:
     _check_count("--trials", args.trials)
     _check_count("--epochs", args.epochs)
-    if args.timeout is not None and not args.timeout > 0:
-        raise UserError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
+    _check_seconds("--timeout", args.timeout)
     raw = _apply_overrides(load_yaml(args.config), args)
     if args.trials is not None and isinstance(raw.get("search"), dict):
         raw["search"]["trials"] = args.trials
@@ -373,10 +384,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     _quiet_optuna()
     from gradhpo.jobs.tune import prepare_study
 
-    try:
-        study, config, space, folds = prepare_study(raw=raw, storage=_storage_arg(args))
-    except _job_errors() as exc:
-        raise UserError(str(exc)) from exc
+    study, config, space, folds = prepare_study(raw=raw, storage=_storage_arg(args))
     print(f"{study.name}: study in {study.directory} ({study.dashboard_hint})")
     return _run_and_print(study, config, space, folds, args, trials=None)
 
@@ -450,13 +458,16 @@ def _print_pbt(name: str, best: dict[str, Any]) -> None:
 def _cmd_pbt(args: argparse.Namespace) -> int:
     raw = _apply_overrides(load_yaml(args.config), args)
     _quiet_optuna()
+    return _run_pbt(args, "PBT run in {}", raw=raw)
+
+
+def _run_pbt(args: argparse.Namespace, intro: str, **where: Any) -> int:
+    """Prepare (``where``: prepare_pbt's arguments) and run a PBT run, print its best member;
+    ``intro`` says what starts, ``{}`` standing for the run folder."""
     from gradhpo.jobs.pbt import prepare_pbt, run_pbt
 
-    try:
-        manager, config, population = prepare_pbt(raw)
-    except _job_errors() as exc:
-        raise UserError(str(exc)) from exc
-    print(f"{config['name']}: PBT run in {manager.db.directory}")
+    manager, config, population = prepare_pbt(**where)
+    print(f"{config['name']}: {intro.format(manager.db.directory)}")
     try:
         best = run_pbt(manager, config, population, progress=not args.no_progress)
     finally:
@@ -480,31 +491,15 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         if args.seed is not None:
             raise UserError("--seed: not used by a PBT run (its seeds are in its config)")
         check_pbt_checkpoints(args.dir)
-        from gradhpo.jobs.pbt import prepare_pbt, run_pbt
-
-        try:
-            manager, config, population = prepare_pbt(resume_dir=args.dir)
-        except _job_errors() as exc:
-            raise UserError(str(exc)) from exc
-        print(f"{config['name']}: resuming the PBT run in {args.dir}")
-        try:
-            best = run_pbt(manager, config, population, progress=not args.no_progress)
-        finally:
-            manager.close()
-        _print_pbt(config["name"], best)
-        return 0
+        return _run_pbt(args, "resuming the PBT run in {}", resume_dir=args.dir)
     _check_count("--trials", args.trials)
     _check_count("--seed", args.seed, minimum=0)
-    if args.timeout is not None and not args.timeout > 0:
-        raise UserError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
+    _check_seconds("--timeout", args.timeout)
     if not args.dir.is_dir():
         raise UserError(f"study directory not found: {str(args.dir)!r}")
     from gradhpo.jobs.tune import prepare_study
 
-    try:
-        study, config, space, folds = prepare_study(resume_dir=args.dir, storage=_storage_arg(args))
-    except _job_errors() as exc:
-        raise UserError(str(exc)) from exc
+    study, config, space, folds = prepare_study(resume_dir=args.dir, storage=_storage_arg(args))
     if args.seed is not None:
         study.reseed(args.seed)
     finished = len(study.finished_trials())
@@ -517,18 +512,13 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     _check_count("--trials", args.trials)
     _check_count("--threads", args.threads)
-    if args.timeout is not None and not args.timeout > 0:
-        raise UserError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
-    if args.seed is not None and args.seed < 0:
-        raise UserError(f"--seed: expected an integer >= 0, got {args.seed!r}")
+    _check_seconds("--timeout", args.timeout)
+    _check_count("--seed", args.seed, minimum=0)
     _quiet_optuna()
     from gradhpo.jobs.worker import prepare_worker, run_worker
 
     storage = _storage_arg(args)
-    try:
-        job = prepare_worker(args.dir, storage=storage, objective=args.objective)
-    except _job_errors() as exc:
-        raise UserError(str(exc)) from exc
+    job = prepare_worker(args.dir, storage=storage, objective=args.objective)
     if job.config is None and args.trials is None:
         raise UserError("--trials: required for a study made from Python (with --objective)")
     study = job.study
