@@ -88,7 +88,7 @@ from gradhpo.models import count_parameters
 from gradhpo.run import EarlyStopping, Epoch, TrainingRun, fit, resolve_device
 from gradhpo.run.builder import build_run, load_job_data
 from gradhpo.run.loop import METRICS, Direction, check_metric_fits, worst
-from gradhpo.search.drivers import distinct_sampler, run_drivers
+from gradhpo.search.drivers import open_driver, run_drivers
 from gradhpo.search.samplers import SAMPLERS, make_pruner, make_sampler
 from gradhpo.search.space import SearchSpace
 from gradhpo.search.study import (
@@ -1076,7 +1076,7 @@ def run_study(
                 dict(config),
                 ex,
                 workers=workers,
-                n_trials=trials if trials is not None else s["trials"],
+                n_trials=n_trials,
                 timeout=timeout if timeout is not None else s["timeout"],
                 storage=storage,
             )
@@ -1113,10 +1113,8 @@ def config_study_worker(
     ``n_trials`` finished trials. ``config`` is the driver's already validated and
     pre-flighted config (plain data, so it pickles): the worker only opens the study and
     loads its data (``storage``: the study's URL when study.json cannot name it)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = SearchSpace.from_config(config["search"]["space"])
-    study = load_study(directory, storage=storage, search_space=space)
-    distinct_sampler(study, worker, workers)
+    study = open_driver(directory, worker, workers, storage, search_space=space)
     folds = load_job_data(config, config["search"]["cv_folds"], cached=True)
     ran = run_trials(study, config, space, folds, trials=n_trials, timeout=timeout, progress=False)
     return {"pid": os.getpid(), "trials": ran}

@@ -29,9 +29,15 @@ import optuna
 
 from gradhpo.execution import Executor, make_executor
 from gradhpo.search.samplers import reseed_sampler
-from gradhpo.search.study import derived_seed, load_study
+from gradhpo.search.study import Study, derived_seed, load_study
 
-__all__ = ["distinct_sampler", "objective_worker", "run_drivers", "run_objective_study"]
+__all__ = [
+    "distinct_sampler",
+    "objective_worker",
+    "open_driver",
+    "run_drivers",
+    "run_objective_study",
+]
 
 
 def distinct_sampler(study: Any, worker: int, workers: int) -> None:
@@ -46,6 +52,17 @@ def distinct_sampler(study: Any, worker: int, workers: int) -> None:
         reseed_sampler(study.sampler, derived_seed(getattr(study, "seed", None), worker, "driver"))
 
 
+def open_driver(
+    directory: str, worker: int, workers: int, storage: str | None, search_space: Any = None
+) -> Study:
+    """The study in ``directory`` as driver ``worker`` of ``workers`` opens it in an executor
+    worker: Optuna's log quiet, the sampler distinct (:func:`distinct_sampler`)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = load_study(directory, storage=storage, search_space=search_space)
+    distinct_sampler(study, worker, workers)
+    return study
+
+
 def objective_worker(
     directory: str,
     objective: Callable[[optuna.trial.Trial], float],
@@ -58,9 +75,7 @@ def objective_worker(
     """Worker: run a user objective (a picklable, module-level function) on the study in
     ``directory`` to ``n_trials`` (``storage``: the study's database URL, when study.json
     cannot name it because it has a password)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = load_study(directory, storage=storage)
-    distinct_sampler(study, worker, workers)
+    study = open_driver(directory, worker, workers, storage)
     ran = study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,))
     return {"pid": os.getpid(), "trials": ran}
 
