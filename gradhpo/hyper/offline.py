@@ -43,7 +43,7 @@ from gradhpo.hyper.methods import (
     hypergradient,
     unroll,
 )
-from gradhpo.hyper.optimizers import InnerOptimizer, make_optimizer
+from gradhpo.hyper.optimizers import InnerOptimizer, resolve_optimizer
 from gradhpo.hyper.spec import HyperParameters, HyperSpec
 
 __all__ = ["OfflineTuner", "OfflineReport", "OUTER_UPDATES"]
@@ -124,14 +124,7 @@ class OfflineTuner:
         self.decay = _check_number("decay", decay, 0.0, 1.0, True)
         if clip is not None:
             _check_number("clip", clip, 0.0, math.inf, False)
-        if isinstance(optimizer, str):
-            inner = make_optimizer(optimizer, **dict(optimizer_kwargs or {}))
-        elif isinstance(optimizer, InnerOptimizer) and not optimizer_kwargs:
-            inner = optimizer
-        else:
-            raise TypeError(
-                f"optimizer must be a name (with optimizer_kwargs) or an InnerOptimizer, got {optimizer!r}"
-            )
+        inner = resolve_optimizer(optimizer, optimizer_kwargs)
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
         self.start = (params, {n: b.detach().clone() for n, b in model.named_buffers()})
         self.hypers = HyperParameters(hypers, params, budget=budget)
@@ -178,19 +171,16 @@ class OfflineTuner:
         )
         grads = [result.grads[k] for k in self.hypers.raw]
         norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
-        finite = math.isfinite(norm) and bool(torch.isfinite(result.objective))
-        if not finite:
+
+        def report(accepted: bool, used: float) -> OfflineReport:
+            objective, train_loss = float(result.objective), float(result.train_losses.mean())
+            return OfflineReport(accepted, objective, train_loss, norm, used, self.hypers.summary())
+
+        if not (math.isfinite(norm) and bool(torch.isfinite(result.objective))):
             self.rejected_steps += 1
             self.hypers.load_state_dict(self._last_good)
             self.step_size /= 2
-            return OfflineReport(
-                False,
-                float(result.objective),
-                float(result.train_losses.mean()),
-                norm,
-                0.0,
-                self.hypers.summary(),
-            )
+            return report(False, 0.0)
         self._last_good = self.hypers.state_dict()
         if float(result.objective) < self.best_objective:
             self.best_objective = float(result.objective)
@@ -211,14 +201,7 @@ class OfflineTuner:
                     leaf.sub_(used * direction)
         self.step_size *= self.decay
         self.outer_steps += 1
-        return OfflineReport(
-            True,
-            float(result.objective),
-            float(result.train_losses.mean()),
-            norm,
-            used,
-            self.hypers.summary(),
-        )
+        return report(True, used)
 
     def use_best(self) -> dict[str, float]:
         """Load the hyperparameters of the run with the lowest objective so far (those of

@@ -63,6 +63,7 @@ __all__ = [
     "from_torch_state",
     "inner_optimizer",
     "optimizer_config",
+    "resolve_optimizer",
     "to_torch_state",
     "torch_optimizer",
     "SGD",
@@ -611,6 +612,20 @@ def make_optimizer(name: str, **kwargs: Any) -> InnerOptimizer:
             f"it takes {', '.join(allowed)}"
         )
     return cls(**{**preset, **kwargs})
+
+
+def resolve_optimizer(
+    optimizer: str | InnerOptimizer, optimizer_kwargs: Mapping[str, Any] | None
+) -> InnerOptimizer:
+    """The inner optimizer of a tuner's ``optimizer`` argument: a name (built with
+    ``optimizer_kwargs``, see :func:`make_optimizer`) or an :class:`InnerOptimizer` itself."""
+    if isinstance(optimizer, str):
+        return make_optimizer(optimizer, **dict(optimizer_kwargs or {}))
+    if not isinstance(optimizer, InnerOptimizer):
+        raise TypeError(f"optimizer must be a name or an InnerOptimizer, got {optimizer!r}")
+    if optimizer_kwargs:
+        raise ValueError("optimizer_kwargs: give them only with an optimizer name")
+    return optimizer
 
 
 # ----------------------------------------------------------------- torch.optim state format

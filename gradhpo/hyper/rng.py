@@ -34,5 +34,5 @@ class RngState:
     def restore(self) -> None:
         """Put the captured state back (the generators then replay the same draws)."""
         torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
+        if self.cuda is not None:  # captured with its device; else torch's current one
+            torch.cuda.set_rng_state(self.cuda, "cuda" if self.device is None else self.device)

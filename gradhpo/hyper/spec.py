@@ -211,7 +211,7 @@ class HyperSpec:
             low, high = 0.0, 1.0
             object.__setattr__(self, "low", low)
             object.__setattr__(self, "high", high)
-        if low is not None:
+        if low is not None and high is not None:
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
                 raise ValueError(
                     f"{self.name}: bounds need low < high, got low={low!r}, high={high!r}"
@@ -239,7 +239,7 @@ class HyperSpec:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{self.name}.init: expected a number, got {value!r}")
         value = float(value)
-        if self.low is not None:
+        if self.low is not None and self.high is not None:
             if not self.low < value < self.high:
                 raise ValueError(
                     f"{self.name}.init: must lie strictly inside ({self.low}, {self.high}), got {value!r}"
@@ -252,7 +252,7 @@ class HyperSpec:
     def to_raw(self, value: float) -> float:
         """Inverse of :meth:`constrain` for one number."""
         value = self._check_value(value)
-        if self.low is not None:
+        if self.low is not None and self.high is not None:
             if self.transform == "log":
                 u = (math.log(value) - math.log(self.low)) / (
                     math.log(self.high) - math.log(self.low)
@@ -265,7 +265,7 @@ class HyperSpec:
     def unconstrain(self, value: Tensor) -> Tensor:
         """Inverse of :meth:`constrain`, elementwise on a tensor of valid values; values on
         or past a bound are moved just inside it (a sigmoid never reaches its ends)."""
-        if self.low is not None:
+        if self.low is not None and self.high is not None:
             if self.transform == "log":
                 lo, hi = math.log(self.low), math.log(self.high)
                 u = (value.log() - lo) / (hi - lo)
@@ -279,7 +279,7 @@ class HyperSpec:
 
     def constrain(self, raw: Tensor) -> Tensor:
         """Map raw (unconstrained) values to valid hyperparameter values, differentiably."""
-        if self.low is not None:
+        if self.low is not None and self.high is not None:
             u = torch.sigmoid(raw)
             if self.transform == "log":
                 lo, hi = math.log(self.low), math.log(self.high)
@@ -360,6 +360,10 @@ class HyperParameters:
         if budget is not None and (not _is_int(budget) or budget < 1):
             raise ValueError(f"budget: must be an integer >= 1, got {budget!r}")
         self.specs = [self._resolve_schedule(spec, budget) for spec in specs]
+        #: The schedule of each scheduled hyperparameter (steps filled in), by name.
+        self.schedules = {
+            s.name: s.schedule for s in self.specs if isinstance(s.schedule, Schedule)
+        }
         if not params:
             raise ValueError("HyperParameters: the model has no parameters")
         self.param_shapes = {k: tuple(v.shape) for k, v in params.items()}
@@ -376,7 +380,8 @@ class HyperParameters:
                         f"{spec.name}.init: per-parameter values must name exactly the model's "
                         f"parameters; missing {missing}, unknown {extra}"
                     )
-            segments = () if spec.schedule is None else (spec.schedule.segments,)
+            schedule = self.schedules.get(spec.name)
+            segments = () if schedule is None else (schedule.segments,)
             keys: list[tuple[str, str | None]] = []
             if spec.granularity == "scalar":
                 keys.append((spec.name, None))
@@ -399,12 +404,12 @@ class HyperParameters:
                     )
             self._keys[spec.name] = keys
         self.num_examples = num_examples
-        self.scheduled = any(spec.schedule is not None for spec in self.specs)
+        self.scheduled = bool(self.schedules)
 
     @staticmethod
     def _resolve_schedule(spec: HyperSpec, budget: int | None) -> HyperSpec:
-        schedule = spec.schedule
-        if schedule is None or schedule.steps is not None:
+        schedule = spec.schedule  # a Schedule or None once the spec is made
+        if not isinstance(schedule, Schedule) or schedule.steps is not None:
             return spec
         if budget is None:
             raise ValueError(
@@ -442,15 +447,17 @@ class HyperParameters:
             return ()
         if step is None:
             raise ValueError(
-                f"scheduled hyperparameters {[s.name for s in self.specs if s.schedule]} need "
+                f"scheduled hyperparameters {list(self.schedules)} need "
                 "the training step to give their values"
             )
-        return tuple(s.schedule.weights(step) for s in self.specs if s.schedule is not None)
+        return tuple(schedule.weights(step) for schedule in self.schedules.values())
 
     def _constrained(self, spec: HyperSpec, leaf: Tensor, step: int | None) -> Tensor:
-        if spec.schedule is None:
+        schedule = self.schedules.get(spec.name)
+        if schedule is None:
             return spec.constrain(leaf)
-        mix = spec.schedule.weights(step)  # type: ignore[arg-type]
+        assert step is not None  # values() refuses a missing step (position)
+        mix = schedule.weights(step)
         if len(mix) == 1:
             return spec.constrain(leaf[mix[0][0]])
         (i, a), (j, b) = mix
@@ -501,10 +508,11 @@ class HyperParameters:
         for spec in self.specs:
             for key, _ in self._keys[spec.name]:
                 value = spec.constrain(self.raw[key])
-                if spec.schedule is None:
+                schedule = self.schedules.get(spec.name)
+                if schedule is None:
                     result[key] = float(value.mean())
                 else:
-                    for i in range(spec.schedule.segments):
+                    for i in range(schedule.segments):
                         result[f"{key}[{i}]"] = float(value[i].mean())
         return result
 
@@ -532,11 +540,12 @@ class HyperParameters:
             entries = [k for k, _ in self._keys[name]]
         else:
             raise KeyError(f"unknown hyperparameter key {key!r}; known: {sorted(self.raw)}")
+        schedule = self.schedules.get(name)
         if index is not None:
-            if spec.schedule is None or index >= spec.schedule.segments:
+            if schedule is None or index >= schedule.segments:
                 raise KeyError(
                     f"hyperparameter key {key!r}: {name} has no segment {index}"
-                    + ("" if spec.schedule is None else f" (segments: {spec.schedule.segments})")
+                    + ("" if schedule is None else f" (segments: {schedule.segments})")
                 )
         return spec, [(entry, index) for entry in entries]
 

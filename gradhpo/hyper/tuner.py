@@ -55,7 +55,7 @@ from gradhpo.hyper.methods import (
     hypergradient,
     unroll,
 )
-from gradhpo.hyper.optimizers import InnerOptimizer, make_optimizer
+from gradhpo.hyper.optimizers import InnerOptimizer, resolve_optimizer
 from gradhpo.hyper.spec import HyperParameters, HyperSpec
 
 __all__ = ["HyperTuner", "TunerReport", "OBJECTIVES", "HYPER_OPTIMIZERS"]
@@ -215,15 +215,7 @@ class HyperTuner:
         ):
             raise ValueError(f"carry_decay must be a number in (0, 1], got {carry_decay!r}")
 
-        if isinstance(optimizer, str):
-            inner = make_optimizer(optimizer, **dict(optimizer_kwargs or {}))
-        elif isinstance(optimizer, InnerOptimizer):
-            if optimizer_kwargs:
-                raise ValueError("optimizer_kwargs: give them only with an optimizer name")
-            inner = optimizer
-        else:
-            raise TypeError(f"optimizer must be a name or an InnerOptimizer, got {optimizer!r}")
-
+        inner = resolve_optimizer(optimizer, optimizer_kwargs)
         params = {n: p.detach() for n, p in model.named_parameters()}
         self.hypers = HyperParameters(hypers, params, num_examples=num_examples, budget=budget)
         unusable = [
@@ -256,7 +248,7 @@ class HyperTuner:
             raise ValueError(f"warm_segments must be true or false, got {warm_segments!r}")
         self.warm_segments = warm_segments
         # Per scheduled hyperparameter: the highest segment the run has reached.
-        self.segments_reached = {s.name: 0 for s in self.hypers.specs if s.schedule is not None}
+        self.segments_reached = dict.fromkeys(self.hypers.schedules, 0)
         self.opt_state = inner.init(params)
         raw_leaves = list(self.hypers.raw.values())
         if hyper_optimizer == "adam":
@@ -454,15 +446,13 @@ class HyperTuner:
         if not self.segments_reached:
             return
         first = int(self.opt_state["step"])
-        for spec in self.hypers.specs:
-            if spec.schedule is None:
-                continue
-            top = max(i for t in range(first, first + steps) for i, _ in spec.schedule.weights(t))
-            for i in range(self.segments_reached[spec.name] + 1, top + 1):
+        for name, schedule in self.hypers.schedules.items():
+            top = max(i for t in range(first, first + steps) for i, _ in schedule.weights(t))
+            for i in range(self.segments_reached[name] + 1, top + 1):
                 if self.warm_segments:
-                    for key in self.hypers.keys_of(spec.name):
+                    for key in self.hypers.keys_of(name):
                         self.hypers.raw[key][i] = self.hypers.raw[key][i - 1]
-            self.segments_reached[spec.name] = max(top, self.segments_reached[spec.name])
+            self.segments_reached[name] = max(top, self.segments_reached[name])
 
     def _carried(self) -> dict[str, torch.Tensor] | None:
         """The tangents to start this horizon from (carried forward mode), decayed."""
