@@ -139,6 +139,16 @@ class DataSplits:
         """Integer class targets (accuracy is defined), not float targets."""
         return not self.train.y.is_floating_point()
 
+    def evaluation_split(self, split: str) -> Split:
+        """The split ``"train"``, ``"val"`` or ``"test"`` that ``evaluate(split)`` reads; a
+        ValueError for another name or an empty split."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"evaluate: split must be 'train', 'val' or 'test', got {split!r}")
+        data: Split = getattr(self, split)
+        if len(data) == 0:
+            raise ValueError(f"evaluate: split {split!r} is empty")
+        return data
+
     def to(self, device: Device) -> DataSplits:
         """Returns these splits with every tensor moved to ``device``."""
         return replace(

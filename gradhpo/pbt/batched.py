@@ -378,11 +378,7 @@ class BatchedPopulation:
         """Mean loss and accuracy of every member on ``"train"``, ``"val"`` or ``"test"``, in
         eval mode (BatchNorm uses each member's running statistics). Float64 CPU tensors (N,).
         """
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"evaluate: split must be 'train', 'val' or 'test', got {split!r}")
-        data = getattr(self.data, split)
-        if len(data) == 0:
-            raise ValueError(f"evaluate: split {split!r} is empty")
+        data = self.data.evaluation_split(split)
         self._template.eval()
         n = self.n_members
         loss_sum = torch.zeros(n, dtype=torch.float64, device=self.device)

@@ -561,11 +561,7 @@ class TrainingRun:
     def evaluate(self, split: str = "val") -> dict[str, float]:
         """Mean loss of the current model on ``"train"``, ``"val"`` or ``"test"``, and its
         accuracy where the targets are class labels (``data.classification``)."""
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"evaluate: split must be 'train', 'val' or 'test', got {split!r}")
-        data = getattr(self.data, split)
-        if len(data) == 0:
-            raise ValueError(f"evaluate: split {split!r} is empty")
+        data = self.data.evaluation_split(split)
         was_training = self.model.training
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
