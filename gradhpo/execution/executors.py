@@ -92,8 +92,10 @@ class SerialExecutor(Executor):
         return [fn(*args) for args in args_list]
 
 
-def _init_worker(threads: int, parent: tuple[int, bool] | None = None) -> None:
-    if parent is not None:
+def _init_worker(threads: int, parent: tuple[int, bool] | _Spawner | None = None) -> None:
+    """A worker's start-up: ``parent`` is a pool worker's :class:`_Spawner`, which arrives
+    unpickled as (driver pid, spawned by the main thread)."""
+    if isinstance(parent, tuple):
         _exit_with_parent(*parent)
     torch.set_num_threads(threads)
 

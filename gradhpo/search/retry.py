@@ -74,34 +74,15 @@ def is_connection_error(exc: BaseException) -> bool:
     return False
 
 
-_PASS_THROUGH = ("remove_session",)
-_METHODS = (
-    "create_new_study",
-    "delete_study",
-    "set_study_user_attr",
-    "set_study_system_attr",
-    "get_study_id_from_name",
-    "get_study_name_from_id",
-    "get_study_directions",
-    "get_study_user_attrs",
-    "get_study_system_attrs",
-    "get_all_studies",
-    "set_trial_param",
-    "get_trial_id_from_study_id_trial_number",
-    "get_trial_number_from_id",
-    "get_trial_param",
-    "set_trial_intermediate_value",
-    "set_trial_user_attr",
-    "set_trial_system_attr",
-    "get_trial",
-    "get_all_trials",
-    "get_n_trials",
-    "get_best_trial",
-    "get_trial_params",
-    "get_trial_user_attrs",
-    "get_trial_system_attrs",
-    "check_trial_is_updatable",
-)
+def _retried(method: str) -> Callable[..., Any]:
+    """The storage method ``method``: the backend's, retried while the connection is lost."""
+
+    def call(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._call(method, *args, **kwargs)
+
+    call.__name__ = method
+    call.__doc__ = f"``backend.{method}``, retried while the connection is lost."
+    return call
 
 
 class RetryingStorage(BaseStorage):
@@ -161,6 +142,37 @@ class RetryingStorage(BaseStorage):
 
     def __repr__(self) -> str:
         return f"RetryingStorage({self.name})"
+
+    # Every abstract method of BaseStorage: the backend's, retried (create_new_trial and
+    # set_trial_state_values below take more care).
+    create_new_study = _retried("create_new_study")
+    delete_study = _retried("delete_study")
+    set_study_user_attr = _retried("set_study_user_attr")
+    set_study_system_attr = _retried("set_study_system_attr")
+    get_study_id_from_name = _retried("get_study_id_from_name")
+    get_study_name_from_id = _retried("get_study_name_from_id")
+    get_study_directions = _retried("get_study_directions")
+    get_study_user_attrs = _retried("get_study_user_attrs")
+    get_study_system_attrs = _retried("get_study_system_attrs")
+    get_all_studies = _retried("get_all_studies")
+    set_trial_param = _retried("set_trial_param")
+    get_trial_id_from_study_id_trial_number = _retried("get_trial_id_from_study_id_trial_number")
+    get_trial_number_from_id = _retried("get_trial_number_from_id")
+    get_trial_param = _retried("get_trial_param")
+    set_trial_intermediate_value = _retried("set_trial_intermediate_value")
+    set_trial_user_attr = _retried("set_trial_user_attr")
+    set_trial_system_attr = _retried("set_trial_system_attr")
+    get_trial = _retried("get_trial")
+    get_all_trials = _retried("get_all_trials")
+    get_n_trials = _retried("get_n_trials")
+    get_best_trial = _retried("get_best_trial")
+    get_trial_params = _retried("get_trial_params")
+    get_trial_user_attrs = _retried("get_trial_user_attrs")
+    get_trial_system_attrs = _retried("get_trial_system_attrs")
+    check_trial_is_updatable = _retried("check_trial_is_updatable")
+
+    def remove_session(self) -> None:
+        self.backend.remove_session()
 
     def __getattr__(self, attr: str) -> Any:
         # Anything else a storage has (Optuna internals, _CachedStorage's helpers): as is.
@@ -278,24 +290,3 @@ class RetryingStorage(BaseStorage):
             if repeated[0] and self.backend.get_trial(trial_id).state == state:
                 return True
             raise
-
-
-def _delegate(method: str) -> Callable[..., Any]:
-    def call(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
-        return self._call(method, *args, **kwargs)
-
-    call.__name__ = method
-    call.__doc__ = f"``backend.{method}``, retried while the connection is lost."
-    return call
-
-
-for _method in _METHODS:
-    setattr(RetryingStorage, _method, _delegate(_method))
-for _method in _PASS_THROUGH:
-    setattr(
-        RetryingStorage,
-        _method,
-        (lambda m: lambda self, *a, **k: getattr(self.backend, m)(*a, **k))(_method),
-    )
-# Every abstract method is delegated above.
-RetryingStorage.__abstractmethods__ = frozenset()

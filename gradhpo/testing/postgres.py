@@ -96,8 +96,9 @@ class PostgresServer:
         reason = missing_reason()
         if reason is not None:
             raise RuntimeError(reason)
-        self.bin = find_binaries()
-        assert self.bin is not None
+        binaries = find_binaries()
+        assert binaries is not None  # missing_reason() found them
+        self.bin = binaries
         self.durable = durable
         self.password = uuid.uuid4().hex
         self.port = port or _free_port()

@@ -104,7 +104,7 @@ class QuarticFactory:
     """A picklable member factory (executors ship it to worker processes): member ``i`` gets
     seed ``seed + i`` and the learning rate in ``values["optimizer.lr"]``."""
 
-    def __init__(self, seed: int = 100, **options: float) -> None:
+    def __init__(self, seed: int = 100, **options: Any) -> None:
         self.seed = seed
         self.options = options
 
