@@ -86,7 +86,7 @@ from urllib.parse import unquote, urlsplit
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
@@ -94,6 +94,7 @@ from tqdm.auto import tqdm
 from gradhpo.config import ConfigError
 from gradhpo.files import write_json
 from gradhpo.run.loop import METRICS
+from gradhpo.search.journal_lock import OwnedFileLock
 from gradhpo.search.retry import RetryingStorage
 from gradhpo.search.samplers import (
     make_pruner,
@@ -250,9 +251,11 @@ def _sqlite_storage(path: Path) -> optuna.storages.RDBStorage:
 
 def _journal_storage(path: Path) -> JournalStorage:
     """The journal in ``path``: an append-only file of JSON lines, one per change, written
-    under a lock file (``JournalFileOpenLock``: works on local disks and NFSv3+, and on
-    Windows) and fsync-ed per append, so drivers in several processes can share it."""
-    backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+    under a lock file and fsync-ed per append, so drivers in several processes can share it.
+    The lock file (:class:`~gradhpo.search.journal_lock.OwnedFileLock`: local disks, NFS,
+    Windows) names its holder, so one left by a killed driver on this machine is broken at
+    once instead of after Optuna's 30 s grace period."""
+    backend = JournalFileBackend(str(path), lock_obj=OwnedFileLock(str(path)))
     return JournalStorage(backend)
 
 
