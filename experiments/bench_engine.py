@@ -29,6 +29,9 @@ Methods (per problem)
   lr ``per_tensor`` plus, where the model has fewer than 8 parameter tensors, weight decay
   (``per_tensor`` for the 4-tensor MLP, scalar for the 6-tensor CNN, together with a scalar
   L2 penalty); the inner optimizer stays SGD without momentum;
+* ``gradhpo checkpointed segment-S`` (``--segment S``, default 4; 1 leaves it out):
+  checkpointed with ``checkpoint_every=S``: one saved start point and one backward call per
+  segment of S steps instead of per step;
 * ``gradhpo reverse every-M`` (``--every M``, default 4; 1 leaves it out): amortized tuning,
   what ``HyperTuner(every=M)`` does over M horizons: one reverse-mode hypergradient horizon
   and M - 1 plain horizons (``gradhpo.hyper.unroll``), tuned steps / total steps = 1/M; its
@@ -125,6 +128,7 @@ FORWARD8C = "gradhpo forward-8 compiled"
 
 
 AMORTIZED = "gradhpo reverse every-"  # + M
+SEGMENTED = "gradhpo checkpointed segment-"  # + S
 
 
 def amortized_name(every: int) -> str:
@@ -285,6 +289,7 @@ def gradhpo_method(
     *,
     compile: bool = False,
     every: int = 1,
+    checkpoint_every: int = 1,
 ) -> Method:
     """gradhpo's hypergradient; with ``every`` = M > 1, followed by M - 1 plain horizons from
     its weights (amortized tuning)."""
@@ -300,7 +305,9 @@ def gradhpo_method(
     )
 
     def run() -> dict[str, Tensor]:
-        kwargs = {"compile": True} if compile else {}
+        kwargs: dict[str, Any] = {"compile": True} if compile else {}
+        if checkpoint_every > 1:
+            kwargs["checkpoint_every"] = checkpoint_every
         result = hypergradient(
             method, problem, ctx.params, state, ctx.buffers, ctx.batches, objective, **kwargs
         )
@@ -396,7 +403,12 @@ def torchopt_method(ctx: Context) -> Method | str:
 
 
 def build_methods(
-    ctx: Context, *, with_reverse8: bool = False, every: int = 1, compile: bool = False
+    ctx: Context,
+    *,
+    with_reverse8: bool = False,
+    every: int = 1,
+    compile: bool = False,
+    segment: int = 1,
 ) -> tuple[list[Method], list[str]]:
     """The methods of one problem (plain first) and notes on the ones skipped."""
     lr_spec = [{"name": "lr", "init": ctx.problem.lr}]
@@ -408,6 +420,9 @@ def build_methods(
         gradhpo_method(ctx, "forward", lr_spec, FORWARD1),
         gradhpo_method(ctx, "forward", specs8, FORWARD8),
     ]
+    if segment > 1:
+        name = f"{SEGMENTED}{segment}"
+        methods.append(gradhpo_method(ctx, "checkpointed", lr_spec, name, checkpoint_every=segment))
     if every > 1:
         methods.append(gradhpo_method(ctx, "reverse", lr_spec, amortized_name(every), every=every))
     if compile:
@@ -440,11 +455,18 @@ def relative_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
 
 
 def agreement_check(
-    problem: Problem, device: torch.device, *, every: int = 1, compile: bool = False
+    problem: Problem,
+    device: torch.device,
+    *,
+    every: int = 1,
+    compile: bool = False,
+    segment: int = 1,
 ) -> list[dict[str, Any]]:
     """Float64, tiny problem: every hypergradient method against gradhpo reverse."""
     ctx = make_context(tiny(problem), device, torch.float64)
-    methods, _ = build_methods(ctx, with_reverse8=True, every=every, compile=compile)
+    methods, _ = build_methods(
+        ctx, with_reverse8=True, every=every, compile=compile, segment=segment
+    )
     grads: dict[str, dict[str, Tensor]] = {}
     for m in methods:
         if m.name == PLAIN:
@@ -547,6 +569,7 @@ def summarize(problem: Problem, hypers: dict[str, int], times: dict[str, list[fl
         return med[a] / med[b] if a in med and b in med else math.nan
 
     amortized = next((m for m in med if m.startswith(AMORTIZED)), "")
+    segmented = next((m for m in med if m.startswith(SEGMENTED)), "")
 
     summary = {
         "problem": problem.key,
@@ -556,6 +579,8 @@ def summarize(problem: Problem, hypers: dict[str, int], times: dict[str, list[fl
         "reverse_x_plain": ratio(REVERSE, PLAIN),
         "reverse_x_min_higher_bare": med[REVERSE] / best,
         "checkpointed_over_reverse": ratio(CHECKPOINTED, REVERSE),
+        "segment": int(segmented.removeprefix(SEGMENTED)) if segmented else 1,
+        "segmented_over_reverse": ratio(segmented, REVERSE),
         "forward1_over_reverse": ratio(FORWARD1, REVERSE),
         "forward8_over_forward1": ratio(FORWARD8, FORWARD1),
         "amortized_every": int(amortized.removeprefix(AMORTIZED)) if amortized else 1,
@@ -589,17 +614,20 @@ def method_table(rows: list[dict[str, Any]]) -> list[str]:
 def summary_table(summaries: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| problem | K | plain ms | reverse x plain | reverse x min(higher, bare) "
-        "| checkpointed / reverse | forward-1 / reverse | forward-8 / forward-1 "
+        "| checkpointed / reverse | checkpointed segment-S (S) / reverse "
+        "| forward-1 / reverse | forward-8 / forward-1 "
         "| every-M (M) x plain | forward-1 compiled / reverse "
         "| forward-8 compiled / forward-1 compiled "
         "| higher x plain | bare x plain | torchopt x plain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         lines.append(
             f"| {s['problem']} {s['problem_name']} | {s['k']} | {s['plain_ms']:.1f} | "
             f"**{_fmt(s['reverse_x_plain'])}** | **{_fmt(s['reverse_x_min_higher_bare'])}** | "
-            f"{_fmt(s['checkpointed_over_reverse'])} | {_fmt(s['forward1_over_reverse'])} | "
+            f"{_fmt(s['checkpointed_over_reverse'])} | "
+            f"{_fmt(s['segmented_over_reverse'])} ({s['segment']}) | "
+            f"{_fmt(s['forward1_over_reverse'])} | "
             f"{_fmt(s['forward8_over_forward1'])} | "
             f"{_fmt(s['amortized_x_plain'])} ({s['amortized_every']}) | "
             f"{_fmt(s['forward1_compiled_over_reverse'])} | "
@@ -683,6 +711,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="amortized tuning: time one hypergradient horizon per M (default 4; 1: off)",
     )
     ap.add_argument(
+        "--segment",
+        type=int,
+        default=4,
+        help="also time checkpointed with checkpoint_every=S (default 4; 1: off)",
+    )
+    ap.add_argument(
         "--compile",
         action="store_true",
         help="also time forward mode with compile=True (torch.compile; compiles in the warm-up)",
@@ -693,8 +727,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not keys or unknown:
         ap.error(f"--problems: unknown {unknown}; choose from {list(PROBLEMS)}")
     args.problems = keys
-    if args.rounds < 1 or args.warmup < 0 or args.threads < 1 or args.every < 1:
-        ap.error("--rounds, --threads and --every must be >= 1, --warmup >= 0")
+    if min(args.rounds, args.threads, args.every, args.segment) < 1 or args.warmup < 0:
+        ap.error("--rounds, --threads, --every and --segment must be >= 1, --warmup >= 0")
     if args.compile and args.warmup < 1:
         ap.error("--compile needs --warmup >= 1 (the compilation must not be timed)")
     return args
@@ -719,7 +753,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 1. agreement (float64, tiny)
     checks: list[dict[str, Any]] = []
     for p in problems:
-        checks += agreement_check(PROBLEMS[p.key], device, every=args.every, compile=args.compile)
+        checks += agreement_check(
+            PROBLEMS[p.key], device, every=args.every, compile=args.compile, segment=args.segment
+        )
     print(
         f"\nagreement check (float64, tiny problems, tolerance {TOLERANCE:g} relative to "
         "gradhpo reverse):"
@@ -738,7 +774,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in problems:
         print(f"\ntiming {p.describe()}, {args.rounds} rounds ...", flush=True)
         ctx = make_context(p, device, torch.float32)
-        methods, skipped = build_methods(ctx, every=args.every, compile=args.compile)
+        methods, skipped = build_methods(
+            ctx, every=args.every, compile=args.compile, segment=args.segment
+        )
         notes.update(skipped)
         times = time_problem(ctx, methods, args.rounds, args.warmup)
         r, s = summarize(p, {m.name: m.hypers for m in methods}, times)

@@ -121,6 +121,8 @@ class HyperTuner:
             ``jvp`` per direction, the least memory); see :func:`hypergradient`.
         compile: forward mode only: each step through ``torch.compile`` (see
             :func:`hypergradient`; the first horizon compiles).
+        checkpoint_every: checkpointed only: steps per recomputed segment (1: one step,
+            the least memory; larger: fewer backward calls, faster on small models).
         every: M, amortized tuning: a hypergradient on every M-th horizon only (the first,
             then every M-th), plain inner steps in between (see module docstring); 1 tunes
             every horizon.
@@ -155,6 +157,7 @@ class HyperTuner:
         compile: bool = False,
         every: int = 1,
         loss_fn: LossFn | None = None,
+        checkpoint_every: int = 1,
         carry: bool = False,
         carry_decay: float = 1.0,
         budget: int | None = None,
@@ -200,6 +203,12 @@ class HyperTuner:
                 f"compile: only forward mode steps are compiled, got method {method!r}"
             )
         every = _check_positive_int("every (M)", every)
+        checkpoint_every = _check_positive_int("checkpoint_every", checkpoint_every)
+        if checkpoint_every != 1 and method != "checkpointed":
+            raise ValueError(
+                "checkpoint_every: only the checkpointed method has segments, "
+                f"got method {method!r}"
+            )
         if not isinstance(carry, bool):
             raise ValueError(f"carry must be true or false, got {carry!r}")
         if carry and method != "forward":
@@ -241,6 +250,7 @@ class HyperTuner:
         self.chunk = chunk
         self.compile = compile
         self.every = every
+        self.checkpoint_every = checkpoint_every
         self.carry = carry
         self.carry_decay = float(carry_decay)
         self.tangents: dict[str, torch.Tensor] | None = None  # carried forward mode
@@ -305,6 +315,7 @@ class HyperTuner:
             chunk=self.chunk,
             compile=self.compile,
             tangents=self._carried(),
+            checkpoint_every=self.checkpoint_every,
         )
         grads = [result.grads[k] for k in self.hypers.raw]
         grad_norm = torch.linalg.vector_norm(

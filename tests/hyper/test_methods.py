@@ -279,6 +279,45 @@ def test_methods_agree_with_batchnorm_and_dropout(method: str) -> None:
     )
 
 
+@pytest.mark.parametrize("every", [2, 3, 5, 9])
+@pytest.mark.parametrize("truncate", [None, 3])
+def test_checkpointed_segments_agree_with_reverse(every: int, truncate: int | None) -> None:
+    """Segments of several steps (recomputed together, one vector-Jacobian product each;
+    ``every`` > K is one segment) give reverse mode's hypergradient, weights, buffers and RNG
+    consumption, with BatchNorm, dropout, a train-loss term and truncation."""
+    model = cnn_with_bn_and_dropout()
+    specs = [{"name": "lr", "init": 0.1}, {"name": "momentum", "init": 0.5}]
+    problem, params, state, buffers = setup(model, "momentum", specs)
+    batches = make_batches(7, n=8, shape=(1, 8, 8))
+    xv, yv, _ = make_batches(1, n=12, shape=(1, 8, 8), seed=9)[0]
+    objective = Objective(Objective.validation(model, xv, yv).final, train_weight=0.5)
+    runs = {}
+    for method, kwargs in [("reverse", {}), ("checkpointed", {"checkpoint_every": every})]:
+        torch.manual_seed(123)
+        args = (problem, params, state, buffers, batches, objective)
+        runs[method] = hypergradient(method, *args, truncate=truncate, **kwargs)
+        runs[method + " rng"] = torch.get_rng_state()
+    rev, ckpt = runs["reverse"], runs["checkpointed"]
+    assert torch.equal(runs["reverse rng"], runs["checkpointed rng"])
+    assert_close(ckpt.grads, rev.grads, 1e-9)
+    torch.testing.assert_close(ckpt.objective, rev.objective, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ckpt.train_losses, rev.train_losses, rtol=1e-12, atol=1e-12)
+    for name in rev.params:
+        torch.testing.assert_close(ckpt.params[name], rev.params[name], rtol=1e-12, atol=1e-12)
+    for name in rev.buffers:
+        torch.testing.assert_close(ckpt.buffers[name], rev.buffers[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_checkpoint_every_must_be_a_positive_integer(bad) -> None:
+    problem, params, state, buffers = setup(tiny_mlp(), "momentum", [{"name": "lr", "init": 0.3}])
+    args = (problem, params, state, buffers, make_batches(), Objective.train_mean())
+    with pytest.raises(ValueError, match=rf"checkpoint_every must be an integer >= 1, got {bad!r}"):
+        hypergradient("checkpointed", *args, checkpoint_every=bad)
+    with pytest.raises(ValueError, match="only the checkpointed method has segments"):
+        hypergradient("reverse", *args, checkpoint_every=2)
+
+
 @pytest.mark.parametrize("chunk", [None, 1, 2])
 def test_forward_chunks_agree_with_reverse_under_batchnorm_and_dropout(chunk) -> None:
     """Vectorized tangents (one vmapped pass, or chunks of them) and the per-direction loop

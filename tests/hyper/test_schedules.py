@@ -204,6 +204,10 @@ def test_schedule_hypergradients_match_finite_differences(method, optimizer, spe
     result = hypergradient(method, problem, params, state, {}, batches, objective)
     fd = finite_differences(problem, params, state, batches, objective)
     assert_close(result.grads, fd)
+    if method == "checkpointed":  # segments that span schedule positions
+        kwargs = {"checkpoint_every": 3}
+        segmented = hypergradient(method, problem, params, state, {}, batches, objective, **kwargs)
+        assert_close(segmented.grads, fd)
     # Segments that no step of the unroll reads get exactly zero.
     lr_schedule = problem.hypers.spec("lr").schedule
     read = {i for k in range(K) for i, _ in lr_schedule.weights(START + k)}

@@ -136,6 +136,8 @@ def test_greedy_forces_horizon_one_and_state_round_trip() -> None:
         ({"method": "forward", "chunk": 0}, "chunk must be an integer >= 1, got 0"),
         ({"compile": True}, "only forward mode steps are compiled, got method 'reverse'"),
         ({"method": "forward", "compile": 1}, "compile must be true or false, got 1"),
+        ({"method": "checkpointed", "checkpoint_every": 0}, "checkpoint_every must be an"),
+        ({"checkpoint_every": 2}, "only the checkpointed method has segments, got method 'rev"),
     ],
 )
 def test_bad_tuner_arguments(kwargs, match) -> None:
@@ -380,3 +382,18 @@ def test_run_config_carries_amortized_tuning(synthetic: DataSplits, tmp_path) ->
     assert (resumed.tuner.tuned_steps, resumed.tuner.total_steps) == (4, 12)
     with pytest.raises(ValueError, match="every"):
         TrainingRun(data=synthetic, tuner={**tuner, "every": 0}, **TUNED)
+
+
+def test_run_config_carries_checkpoint_segments(synthetic: DataSplits) -> None:
+    """tuner.checkpoint_every reaches the hypergradient from a run config: the tuned run is
+    the one-step-segment run's, to float rounding (the same hypergradient)."""
+    tuner = {"hypers": [{"name": "lr"}], "method": "checkpointed", "horizon": 4}
+    runs = []
+    for every in (1, 3):
+        run = TrainingRun(data=synthetic, tuner={**tuner, "checkpoint_every": every}, **TUNED)
+        run.step(12)
+        runs.append(run)
+    assert runs[1].tuner.checkpoint_every == 3 and runs[1].tuner.hyper_steps == 3
+    assert runs[1].hyperparameters == pytest.approx(runs[0].hyperparameters, rel=1e-5)
+    with pytest.raises(ValueError, match="checkpoint_every must be an integer >= 1, got -1"):
+        TrainingRun(data=synthetic, tuner={**tuner, "checkpoint_every": -1}, **TUNED)
