@@ -8,6 +8,11 @@ result, and restarts a worker that dies (killed process, lost Ray worker) up to
 :func:`gradhpo.search.drivers.study_worker`); a restarted driver recovers the trial its dead
 predecessor left RUNNING and continues it from its last checkpoint.
 
+Besides ``run`` (a batch, results in order), ``submit(fn, args)`` starts one call and returns
+its :class:`Task`, and ``wait_any(tasks)`` returns those of ``tasks`` that have finished once
+one has (``serial``: runs the earliest submitted then): async PBT keeps one task per member in
+flight this way.
+
 Threads: two torch processes with default threads on 2 cores ran ~100x slower than one here,
 so every worker sets ``torch.set_num_threads(threads_per_worker)`` (default: cores / workers,
 at least 1) before it imports anything heavy.
@@ -21,6 +26,7 @@ from gradhpo.execution.executors import (
     ProcessExecutor,
     RayExecutor,
     SerialExecutor,
+    Task,
     WorkerFailed,
     make_executor,
 )
@@ -31,6 +37,7 @@ __all__ = [
     "ProcessExecutor",
     "RayExecutor",
     "SerialExecutor",
+    "Task",
     "WorkerFailed",
     "make_executor",
 ]

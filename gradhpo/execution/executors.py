@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import multiprocessing as mp
 import os
 import signal
@@ -10,8 +11,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, wait
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "SerialExecutor",
     "ProcessExecutor",
     "RayExecutor",
+    "Task",
     "WorkerFailed",
     "make_executor",
 ]
@@ -54,16 +56,83 @@ def _run_with_threads(threads: int, fn: Callable[..., Any], args: tuple[Any, ...
     return fn(*args)
 
 
+#: Submission numbers of tasks (all executors): ``wait_any`` returns finished tasks in this order.
+_SUBMITTED = itertools.count()
+
+
+class Task:
+    """A call ``fn(*args)`` handed to :meth:`Executor.submit`. :meth:`Executor.wait_any`
+    returns it once finished; then :meth:`result` gives its value or raises its exception (a
+    task's own, or :class:`WorkerFailed` when its worker died too often)."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.number = next(_SUBMITTED)
+        self.done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._handle: Any = None  # the executor's: a future, a Ray object reference
+        self._pool: Any = None  # processes: the pool the future belongs to
+
+    def _finish(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.done, self._value, self._error = True, value, error
+        self._handle = self._pool = None
+
+    def result(self) -> Any:
+        if not self.done:
+            raise RuntimeError("task not finished: wait for it with executor.wait_any")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class Executor:
-    """Runs workers ``fn(*args)``; ``run`` returns their results in order. After
-    :meth:`close` (idempotent; also on leaving a ``with`` block) ``run`` raises
-    ``RuntimeError``: a closed executor starts no workers that nobody would close."""
+    """Runs workers ``fn(*args)``; ``run`` returns their results in order. ``submit`` starts
+    one call and returns its :class:`Task` at once; ``wait_any(tasks)`` blocks until one of
+    them has finished and returns the finished ones, in the order they were submitted. After
+    :meth:`close` (idempotent; also on leaving a ``with`` block) ``run`` and ``submit`` raise
+    ``RuntimeError``: a closed executor starts no workers that nobody would close.
+
+    The base class runs a submitted task inside ``wait_any`` through :meth:`run`, the earliest
+    submitted first (``serial``, and any executor that only defines ``run``); ``processes``
+    and ``ray`` start it at once on a worker."""
 
     name = "base"
     closed = False
 
     def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
         raise NotImplementedError
+
+    def submit(self, fn: Callable[..., Any], args: Sequence[Any]) -> Task:
+        """Start ``fn(*args)``; its :class:`Task` comes back at once."""
+        self._refuse_if_closed()
+        task = Task(fn, tuple(args))
+        self._start(task)
+        return task
+
+    def wait_any(self, tasks: Collection[Task]) -> list[Task]:
+        """Block until at least one of ``tasks`` has finished; return every finished one,
+        in the order they were submitted. A task's exception is raised by its ``result()``."""
+        if not tasks:
+            raise ValueError("wait_any: tasks is empty; give at least one submitted task")
+        if not any(task.done for task in tasks):
+            self._refuse_if_closed()
+            self._wait([task for task in tasks if not task.done])
+        return sorted((task for task in tasks if task.done), key=lambda task: task.number)
+
+    def _start(self, task: Task) -> None:
+        """Start ``task`` (the base class: nothing, ``_wait`` runs it)."""
+
+    def _wait(self, pending: list[Task]) -> None:
+        """Finish at least one of ``pending`` (the base class: the earliest submitted, here)."""
+        task = min(pending, key=lambda t: t.number)
+        try:
+            (value,) = self.run(task.fn, [task.args])
+        except Exception as exc:  # noqa: BLE001 - the task's, raised by its result()
+            task._finish(error=exc)
+        else:
+            task._finish(value)
 
     def close(self) -> None:
         """Release resources (the Ray instance this executor started)."""
@@ -209,20 +278,57 @@ class ProcessExecutor(Executor):
                 except BrokenProcessPool:
                     broken = True
             todo = [i for i in todo if i not in results]
-            if broken:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
-                self.failures += 1
-                if self.failures > self.max_failures:
-                    raise WorkerFailed(
-                        f"a worker process died; {self.failures} failures > max_failures={self.max_failures}"
-                    )
+            if broken and not self._break():
+                raise WorkerFailed(
+                    f"a worker process died; {self.failures} failures > max_failures={self.max_failures}"
+                )
         return [results[i] for i in range(len(args_list))]
+
+    def _break(self) -> bool:
+        """The pool broke: drop it, count the failure; False once failures exceed the limit."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self.failures += 1
+        return self.failures <= self.max_failures
+
+    def _start(self, task: Task) -> None:
+        pool = self._get_pool()
+        task._handle, task._pool = pool.submit(task.fn, *task.args), pool
+
+    def _wait(self, pending: list[Task]) -> None:
+        """Tasks whose pool broke (here or in ``run``) are submitted again to a new pool, as
+        ``run`` does with its unfinished tasks; a break beyond ``max_failures`` finishes every
+        task it broke with :class:`WorkerFailed`."""
+        while True:
+            broken = []
+            for task in pending:
+                if not task._handle.done():
+                    continue
+                try:
+                    task._finish(task._handle.result())
+                except (BrokenProcessPool, CancelledError):
+                    broken.append(task)
+                except Exception as exc:  # noqa: BLE001 - the task's, raised by its result()
+                    task._finish(error=exc)
+            if broken and any(task._pool is self._pool for task in broken) and not self._break():
+                error = WorkerFailed(
+                    f"a worker process died; {self.failures} failures > "
+                    f"max_failures={self.max_failures}"
+                )
+                for task in broken:
+                    task._finish(error=error)
+            if any(task.done for task in pending):
+                return
+            for task in pending:
+                if task._pool is not self._pool:  # its pool broke and was dropped
+                    self._start(task)
+            wait([task._handle for task in pending], return_when=FIRST_COMPLETED)
 
     def close(self) -> None:
         super().close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        if self._pool is not None:  # unfinished submitted tasks are cancelled, not run
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
 
@@ -286,15 +392,38 @@ class RayExecutor(Executor):
         )
         self.threads = max(1, int(num_cpus_per_worker))
 
-    def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
-        # Closed: Ray would otherwise start a default instance (not loopback-only) on its own.
-        self._refuse_if_closed()
-        remote = self.ray.remote(
+    def _remote(self) -> Any:
+        return self.ray.remote(
             num_cpus=self.num_cpus_per_worker,
             num_gpus=self.num_gpus_per_worker,
             max_retries=self.max_failures,
             retry_exceptions=False,
         )(_run_with_threads)
+
+    def _start(self, task: Task) -> None:
+        # Not limited to ``workers`` in flight: Ray queues the tasks its resources cannot run.
+        task._handle = self._remote().remote(self.threads, task.fn, task.args)
+
+    def _wait(self, pending: list[Task]) -> None:
+        refs = {task._handle: task for task in pending}
+        done, _ = self.ray.wait(list(refs), num_returns=1)
+        for ref in done:
+            task = refs[ref]
+            try:
+                task._finish(self.ray.get(ref))
+            except self.ray.exceptions.WorkerCrashedError as exc:
+                failed = WorkerFailed(
+                    f"a worker died more than max_failures={self.max_failures} times"
+                )
+                failed.__cause__ = exc
+                task._finish(error=failed)
+            except Exception as exc:  # noqa: BLE001 - the task's, raised by its result()
+                task._finish(error=exc)
+
+    def run(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[Any]:
+        # Closed: Ray would otherwise start a default instance (not loopback-only) on its own.
+        self._refuse_if_closed()
+        remote = self._remote()
         results: list[Any] = [None] * len(args_list)
         queue = list(enumerate(args_list))
         in_flight: dict[Any, int] = {}

@@ -32,6 +32,15 @@ executor in a ``with`` block. From the executors' docstrings and these uses:
    raises ``RuntimeError`` naming the executor and saying it is closed (instead of starting
    workers that nobody closes). Leaving a ``with`` block closes it, also when the body
    raises (the body's exception reaches the caller).
+6. **Submit / wait for any** (async PBT keeps one task per member in flight). ``submit(fn,
+   args)`` returns a :class:`~gradhpo.execution.Task` at once; ``wait_any(tasks)`` blocks until
+   one of them has finished and returns every finished one, in submission order, each exactly
+   once if the caller drops what it got; ``task.result()`` is the value, or raises the task's
+   exception (a worker that died beyond ``max_failures``: :class:`WorkerFailed`), the others
+   unaffected; a worker that dies within ``max_failures`` costs no result. ``serial`` runs the
+   earliest submitted task inside ``wait_any`` (so tasks finish in submission order); the others
+   start tasks at once and run them side by side. ``wait_any([])`` raises ``ValueError``;
+   after ``close`` ``submit`` raises ``RuntimeError``. ``run`` and submitted tasks mix.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from typing import Any
 import pytest
 import torch
 
-from gradhpo.execution import Executor, ProcessExecutor, SerialExecutor, WorkerFailed
+from gradhpo.execution import Executor, ProcessExecutor, SerialExecutor, Task, WorkerFailed
 from gradhpo.testing.tasks import die, echo, torch_threads
 
 #: Seconds a ``run`` call may take before the test calls it a hang (worker start-up included).
@@ -88,6 +97,33 @@ def call(executor: Executor, fn: Callable[..., Any], args_list: list[tuple]) -> 
     if "error" in out:
         raise out["error"]
     return out["results"]
+
+
+def collect(executor: Executor, tasks: list[Task]) -> list[Task]:
+    """``wait_any`` until every task has finished: the tasks in the order they came back,
+    failing the test if that takes more than :data:`LIMIT` seconds."""
+    out: dict[str, Any] = {"order": []}
+
+    def target() -> None:
+        try:
+            pending = list(tasks)
+            while pending:
+                finished = executor.wait_any(pending)
+                assert finished and all(task.done for task in finished)
+                assert [t.number for t in finished] == sorted(t.number for t in finished)
+                out["order"] += finished
+                pending = [task for task in pending if task not in finished]
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(LIMIT)
+    if thread.is_alive():
+        pytest.fail(f"{executor.name}: wait_any did not return within {LIMIT:.0f} s")
+    if "error" in out:
+        raise out["error"]
+    return out["order"]
 
 
 def attempts(log: Path) -> int:
@@ -361,3 +397,82 @@ def test_the_context_manager_closes_the_executor(kind: Kind, new: Callable[..., 
     with pytest.raises(RuntimeError, match="closed"):
         call(failing, echo, [(0,)])
     assert kind.released([], own=False)  # Ray: the instance it connected to still runs
+
+
+# 6. Submit / wait for any --------------------------------------------------------------------
+
+
+def test_submitted_tasks_come_back_each_once_with_their_results(
+    kind: Kind, new: Callable[..., Executor]
+) -> None:
+    executor = new(workers=2)
+    n = 4
+    # The first task is the slowest: remote executors finish others before it.
+    tasks = [executor.submit(echo, (i, 2.5 if i == 0 else 0.0)) for i in range(n)]
+    assert all(isinstance(task, Task) for task in tasks)
+    with pytest.raises(RuntimeError, match="not finished"):
+        tasks[0].result()  # serial: nothing ran yet; remote: still sleeping
+    order = collect(executor, tasks)
+    assert sorted(task.number for task in order) == sorted(task.number for task in tasks)
+    assert [task.result()[0] for task in tasks] == list(range(n))
+    if kind.remote:
+        assert order[0] is not tasks[0]  # others finished beside it, before it
+        assert os.getpid() not in {task.result()[1] for task in tasks}
+    else:
+        assert order == tasks  # one at a time, in submission order
+        assert {task.result()[1] for task in tasks} == {os.getpid()}
+    assert executor.wait_any(tasks[:2]) == tasks[:2]  # finished ones, at once
+    with pytest.raises(ValueError, match="tasks is empty"):
+        executor.wait_any([])
+    # run and submitted tasks mix: a batch runs while a task is in flight.
+    late = executor.submit(echo, ("late",))
+    assert [value for value, _ in call(executor, echo, [(0,), (1,)])] == [0, 1]
+    assert collect(executor, [late])[0].result()[0] == "late"
+
+
+def test_a_submitted_task_exception_is_its_own_result(
+    kind: Kind, new: Callable[..., Executor], tmp_path: Path
+) -> None:
+    executor = new(workers=1, max_failures=1)
+    log = tmp_path / "failing"
+    tasks = [
+        executor.submit(echo, (0,)),
+        executor.submit(echo, (1, 0.0, "task 1 failed: bad input 1", str(log))),
+        executor.submit(echo, (2,)),
+    ]
+    collect(executor, tasks)
+    with pytest.raises(ValueError, match="task 1 failed: bad input 1") as info:
+        tasks[1].result()
+    assert not isinstance(info.value, WorkerFailed)
+    assert attempts(log) == 1  # not retried
+    assert [tasks[0].result()[0], tasks[2].result()[0]] == [0, 2]
+
+
+def test_a_dying_worker_costs_a_submitted_task_nothing_within_max_failures(
+    kind: Kind, new: Callable[..., Executor], tmp_path: Path
+) -> None:
+    _needs_workers(kind)
+    executor = new(workers=1, max_failures=2)
+    logs = [tmp_path / f"task{i}" for i in range(3)]
+    tasks = [
+        executor.submit(die, (f"value {i}", str(logs[i]), 2 if i == 1 else 0)) for i in range(3)
+    ]
+    collect(executor, tasks)
+    assert [task.result() for task in tasks] == ["value 0", "value 1", "value 2"]
+    assert attempts(logs[1]) == 3
+
+    failing = new(workers=1, max_failures=0)
+    task = failing.submit(die, ("value", str(tmp_path / "once"), 1))
+    collect(failing, [task])
+    with pytest.raises(WorkerFailed, match="max_failures=0"):
+        task.result()
+    assert attempts(tmp_path / "once") == 1  # not retried
+    again = failing.submit(echo, ("after",))
+    assert collect(failing, [again])[0].result()[0] == "after"
+
+
+def test_a_closed_executor_refuses_submissions(new: Callable[..., Executor]) -> None:
+    executor = new(own=True, workers=1)
+    executor.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        executor.submit(echo, (0,))
