@@ -20,7 +20,9 @@ A PBT config is a train config plus a ``pbt`` section::
       seed: 0
       batched: false             # true: one vmapped step for all members (BatchedPopulation;
                                  # sync mode, optimizer.* values only, no tuner)
-      executor: null             # members' intervals as tasks: {name: processes | ray, ...}
+      executor: null             # members' intervals as tasks: {name: processes | ray, ...};
+                                 # sync: a round of tasks at a time; async: a task per member
+                                 # in flight, each decided and resubmitted as it finishes
       checkpoints: files         # with an executor: tasks read/write checkpoint files in the
                                  # run directory (shared by all workers); or executor: they
                                  # get and return them as bytes, only this process writes
@@ -116,15 +118,10 @@ def validate_pbt_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchS
         config["training"]["seed"] if p["seed"] is None else check_int("pbt.seed", p["seed"], 0)
     )
     p["executor"] = check_executor("pbt.executor", p["executor"])
-    if p["executor"] is not None and p["executor"]["name"] != "serial":
-        if p["mode"] != "sync":
-            raise ConfigError(
-                f"pbt.executor: members on an executor need mode 'sync', got {p['mode']!r}"
-            )
-        if p["batched"]:
-            raise ConfigError(
-                "pbt.executor: a batched population trains in this process; drop one of them"
-            )
+    if p["executor"] is not None and p["executor"]["name"] != "serial" and p["batched"]:
+        raise ConfigError(
+            "pbt.executor: a batched population trains in this process; drop one of them"
+        )
     if not isinstance(p["batched"], bool):
         raise ConfigError(f"pbt.batched: expected true or false, got {p['batched']!r}")
     if p["batched"]:

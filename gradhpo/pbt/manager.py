@@ -13,7 +13,9 @@ Modes:
 * ``async``: members are served one at a time, always the one furthest behind (lowest step,
   then lowest index); right after its own evaluation a member decides against the latest
   score of every other member, without waiting for a round to end (one transaction per member
-  step). With one process this reproduces the decisions asynchronous workers make.
+  step). With one process this reproduces the decisions asynchronous workers make. On an
+  executor each member's interval is a task, one per member in flight; each is decided,
+  committed and resubmitted as it finishes (a serial executor gives the in-process run).
 
 Members are anything with the :class:`Member` interface; :class:`RunMember` adapts a
 :class:`~gradhpo.run.TrainingRun`. With a run that has a hypergradient ``tuner`` the member
@@ -634,11 +636,12 @@ class PopulationBasedTraining:
         """Train until every member reached ``total_steps``; returns the best member.
 
         With an ``executor`` (:mod:`gradhpo.execution`) each member's interval runs as a task
-        on it (sync mode): the task builds the member with ``factory`` (which must then be
-        picklable), restores its checkpoint, trains, scores and writes a new checkpoint file
-        (``checkpoints="files"``) or returns its new state as bytes, which this process writes
-        (``"executor"``: the tasks never touch ``directory``); the driver keeps the database.
-        Same decisions and results as in-process training."""
+        on it (sync: a round of tasks at a time; async: see :meth:`_run_remote_async`): the
+        task builds the member with ``factory`` (which must then be picklable), restores its
+        checkpoint, trains, scores and writes a new checkpoint file (``checkpoints="files"``)
+        or returns its new state as bytes, which this process writes (``"executor"``: the
+        tasks never touch ``directory``); the driver keeps the database. Same decisions and
+        results as in-process training (async: where the tasks finish in submission order)."""
         if executor is not None:
             return self._run_remote(executor, progress)
         if not self.members:
@@ -681,11 +684,11 @@ class PopulationBasedTraining:
         return self.best()
 
     def _run_remote(self, executor: Any, progress: Any) -> dict[str, Any]:
-        if self.mode != "sync":
-            raise ValueError("mode: members on an executor run in sync mode; got 'async'")
         if not self.values:
             self.start(build=False)
         self._remote_hypers: dict[int, dict[str, float]] = {}
+        if self.mode == "async":
+            return self._run_remote_async(executor, progress)
         as_bytes = self.checkpoint_transport == "executor"
         path = self.db.checkpoint_path
         while min(self.steps) < self.total_steps:
@@ -736,33 +739,116 @@ class PopulationBasedTraining:
                     self.on_evaluate(i, self.steps[i], scores[i], _Hypers(hypers), self.values[i])
             final = min(self.steps) >= self.total_steps
             copies = {} if final else self._decide([scores[i] for i in range(self.population)])
-            self._commit_remote(scores, copies, outs, executor, states)
+            self._commit_remote(
+                scores,
+                copies,
+                dict(enumerate(outs)),
+                executor,
+                None if states is None else dict(enumerate(states)),
+            )
             if progress is not None:
                 progress.update(n)
+        return self.best()
+
+    def _submit_interval(self, executor: Any, i: int) -> tuple[Any, int, Any]:
+        """Submit member ``i``'s next interval from its committed checkpoint (async mode);
+        returns ``(task, steps, the file its trained state goes to)``."""
+        n = min(self.interval, self.total_steps - self.steps[i])
+        out = self.db.new_checkpoint_path(i, self.steps[i] + n)
+        ck = self.checkpoints[i]
+        if self.checkpoint_transport == "executor":
+            state = None if ck is None else self.db.checkpoint_bytes(ck)
+            task = executor.submit(
+                member_state_task, (self.factory, i, self.values[i], state, None, n)
+            )
+        else:
+            start = None if ck is None else str(self.db.checkpoint_path(ck))
+            task = executor.submit(
+                member_task, (self.factory, i, self.values[i], start, None, n, str(out))
+            )
+        return task, n, out
+
+    def _run_remote_async(self, executor: Any, progress: Any) -> dict[str, Any]:
+        """Async mode on an executor: one task per unfinished member in flight. Whenever
+        tasks finish (``executor.wait_any``), each, in submission order, is scored, decides
+        exploit/explore for its member alone against the latest committed scores of the
+        others (as in-process async mode does), is committed (one transaction, an exploit's
+        copy made by a step-free task first) and its member's next interval is submitted at
+        once. Tasks are first submitted furthest behind first (lowest step, then index), so a
+        serial executor, which runs them in submission order, serves the members in the
+        in-process order: the same run."""
+        as_bytes = self.checkpoint_transport == "executor"
+        in_flight: dict[Any, tuple[int, int, Any]] = {}
+        for i in sorted(range(self.population), key=lambda k: (self.steps[k], k)):
+            if self.steps[i] < self.total_steps:
+                task, n, out = self._submit_interval(executor, i)
+                in_flight[task] = (i, n, out)
+        while in_flight:
+            for task in executor.wait_any(list(in_flight)):
+                i, n, out = in_flight.pop(task)
+                score, hypers, *state = task.result()
+                if as_bytes:  # what a files task writes before it returns
+                    self.db.write_checkpoint_bytes(out, state[0])
+                self.steps[i] += n
+                score = float(score)
+                self._remote_hypers[i] = hypers
+                if self.on_evaluate is not None:
+                    self.on_evaluate(i, self.steps[i], score, _Hypers(hypers), self.values[i])
+                known = [score if k == i else self.latest[k] for k in range(self.population)]
+                ready = all(s is not None for s in known) and self.steps[i] < self.total_steps
+                copies = (
+                    self._decide([math.nan if s is None else s for s in known], only=i)
+                    if ready
+                    else {}
+                )
+                self._commit_remote(
+                    {i: score}, copies, {i: out}, executor, {i: state[0]} if as_bytes else None
+                )
+                if progress is not None and i == self.population - 1:
+                    progress.update(n)
+                if self.steps[i] < self.total_steps:
+                    task, n, out = self._submit_interval(executor, i)
+                    in_flight[task] = (i, n, out)
         return self.best()
 
     def _commit_remote(
         self,
         scores: Mapping[int, float],
         copies: Mapping[int, int],
-        outs: Sequence[Any],
+        outs: Mapping[int, Any],
         executor: Any,
-        states: Sequence[bytes] | None = None,
+        states: Mapping[int, bytes] | None = None,
     ) -> None:
-        """The remote twin of :meth:`_commit`: every member's trained state is in its file
-        ``outs[i]`` (written by the task, or from ``states``, the bytes the tasks returned, by
-        this process); step-free tasks give each copier its own checkpoint (the source's
-        weights, its own stream, the explored values); then one transaction records it all."""
+        """The remote twin of :meth:`_commit`: every trained member ``i`` (a key of
+        ``scores``) has its trained state in its file ``outs[i]`` (written by the task, or from
+        ``states``, the bytes the tasks returned, by this process); step-free tasks give each
+        copier its own checkpoint (the source's weights - its file from this step, or in async
+        mode its committed checkpoint -, its own stream, the explored values); then one
+        transaction records it all."""
+        copies = {
+            loser: winner
+            for loser, winner in copies.items()
+            if winner in outs or self.checkpoints[winner] is not None
+        }
         new_values = {loser: self._new_values(winner) for loser, winner in sorted(copies.items())}
         mine = {loser: self.db.new_checkpoint_path(loser, self.steps[loser]) for loser in copies}
         order = sorted(copies.items())
+
+        def source(w: int) -> str | bytes:
+            if w in outs:
+                return str(outs[w]) if states is None else states[w]
+            ck = self._checkpoint_of(w)
+            return (
+                str(self.db.checkpoint_path(ck)) if states is None else self.db.checkpoint_bytes(ck)
+            )
+
         if states is None:
             tasks: list[tuple[Any, ...]] = [
                 (
                     self.factory,
                     loser,
                     new_values[loser],
-                    str(outs[winner]),
+                    source(winner),
                     str(outs[loser]),
                     0,
                     str(mine[loser]),
@@ -778,7 +864,7 @@ class PopulationBasedTraining:
                     self.factory,
                     loser,
                     new_values[loser],
-                    states[winner],
+                    source(winner),
                     states[loser],
                     0,
                     self.values[loser],
@@ -788,8 +874,7 @@ class PopulationBasedTraining:
             copied = executor.run(member_state_task, tasks) if tasks else []
             for (loser, _), (_, _, state) in zip(order, copied, strict=True):
                 self.db.write_checkpoint_bytes(mine[loser], state)
-        everyone = list(range(self.population))
-        self._record_step(everyone, scores, dict(enumerate(outs)), copies, mine, new_values)
+        self._record_step(sorted(scores), scores, outs, copies, mine, new_values)
 
     def best(self) -> dict[str, Any]:
         """The best member by its latest score (ties: lower index)."""

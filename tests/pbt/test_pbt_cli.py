@@ -160,6 +160,14 @@ def test_batched_pbt_config_limits(tmp_path: Path, capsys, monkeypatch) -> None:
     config["tuner"] = None
     assert pbt(tmp_path, config) == 2
     assert "a batched population can only explore optimizer.* values" in capsys.readouterr().err
+    # Async members on an executor are built; a batched population on one is not.
+    config["pbt"]["executor"] = {"name": "processes", "workers": 2}
+    assert pbt(tmp_path, config) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "gradhpo: error: pbt.executor: a batched population trains in this process; "
+        "drop one of them"
+    ), err
 
 
 def test_pbt_hybrid_with_a_learned_lr_schedule(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -21,7 +21,11 @@ from gradhpo.testing.quartic import QuarticFactory
 
 
 def _pbt(
-    directory: Path, exploit: str = "truncation", checkpoints: str = "files", factory: Any = None
+    directory: Path,
+    exploit: str = "truncation",
+    checkpoints: str = "files",
+    factory: Any = None,
+    mode: str = "sync",
 ) -> PopulationBasedTraining:
     return PopulationBasedTraining(
         factory or QuarticFactory(seed=100),
@@ -36,6 +40,7 @@ def _pbt(
         resample_probability=0.0,
         initial_values=initial_lrs(5),
         checkpoints=checkpoints,
+        mode=mode,
     )
 
 
@@ -82,6 +87,41 @@ def test_executor_checkpoints_keep_every_task_out_of_the_run_directory(
     assert best == expected
     assert trace(remote) == trace(local)
     check_references(remote.db)
+
+
+@pytest.mark.parametrize(
+    "exploit", ["truncation", pytest.param("tournament", marks=pytest.mark.slow)]
+)
+def test_async_members_on_executors_match_in_process_async(tmp_path: Path, exploit: str) -> None:
+    """Async mode with a task per member in flight: on the serial executor (tasks run in
+    submission order) and on one worker process (a pool of one runs them in that order too)
+    the run is the in-process async run, score for score, exploit for exploit, with either
+    checkpoint transport. On two workers the order of finishing is the workers': every
+    member still trains every interval once, each score recorded once."""
+    local = _pbt(tmp_path / "local", exploit, mode="async")
+    expected = local.run()
+    scores, lineage = trace(local)
+    assert len(scores) == 5 * 12 and lineage
+    for checkpoints in ("files", "executor"):
+        for name, executor in (
+            ("serial", SerialExecutor()),
+            ("one", ProcessExecutor(1, threads_per_worker=1)),
+        ):
+            with executor:
+                remote = _pbt(
+                    tmp_path / f"{name}-{checkpoints}", exploit, checkpoints, mode="async"
+                )
+                best = remote.run(executor=executor)
+            assert trace(remote) == (scores, lineage), (name, checkpoints)
+            assert best == expected, (name, checkpoints)
+            check_references(remote.db)
+        with ProcessExecutor(2, threads_per_worker=1) as procs:
+            remote = _pbt(tmp_path / f"two-{checkpoints}", exploit, checkpoints, mode="async")
+            remote.run(executor=procs)
+        got = sorted((step, member) for step, member, *_ in trace(remote)[0])
+        assert got == sorted((step, member) for step, member, *_ in scores)
+        assert [m["step"] for m in remote.db.members()] == [120] * 5
+        check_references(remote.db)
 
 
 def test_sweep_repairs_a_pin_left_by_a_killed_step(tmp_path: Path) -> None:
