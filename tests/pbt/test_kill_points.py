@@ -5,7 +5,9 @@ best member is recorded - then resumed: the result is the uninterrupted run's, p
 hybrid (a `tuner` in every member) alike (issue 16). A population on two processes whose
 checkpoints move through the executor (`pbt.checkpoints: executor`: the driver writes what
 the tasks return) killed between a task's return and the driver's write of its state, and at
-the step's commit, resumes to the uninterrupted in-process run (issue 17).
+the step's commit, resumes to the uninterrupted in-process run (issue 17). So does an async
+population on one worker process, killed with a task per member in flight; on two workers
+(checkpoints through the executor or in the run directory) every interval is scored once.
 
 The points are those of tests/kill_points.py: each kill lands exactly there, every run."""
 
@@ -164,4 +166,80 @@ def test_executor_checkpoints_killed_at_named_points_resume_to_the_in_process_re
     code, err = _run_session(_cli("resume", str(run_dir)), tmp_path)
     assert code == 0, err
     assert run_result(run_dir) == reference
+    _left_consistent(runs, run_dir)
+
+
+# Async members on processes, checkpoints through the executor: one task per member in
+# flight, one transaction per member step (the driver writes a task's returned state, then,
+# on an exploit, the copier's state from a step-free task, then COMMITs).
+ASYNC_EXECUTOR_KILLS = [
+    ("pbt", "replace:*/checkpoints/member*@1"),  # the first task returned, the others queued
+    ("resume", "replaced:*/checkpoints/member*@3"),  # two member steps committed, a third written
+    ("resume", "commit@3"),  # one member step committed (1: the repair), the next one's COMMIT
+    ("resume", "committed@2"),  # a member step committed, its released file not yet deleted
+    ("resume", "sql:INSERT INTO lineage@1"),  # inside the first exploit's transaction
+    ("resume", "replace:*/checkpoints/member*@2"),  # that exploit again: the copier's state
+    ("resume", "sql:'best'"),  # every step committed: the resume runs no task at all
+]
+# Under `checkpoints: files` the workers write the states: the driver's kills are its COMMITs.
+ASYNC_FILES_KILLS = [
+    ("pbt", "commit@4"),  # three member steps committed (1: the members' creation)
+    ("resume", "committed@3"),  # a member step committed, its released file not yet deleted
+    ("resume", "commit@6"),  # four more member steps committed, the next one's COMMIT
+]
+
+
+def _scored_once(run_dir: Path) -> None:
+    """Every member trained every interval once: 16 scores, one per (step, member), every
+    member at the last step."""
+    db = PBTDatabase(run_dir)
+    try:
+        keys = [(s["step"], s["member"]) for s in db.scores()]
+        assert sorted(keys) == [(step, m) for step in (5, 10, 15, 20) for m in range(4)], keys
+        assert [m["step"] for m in db.members()] == [20] * 4
+    finally:
+        db.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("workers", "checkpoints", "kills"),
+    [
+        (1, "executor", ASYNC_EXECUTOR_KILLS),
+        (2, "executor", ASYNC_EXECUTOR_KILLS[:4]),
+        (2, "files", ASYNC_FILES_KILLS),
+    ],
+    ids=["one-executor", "two-executor", "two-files"],
+)
+def test_async_executor_killed_at_named_points_loses_and_repeats_nothing(
+    tmp_path: Path, workers: int, checkpoints: str, kills: list[tuple[str, str]]
+) -> None:
+    """Async PBT on processes killed at named points, tasks in flight, then resumed: nothing
+    committed is lost or trained again, nothing uncommitted counts, with the states through
+    the executor or in the shared run directory. A pool of one runs the tasks in the order
+    they were submitted, the in-process async order: the result is the in-process async
+    run's. On two workers the order is the workers' (the run differs), the counts exact."""
+    path = tmp_path / "pbt.yaml"
+    config = copy.deepcopy(ASYNC)
+    if workers == 1:
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        done = _run(_cli("pbt", str(path), "--out", str(tmp_path / "ref")), tmp_path)
+        assert done.returncode == 0, done.stderr.decode()
+        reference = run_result(tmp_path / "ref" / "apop")
+        assert len(reference["lineage"]) == 2
+    config["pbt"]["executor"] = {"name": "processes", "workers": workers, "threads_per_worker": 1}
+    config["pbt"]["checkpoints"] = checkpoints
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    runs = tmp_path / "runs"
+    run_dir = runs / "apop"
+    for what, point in kills:
+        args = ["pbt", str(path), "--out", str(runs)] if what == "pbt" else ["resume", str(run_dir)]
+        code, err = _run_session(command(point, *args, "--no-progress"), tmp_path)
+        assert code == -signal.SIGKILL, (point, code, err)
+
+    code, err = _run_session(_cli("resume", str(run_dir)), tmp_path)
+    assert code == 0, err
+    _scored_once(run_dir)
+    if workers == 1:
+        assert run_result(run_dir) == reference
     _left_consistent(runs, run_dir)
