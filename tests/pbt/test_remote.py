@@ -148,6 +148,15 @@ def test_ray_members_match_in_process_training(tmp_path: Path, monkeypatch) -> N
             remote = _pbt(tmp_path / f"ray-{checkpoints}", "tournament", checkpoints)
             remote.run(executor=executor)
             assert trace(remote) == trace(local), checkpoints
+            # Async: a Ray task per member in flight, finishing in the workers' order.
+            expected = [(step, m) for step in range(10, 121, 10) for m in range(5)]
+            remote = _pbt(
+                tmp_path / f"ray-async-{checkpoints}", checkpoints=checkpoints, mode="async"
+            )
+            remote.run(executor=executor)
+            assert sorted((s, m) for s, m, *_ in trace(remote)[0]) == expected
+            assert [m["step"] for m in remote.db.members()] == [120] * 5
+            check_references(remote.db)
     finally:
         executor.close()
 
