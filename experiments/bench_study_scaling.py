@@ -190,12 +190,25 @@ def _f(value: float | None, fmt: str) -> str:
 
 
 def markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
-    lines = [
-        f"| executor | workers | repeats | run_study s | trials span s | finished (pruned) "
-        f"| trials/min | speed-up vs 1 | epochs trained | epochs/min | epochs/min vs 1 "
-        f"| mean trial s | s per epoch in a worker | best {metric} (each repeat) | test acc. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    header = [
+        "executor",
+        "workers",
+        "repeats",
+        "run_study s",
+        "trials span s",
+        "finished (pruned)",
+        "trials/min",
+        "speed-up vs 1",
+        "epochs trained",
+        "epochs/min",
+        "epochs/min vs 1",
+        "mean trial s",
+        "s per epoch in a worker",
+        f"best {metric} (each repeat)",
+        "test acc.",
     ]
+    # One separator cell per header cell (a short separator row breaks the table).
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         values = ", ".join(_f(v, ".4f") for v in r["best_values"])
         counts = ", ".join(f"{n} ({p})" for n, p in r["finished_pruned"])
