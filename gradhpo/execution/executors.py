@@ -370,6 +370,7 @@ class RayExecutor(Executor):
         self.num_cpus_per_worker = num_cpus_per_worker
         self.num_gpus_per_worker = num_gpus_per_worker
         self._started = False
+        self._submitted: Any = None  # the remote function of submitted tasks, made once
         if not ray.is_initialized():
             if address is None:
                 self._temp_dir = temp_dir or tempfile.mkdtemp(prefix="gradhpo-ray-")
@@ -402,7 +403,9 @@ class RayExecutor(Executor):
 
     def _start(self, task: Task) -> None:
         # Not limited to ``workers`` in flight: Ray queues the tasks its resources cannot run.
-        task._handle = self._remote().remote(self.threads, task.fn, task.args)
+        if self._submitted is None:
+            self._submitted = self._remote()
+        task._handle = self._submitted.remote(self.threads, task.fn, task.args)
 
     def _wait(self, pending: list[Task]) -> None:
         refs = {task._handle: task for task in pending}
