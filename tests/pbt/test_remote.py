@@ -124,6 +124,26 @@ def test_async_members_on_executors_match_in_process_async(tmp_path: Path, explo
         check_references(remote.db)
 
 
+def test_async_executor_checkpoints_keep_every_task_out_of_the_run_directory(
+    tmp_path: Path,
+) -> None:
+    """Async mode, ``checkpoints="executor"``: submitted tasks (run one by one through the
+    audited executor's ``run``, the base class's ``wait_any``) get no path into the run
+    directory and touch nothing there, and the run is the in-process async one."""
+    local = _pbt(tmp_path / "local", "tournament", mode="async")
+    expected = local.run()
+    run_dir = tmp_path / "run"
+    factory = GuardedFactory(QuarticFactory(seed=100), run_dir)
+    with ArgumentAudit(ProcessExecutor(2, threads_per_worker=1), run_dir) as executor:
+        remote = _pbt(run_dir, "tournament", "executor", factory, mode="async")
+        best = remote.run(executor=executor)
+    assert executor.paths == []
+    assert executor.tasks == 5 * 12 + len(remote.db.lineage()) > 5 * 12
+    assert best == expected
+    assert trace(remote) == trace(local)
+    check_references(remote.db)
+
+
 def test_sweep_repairs_a_pin_left_by_a_killed_step(tmp_path: Path) -> None:
     pbt = _pbt(tmp_path / "p")
     pbt.run(executor=SerialExecutor())
