@@ -81,7 +81,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import optuna
@@ -93,7 +93,7 @@ from tqdm.auto import tqdm
 
 from gradhpo.config import ConfigError
 from gradhpo.files import write_json
-from gradhpo.run.loop import METRICS
+from gradhpo.run.loop import METRICS, Direction
 from gradhpo.search.journal_lock import OwnedFileLock
 from gradhpo.search.retry import RetryingStorage
 from gradhpo.search.samplers import (
@@ -102,7 +102,6 @@ from gradhpo.search.samplers import (
     reseed_sampler,
     restore_sampler_rng_states,
     sampler_rng_states,
-    save_sampler_state,
 )
 
 try:
@@ -646,9 +645,18 @@ class Study:
         #: before any draw, None when unknown (reseeded, or restored from an untagged state).
         self._state_after: int | None = None
         self._lock = threading.Lock()
+        #: (k, c): the first k trials of the study (numbers 0..k-1) are finished and c of them
+        #: count. A finished trial never changes whether it counts (only RUNNING trials are
+        #: retired; the surplus, duplicate and retried marks are written before the FAIL), so
+        #: counting a listing starts at trial k instead of walking every trial again.
+        self._settled: tuple[int, int] = (0, 0)
         _LIVE_TOKENS[self.token] = self
         _BY_OPTUNA[id(optuna_study)] = self
-        self._driver = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
+        self._driver: dict[str, Any] = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": self.token,
+        }
 
     def __repr__(self) -> str:
         return (
@@ -762,7 +770,7 @@ class Study:
             return None
         sign = 1.0 if self.direction == "maximize" else -1.0
         # Fixed tie-break: the earlier trial wins.
-        return max(complete, key=lambda t: (sign * t.value, -t.number))
+        return max(complete, key=lambda t: (sign * cast(float, t.value), -t.number))
 
     def _best_or_raise(self, what: str) -> FrozenTrial:
         self._require_single(what)
@@ -823,26 +831,36 @@ class Study:
                 restore_sampler_rng_states(self.sampler, snapshot)
             self.heartbeat(trial)
             return trial
-        trial = self._new_trial()
-        self._unsaved.add(trial._trial_id)
-        if self._others_running(trial._trial_id):
-            # Drivers that restored the same saved state would draw the same points: while
-            # others run, each fresh trial draws from a seed of its own (study seed, number).
-            number = self.optuna._storage.get_trial_number_from_id(trial._trial_id)
-            with self._lock:
-                reseed_sampler(self.sampler, derived_seed(self.seed, number))
-                self._state_after = None
+        trial, _ = self._ask_fresh(full=False)
         return trial
 
-    def _others_running(self, trial_id: int) -> bool:
-        """Whether a trial other than ``trial_id`` is RUNNING under another driver."""
-        for t in self.optuna._storage.get_all_trials(
-            self.optuna._study_id, deepcopy=False, states=(TrialState.RUNNING,)
-        ):
+    def _ask_fresh(self, *, full: bool) -> tuple[optuna.trial.Trial, list[FrozenTrial]]:
+        """A fresh trial, and the study's trials listed after it was created: all of them
+        (``full``: :meth:`optimize`'s loop checks the trial as surplus with the same listing)
+        or the running ones. Listing after the creation is what makes two drivers that start
+        at once not both miss each other: the later one to create its trial sees the earlier
+        one's, and reseeds."""
+        trial = self._new_trial()
+        self._unsaved.add(trial._trial_id)
+        listing = self.optuna._storage.get_all_trials(
+            self.optuna._study_id, deepcopy=False, states=None if full else (TrialState.RUNNING,)
+        )
+        if self._others_running(listing, trial._trial_id):
+            # Drivers that restored the same saved state would draw the same points: while
+            # others run, each fresh trial draws from a seed of its own (study seed, number).
+            with self._lock:
+                reseed_sampler(self.sampler, derived_seed(self.seed, trial.number))
+                self._state_after = None
+        return trial, listing
+
+    def _others_running(self, trials: Sequence[FrozenTrial], trial_id: int) -> bool:
+        """Whether a trial of ``trials`` other than ``trial_id`` is RUNNING under another
+        driver."""
+        for t in trials:
+            if t.state != TrialState.RUNNING or t._trial_id == trial_id:
+                continue
             driver = t.system_attrs.get(_DRIVER)
-            if t._trial_id != trial_id and (
-                not isinstance(driver, Mapping) or driver.get("token") != self.token
-            ):
+            if not isinstance(driver, Mapping) or driver.get("token") != self.token:
                 return True
         return False
 
@@ -914,8 +932,43 @@ class Study:
         the ask itself would be too early: most samplers draw inside ``suggest_*``."""
         if trial._trial_id in self._unsaved:
             self._unsaved.discard(trial._trial_id)
-            save_sampler_state(self.sampler, self.sampler_state_path, trial=trial.number)
+            self._write_sampler_state(trial.number)
             self._state_after = trial.number
+
+    def _write_sampler_state(self, number: int) -> None:
+        """Write what :func:`~gradhpo.search.samplers.save_sampler_state` writes (the same
+        bytes: sampler, RNG states, ``"trial": number``) in the same way: a temporary file
+        beside ``sampler_state.json``, renamed over it, without fsync. A killed driver leaves
+        the previous state or this one, never part of one. Per trial this skips what the
+        general helper pays each call: mkstemp's random name (the temporary name here is
+        fixed per driver thread: one writer each), a text wrapper and a ``mkdir``."""
+        payload = {
+            "sampler": type(self.sampler).__name__,
+            "rng": sampler_rng_states(self.sampler, compact=True),
+            "trial": int(number),
+        }
+        data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        path = self.sampler_state_path
+        tmp = path.with_name(
+            f".{path.name}.{self.token[:12]}-{os.getpid()}-{threading.get_ident()}.tmp"
+        )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:  # the study's folder was removed meanwhile: as mkstemp's
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o600)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def tell(
         self,
@@ -1191,15 +1244,9 @@ class Study:
         duplicates = 0
         while not self.optuna._stop_flag:
             trials = self.optuna.get_trials(deepcopy=False)
-            done = running = 0
-            waiting = False
-            for t in trials:
-                if t.state == TrialState.RUNNING:
-                    running += 1
-                elif t.state == TrialState.WAITING:
-                    waiting = True
-                elif not is_retried(t):
-                    done += 1
+            done, unfinished = self._tally(trials)
+            running = sum(1 for t in unfinished if t.state == TrialState.RUNNING)
+            waiting = any(t.state == TrialState.WAITING for t in unfinished)
             if progress is not None:
                 progress.n = done
                 progress.refresh()
@@ -1212,9 +1259,23 @@ class Study:
                 time.sleep(0.5)
                 self.recover_stale_trials()
                 continue
-            trial = self.ask(waiting=waiting)
-            if n_trials is not None and not waiting and self._surplus(trial, n_trials):
-                continue
+            if waiting:
+                trial = self.ask(waiting=True)
+            else:
+                # One listing after the ask serves the reseed check and, for a trial numbered
+                # n_trials or more (only those can be surplus: see _surplus), the surplus
+                # check. The new trial's number is at least len(trials): all trials are listed
+                # then; the running ones otherwise (and all of them too in the rare case that
+                # other drivers' trials pushed this one's number to n_trials meanwhile).
+                full = n_trials is not None and len(trials) >= n_trials
+                trial, listing = self._ask_fresh(full=full)
+                if n_trials is not None and trial.number >= n_trials:
+                    if not full:
+                        listing = self.optuna._storage.get_all_trials(
+                            self.optuna._study_id, deepcopy=False
+                        )
+                    if self._surplus(trial, n_trials, listing):
+                        continue
             if not self._run_one(objective, trial, catch):
                 duplicates += 1
                 if duplicates >= MAX_DUPLICATES:
@@ -1240,14 +1301,52 @@ class Study:
             progress.n = len(self.finished_trials())
             progress.refresh()
 
-    def _surplus(self, trial: optuna.trial.Trial, n_trials: int) -> bool:
+    def _tally(self, trials: Sequence[FrozenTrial]) -> tuple[int, list[FrozenTrial]]:
+        """The number of finished trials of ``trials`` (a listing of all the study's trials,
+        in number order as every Optuna storage gives them) that count, and the trials that
+        are not finished. Starts after the settled trials of the last listing (see
+        ``_settled``), so a long study is not walked whole at every trial."""
+        settled, settled_done = self._settled
+        if settled > len(trials) or (settled and trials[settled - 1].number != settled - 1):
+            settled, settled_done = 0, 0  # not the listing the tally was made from: afresh
+        done = settled_done
+        unfinished: list[FrozenTrial] = []
+        for index in range(settled, len(trials)):
+            t = trials[index]
+            if t.state in FINISHED_STATES:
+                counts = int(not is_retried(t))
+                done += counts
+                if settled == index and t.number == index:
+                    settled, settled_done = index + 1, settled_done + counts
+            else:
+                unfinished.append(t)
+        self._settled = (settled, settled_done)  # one assignment: threads see a whole pair
+        return done, unfinished
+
+    def _surplus(
+        self, trial: optuna.trial.Trial, n_trials: int, trials: Sequence[FrozenTrial]
+    ) -> bool:
         """Several drivers can pass the "fewer than n" check at once. After the ask every
         trial is visible, so decide by trial number: a fresh trial runs only if the finished
         trials plus the running trials numbered below it leave room. Otherwise it is closed as
-        FAIL + ``gradhpo:surplus`` (not counted, parameters never trained)."""
-        trials = self.optuna.get_trials(deepcopy=False)
-        done = sum(1 for t in trials if t.state in FINISHED_STATES and not is_retried(t))
-        ahead = sum(1 for t in trials if t.state == TrialState.RUNNING and t.number < trial.number)
+        FAIL + ``gradhpo:surplus`` (not counted, parameters never trained).
+
+        The loop checks only trials numbered ``n_trials`` or more; exactly ``n_trials``
+        still holds. Trial numbers count every trial (retried, surplus and duplicate ones
+        too), so at most ``k`` counted trials are numbered below ``k``. Take the counted
+        trial H with the highest number. If H was not checked (numbered below ``n_trials``),
+        every counted trial is numbered at most H's number, so there are at most
+        ``n_trials`` of them. If H was checked, every trial numbered below it existed at
+        H's check (numbers follow creation) and was counted there, as finished or as
+        running ahead of H (those retired later no longer count: fewer still), so at most
+        ``n_trials - 1`` counted trials are numbered below H. Enqueued trials are not
+        checked, as before (the loop asks them only when it saw them waiting).
+
+        ``trials``: all the study's trials, listed after ``trial`` was created."""
+        done, unfinished = self._tally(trials)
+        ahead = sum(
+            1 for t in unfinished if t.state == TrialState.RUNNING and t.number < trial.number
+        )
         if done + ahead < n_trials:
             return False
         storage = self.optuna._storage
@@ -1430,7 +1529,7 @@ def _catch_tuple(catch: Any) -> tuple[type[BaseException], ...]:
 
 
 # ---------------------------------------------------------------------- create / load
-def _check_directions(direction: Any, directions: Any, metric: Any) -> list[str]:
+def _check_directions(direction: Any, directions: Any, metric: Any) -> list[Direction]:
     """The study's directions from ``direction``/``directions``/``metric`` (see
     :func:`create_study`); every contradiction is a ValueError naming both."""
     if metric is not None and metric not in METRICS:
@@ -1466,7 +1565,7 @@ def _check_directions(direction: Any, directions: Any, metric: Any) -> list[str]
             raise ValueError(
                 f"create_study: metric {metric!r} must be {wanted}d but direction={result[0]!r}"
             )
-    return result or ["maximize"]
+    return cast("list[Direction]", result) or ["maximize"]
 
 
 def _existing(directory: Path) -> bool:
@@ -1594,7 +1693,7 @@ def _plain_space(space: Any) -> Any:
 
 def _load_existing(
     directory: Path,
-    dirs: list[str],
+    dirs: list[Direction],
     sampler: Any,
     pruner: Any,
     search_space: Any,
