@@ -538,6 +538,14 @@ class PopulationBasedTraining:
             copies = {k: v for k, v in copies.items() if k == only}
         return copies
 
+    def _async_decision(self, i: int, score: float) -> dict[int, int]:
+        """Async mode: exploit/explore for member ``i`` alone, against the latest scores of
+        the others; nothing until every member has a score, or once ``i`` has finished."""
+        known = [score if k == i else self.latest[k] for k in range(self.population)]
+        if any(s is None for s in known) or self.steps[i] >= self.total_steps:
+            return {}
+        return self._decide([math.nan if s is None else s for s in known], only=i)
+
     def _evaluate(self, i: int) -> float:
         score = float(self.members[i].score())
         if self.on_evaluate is not None:
@@ -671,13 +679,7 @@ class PopulationBasedTraining:
                 self.members[i].step(n)
                 self.steps[i] += n
                 score = self._evaluate(i)
-                known = [score if k == i else self.latest[k] for k in range(self.population)]
-                ready = all(s is not None for s in known) and self.steps[i] < self.total_steps
-                copies = (
-                    self._decide([math.nan if s is None else s for s in known], only=i)
-                    if ready
-                    else {}
-                )
+                copies = self._async_decision(i, score)
                 self._commit([i], {i: score}, copies)
                 if progress is not None and i == self.population - 1:
                     progress.update(n)
@@ -794,13 +796,7 @@ class PopulationBasedTraining:
                 self._remote_hypers[i] = hypers
                 if self.on_evaluate is not None:
                     self.on_evaluate(i, self.steps[i], score, _Hypers(hypers), self.values[i])
-                known = [score if k == i else self.latest[k] for k in range(self.population)]
-                ready = all(s is not None for s in known) and self.steps[i] < self.total_steps
-                copies = (
-                    self._decide([math.nan if s is None else s for s in known], only=i)
-                    if ready
-                    else {}
-                )
+                copies = self._async_decision(i, score)
                 self._commit_remote(
                     {i: score}, copies, {i: out}, executor, {i: state[0]} if as_bytes else None
                 )
