@@ -28,8 +28,7 @@ from typing import Any
 import optuna
 
 from gradhpo.execution import Executor, make_executor
-from gradhpo.search.samplers import reseed_sampler
-from gradhpo.search.study import Study, derived_seed, load_study
+from gradhpo.search.study import Study, load_study
 
 __all__ = [
     "distinct_sampler",
@@ -40,16 +39,18 @@ __all__ = [
 ]
 
 
-def distinct_sampler(study: Any, worker: int, workers: int) -> None:
+def distinct_sampler(study: Study, worker: int, workers: int) -> None:
     """Drivers of one study restore the same saved sampler state (whichever driver saved it
     last); left alone, two drivers with a seeded sampler would propose the same points. A
     single worker keeps the saved state (it reproduces a serial run); with several, worker k
-    reseeds the sampler from a seed derived from the study's seed and k. (While drivers run
+    reseeds the sampler from a seed derived from the study's seed, k and the number of trials
+    the study holds at this start (:meth:`gradhpo.search.Study.reseed_driver`: a resumed
+    worker k does not draw again what worker k drew before the kill). (While drivers run
     side by side, :meth:`gradhpo.search.Study.ask` also gives every fresh trial a seed of its
     own, and :meth:`~gradhpo.search.Study.claim` refuses a proposal another trial holds, so
     separate ``gradhpo resume`` processes never evaluate a point twice either.)"""
     if workers > 1:
-        reseed_sampler(study.sampler, derived_seed(getattr(study, "seed", None), worker, "driver"))
+        study.reseed_driver(worker)
 
 
 def open_driver(

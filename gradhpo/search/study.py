@@ -871,6 +871,19 @@ class Study:
             reseed_sampler(self.sampler, derived_seed(self.seed, int(seed), "reseed"))
             self._state_after = None
 
+    def reseed_driver(self, worker: int) -> None:
+        """Start this driver's sampler from a seed of its own, as driver ``worker`` of several
+        (see :func:`gradhpo.search.drivers.distinct_sampler`). The seed is derived from the
+        study's seed, ``worker`` and the number of trials the study holds now: a driver
+        started again later (a resume after a kill) never replays the stream an earlier
+        start of driver ``worker`` drew from (every draw made from that stream created a
+        trial first, so the count has grown since), and a rerun from the same state draws the
+        same points."""
+        start = len(self.optuna._storage.get_all_trials(self.optuna._study_id, deepcopy=False))
+        with self._lock:
+            reseed_sampler(self.sampler, derived_seed(self.seed, int(worker), f"driver@{start}"))
+            self._state_after = None
+
     def claim(self, trial: optuna.trial.Trial) -> None:
         """Claim the parameters ``trial`` has drawn, before any work is done on them; raise
         :class:`DuplicateProposal` when they are those of another trial: a finished one
