@@ -574,6 +574,24 @@ class DuplicateProposal(optuna.TrialPruned):
     ``optuna.TrialPruned``, so a plain Optuna loop records it as pruned, never as a value."""
 
 
+class _FreshTrial(optuna.trial.Trial):
+    """A fresh trial asked by a :class:`Study`: its first ``report`` claims its parameters
+    (:meth:`Study.claim`) unless they were claimed already, so a user objective that reports
+    (most do, every epoch) never trains a proposal another trial holds past its first epoch;
+    the objective may call ``study.claim(trial)`` after its suggests to claim before any
+    work, as :func:`~gradhpo.search.fit_trial` and config trials do."""
+
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+        super().__init__(study, trial_id)
+        self.claimed = False
+
+    def report(self, value: float, step: int) -> None:
+        # No parameters (an objective that suggests nothing): nothing to claim.
+        if not self.claimed and self.params and (owner := owning_study(self)) is not None:
+            owner.claim(self)
+        super().report(value, step)
+
+
 def derived_seed(seed: int | None, index: int, kind: str = "trial") -> int:
     """A 32-bit seed from a study's ``seed``, a ``kind`` of index (``trial`` number,
     ``driver`` index, ``reseed`` value) and the ``index``: distinct (kind, index) pairs give
@@ -917,6 +935,8 @@ class Study:
                     f"parameters {params} are those of trial {other.number} "
                     f"({other.state.name.lower()})"
                 )
+        if isinstance(trial, _FreshTrial):
+            trial.claimed = True
 
     def _new_trial(self) -> optuna.trial.Trial:
         """``optuna.Study.ask`` for a fresh trial, with this driver's heartbeat written in the
@@ -937,7 +957,7 @@ class Study:
             trial_id=-1,
         )
         trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-        return optuna.trial.Trial(study, trial_id)
+        return _FreshTrial(study, trial_id)
 
     def _save_sampler_state(self, trial: optuna.trial.Trial) -> None:
         """Save the sampler's state once a fresh trial has drawn its parameters: at its first

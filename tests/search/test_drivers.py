@@ -129,6 +129,43 @@ def test_an_exhausted_space_stops_the_driver_and_says_so(tmp_path: Path, caplog)
     assert "the search space looks exhausted" in caplog.text
 
 
+def test_a_user_objective_claims_at_its_first_report(tmp_path: Path) -> None:
+    """An objective that never calls claim itself: its first report claims the proposal, so a
+    repeat stops there (closed uncounted) instead of being trained to the end; an objective
+    that claimed already is not claimed again at its reports."""
+    epochs: list[int] = []
+
+    def objective(trial: optuna.trial.Trial) -> float:
+        trial.suggest_categorical("x", ["only"])
+        for epoch in range(3):
+            trial.report(1.0, epoch)
+            epochs.append(epoch)
+        return 1.0
+
+    study = create_study(tmp_path / "s", sampler="random", pruner=None, seed=0)
+    study.optimize(objective, n_trials=3)
+    counts = study.trial_counts()
+    assert counts["finished"] == 1 and counts["not_counted"] == MAX_DUPLICATES
+    assert epochs == [0, 1, 2]  # the repeats never got past their first report
+    duplicates = [t for t in study.optuna.trials if t.system_attrs.get("gradhpo:duplicate")]
+    assert len(duplicates) == MAX_DUPLICATES and all(not t.intermediate_values for t in duplicates)
+
+    claims: list[int] = []
+    claimed = create_study(tmp_path / "c", sampler="random", pruner=None, seed=0)
+    original = claimed.claim
+    claimed.claim = lambda trial: claims.append(trial.number) or original(trial)  # type: ignore[method-assign]
+
+    def claims_first(trial: optuna.trial.Trial) -> float:
+        trial.suggest_float("x", 0.0, 1.0)
+        claimed.claim(trial)
+        for epoch in range(3):
+            trial.report(1.0, epoch)
+        return 1.0
+
+    claimed.optimize(claims_first, n_trials=2)
+    assert claims == [0, 1]  # once per trial, by the objective
+
+
 def test_owning_study_is_the_study_that_runs_the_trial(tmp_path: Path) -> None:
     study = create_study(tmp_path / "s", sampler="random", pruner=None)
     seen = []
