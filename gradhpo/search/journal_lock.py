@@ -14,6 +14,12 @@ which is then hard-linked to the lock's name (atomic, ``EEXIST`` while the lock 
 NFS-safe recipe, a lost answer checked by the link count). Where hard links are not
 available (some Windows or FUSE file systems) the lock file is created with ``O_EXCL`` and
 the record written after; a holder killed in between leaves an empty file (grace rule).
+On POSIX a lock object keeps its temporary record between acquisitions and rewrites the nonce
+in it in place (``pwrite``, the record keeps its length), so an acquisition costs one write
+and one link and a release one ``lstat`` (the lock file must still be that record's inode,
+which the record's open descriptor keeps from being reused) and one unlink: less than
+Optuna's own symlink lock. The record goes when the object does (or :meth:`close`); one left
+by a killed process goes when its lock is broken, or with the stray records below.
 
 A waiter that finds the lock held
 
@@ -44,6 +50,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -73,6 +80,11 @@ _HELD: set[str] = set()
 _HELD_LOCK = threading.Lock()
 #: This process's identity, by pid (a forked child computes its own).
 _ME: dict[int, dict[str, Any]] = {}
+#: Paths of the temporary records this process's lock objects keep between acquisitions.
+_KEPT: set[str] = set()
+#: Whether a lock object keeps its temporary record between acquisitions (POSIX: it rewrites
+#: the record in place with ``pwrite``); elsewhere each acquisition makes a new one.
+_KEEP_RECORD = hasattr(os, "pwrite") and os.name != "nt"
 
 
 def _after_fork_in_child() -> None:
@@ -80,6 +92,7 @@ def _after_fork_in_child() -> None:
     _HELD_LOCK = threading.Lock()  # another thread may have held it at the fork
     _HELD.clear()  # the parent's acquisitions are not the child's
     _ME.clear()
+    _KEPT.clear()  # the parent's records: a live process's, left alone by the dead-owner test
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows
@@ -203,6 +216,72 @@ def _guard(journal: str) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
+class _Kept:
+    """The temporary record a lock object keeps between acquisitions (link mode, POSIX): its
+    file stays open (which also keeps its inode from being reused), each acquisition writes
+    its own nonce into it in place (the record keeps its length) and links it to the lock's
+    name, and a release checks by inode that the lock file is still this one. An acquisition
+    is then one ``pwrite`` and one ``link``, a release one ``lstat`` and one ``unlink``."""
+
+    def __init__(self, directory: str, prefix: str) -> None:
+        self.pid = os.getpid()
+        self.base = uuid.uuid4().hex
+        self.count = 0
+        head, tail = json.dumps({**_me(), "nonce": self.base}, sort_keys=True).split(self.base)
+        self.head, self.tail = head.encode(), tail.encode()
+        self.path = os.path.join(directory, f"{prefix}{self.base}.tmp")
+        self.fds: list[int] = []  # the open descriptor (a list: the finalizer sees a new one)
+        self.identity: tuple[int, int] = (-1, -1)
+        self._open()
+        _KEPT.add(self.path)
+        self._finalizer = weakref.finalize(self, _drop_kept, self.path, self.fds, self.pid)
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        for old in self.fds:
+            os.close(old)
+        self.fds[:] = [fd]
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
+
+    def next_record(self) -> tuple[str, bytes]:
+        """A fresh nonce for the next acquisition and the record holding it, written."""
+        self.count += 1
+        nonce = f"{self.base}.{self.count:016x}"
+        record = self.head + nonce.encode() + self.tail
+        os.pwrite(self.fds[0], record, 0)
+        return nonce, record
+
+    def read(self, size: int) -> bytes:
+        return os.pread(self.fds[0], size, 0)
+
+    def restore(self, record: bytes) -> None:
+        """Make the file again, holding ``record`` (it was removed, by hand)."""
+        self._open()
+        os.pwrite(self.fds[0], record, 0)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _drop_kept(path: str, fds: list[int], pid: int) -> None:
+    """Remove a kept record (when its lock object is collected, or at exit); a forked child
+    that inherited the object leaves its parent's record alone."""
+    if os.getpid() != pid:
+        return
+    _KEPT.discard(path)
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+    try:
+        _unlink(path)
+    except OSError:
+        pass
+
+
 class _Seen(NamedTuple):
     """A lock file as a waiter found it: its owner (None if not a record of this module) and
     what tells whether it is still the same file, unchanged (identity, time, size, bytes)."""
@@ -232,17 +311,27 @@ class OwnedFileLock(BaseJournalFileLock):
         # Threads sharing this object take turns on the mutex (another may release it).
         self._mutex = threading.Lock()
         self._holder: int | None = None  # the thread that acquired it
-        self._held: tuple[str, bytes] | None = None  # (nonce, record) while held
+        # (nonce, record, kept record or None) while held
+        self._held: tuple[str, bytes, _Kept | None] | None = None
+        self._kept: _Kept | None = None  # this process's kept temporary record (link mode)
         self._remove_stray_temporary_files()
 
     def __getstate__(self) -> dict[str, Any]:  # a pickled storage carries its lock
         state = self.__dict__.copy()
-        state.update(_mutex=None, _holder=None, _held=None)  # a copy holds nothing
+        state.update(_mutex=None, _holder=None, _held=None, _kept=None)  # a copy holds nothing
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._mutex = threading.Lock()
+
+    def close(self) -> None:
+        """Remove the temporary record this object keeps between acquisitions (done anyway
+        when it is collected or the process exits); the next acquisition makes a new one."""
+        with self._mutex:
+            if self._kept is not None and self._held is None:
+                self._kept.close()
+                self._kept = None
 
     # ------------------------------------------------------------------ acquire / release
     def acquire(self, timeout: float | None = None) -> bool:
@@ -269,10 +358,10 @@ class OwnedFileLock(BaseJournalFileLock):
         (RuntimeError if it was broken and is gone or another's, which is left alone)."""
         if self._held is None:
             raise RuntimeError(f"{self._lock_file}: this lock object does not hold the lock")
-        nonce, record = self._held
+        nonce, record, kept = self._held
         self._held = self._holder = None
         try:
-            if not self._delete_if(record):
+            if not (self._delete_kept_link(kept, record) if kept else self._delete_if(record)):
                 raise RuntimeError(
                     f"{self._lock_file}: the lock was broken while this process held it"
                 )
@@ -282,16 +371,28 @@ class OwnedFileLock(BaseJournalFileLock):
             self._mutex.release()
 
     # ------------------------------------------------------------------ helpers
+    def _kept_record(self) -> _Kept:
+        """This object's kept temporary record (made anew in a forked child)."""
+        kept = self._kept
+        if kept is None or kept.pid != os.getpid():
+            kept = self._kept = _Kept(self._directory, self._tmp_prefix)
+        return kept
+
     def _acquire_file(self, deadline: float | None) -> bool:
         """Create the lock file (the mutex held), breaking a dead or stale one in the way."""
-        nonce = uuid.uuid4().hex
-        record = json.dumps({**_me(), "nonce": nonce}, sort_keys=True).encode()
-        tmp = os.path.join(self._directory, f"{self._tmp_prefix}{nonce}.tmp")
+        kept = self._kept_record() if self._use_link and _KEEP_RECORD else None
+        if kept is not None:
+            nonce, record = kept.next_record()
+            tmp = kept.path
+        else:
+            nonce = uuid.uuid4().hex
+            record = json.dumps({**_me(), "nonce": nonce}, sort_keys=True).encode()
+            tmp = os.path.join(self._directory, f"{self._tmp_prefix}{nonce}.tmp")
         with _HELD_LOCK:
             _HELD.add(nonce)  # before the lock file exists: a waiter of this process sees it
         acquired = False
         try:
-            if self._use_link:
+            if self._use_link and kept is None:
                 fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 try:
                     os.write(fd, record)
@@ -301,9 +402,9 @@ class OwnedFileLock(BaseJournalFileLock):
             seen: tuple[Any, ...] | None = None
             sleep = 0.001
             while True:
-                if self._take(tmp, record):
+                if self._take(tmp, record, kept):
                     acquired = True
-                    self._held = (nonce, record)
+                    self._held = (nonce, record, kept if self._use_link else None)
                     return True
                 held = self._read()
                 if held is None:  # released meanwhile: try again at once
@@ -314,6 +415,7 @@ class OwnedFileLock(BaseJournalFileLock):
                 verdict = _judge(held.owner)
                 if verdict == "dead":
                     self._break(held, "its owner is dead")
+                    self._remove_record_of(held.owner)
                     sleep = 0.001
                     continue
                 if (
@@ -342,13 +444,23 @@ class OwnedFileLock(BaseJournalFileLock):
                 self._delete_if(record)
                 with _HELD_LOCK:
                     _HELD.discard(nonce)
-            _unlink(tmp)  # (nothing there without hard links)
+            if kept is None:
+                _unlink(tmp)  # (nothing there without hard links)
+            elif not self._use_link:  # no hard links after all: the kept record is of no use
+                kept.close()
+                self._kept = None
 
-    def _take(self, tmp: str, record: bytes) -> bool:
+    def _take(self, tmp: str, record: bytes, kept: _Kept | None = None) -> bool:
         """One try to create the lock file holding ``record``; False if it exists."""
         if self._use_link:  # ``tmp`` holds ``record``
             try:
-                os.link(tmp, self._lock_file)
+                try:
+                    os.link(tmp, self._lock_file)
+                except FileNotFoundError:
+                    if kept is None:
+                        raise
+                    kept.restore(record)  # the kept record was removed (by hand)
+                    os.link(tmp, self._lock_file)
                 return True
             except FileExistsError:
                 # On NFS the answer to a link that was made can be lost and the retry say
@@ -394,6 +506,19 @@ class OwnedFileLock(BaseJournalFileLock):
             os.close(fd)
         return _Seen(_parse(data), (st.st_ino, st.st_mtime_ns, st.st_size, data))
 
+    def _delete_kept_link(self, kept: _Kept, record: bytes) -> bool:
+        """Delete the lock file if it is ``kept``'s record, still holding ``record`` (same
+        inode: the kept file's open descriptor keeps that inode from being reused); whether
+        it did."""
+        try:
+            st = os.lstat(self._lock_file)
+        except FileNotFoundError:
+            return False
+        if (st.st_dev, st.st_ino) != kept.identity or kept.read(len(record)) != record:
+            return False
+        _unlink(self._lock_file)
+        return True
+
     def _delete_if(self, record: bytes) -> bool:
         """Delete the lock file if it holds ``record``; whether it did."""
         held = self._read()
@@ -416,6 +541,17 @@ class OwnedFileLock(BaseJournalFileLock):
             )
             _unlink(self._lock_file)
 
+    def _remove_record_of(self, owner: dict[str, Any] | None) -> None:
+        """Delete the temporary record a dead owner kept (its nonce names it)."""
+        base = str((owner or {}).get("nonce", "")).partition(".")[0]
+        if base.isalnum():
+            path = os.path.join(self._directory, f"{self._tmp_prefix}{base}.tmp")
+            if path not in _KEPT:
+                try:
+                    _unlink(path)
+                except OSError:
+                    pass
+
     def _remove_stray_temporary_files(self) -> None:
         """Temporary records of acquirers killed before they removed them."""
         try:
@@ -426,6 +562,8 @@ class OwnedFileLock(BaseJournalFileLock):
             if not (name.startswith(self._tmp_prefix) and name.endswith(".tmp")):
                 continue
             path = os.path.join(self._directory, name)
+            if path in _KEPT:  # kept by a lock object of this process
+                continue
             try:
                 with open(path, "rb") as f:
                     data = f.read(_READ_LIMIT)

@@ -4,6 +4,9 @@ Layout of a study directory::
 
     study.journal         Optuna journal storage (the default of a new study; one JSON line per
                           change; optuna-dashboard study.journal)
+    .study.journal.lock.<id>.tmp
+                          the journal lock's record, one per process that has the study open
+                          (removed when it closes; see gradhpo.search.journal_lock)
     study.db              SQLite storage of studies created before the journal default, or
                           with storage="sqlite" (optuna-dashboard sqlite:///study.db)
     study.json            name, directions, sampler/pruner specs, storage (password masked)

@@ -78,6 +78,15 @@ def _journal(tmp_path: Path) -> Path:
     return path
 
 
+def _assert_no_records_left(directory: Path, *live: OwnedFileLock) -> None:
+    """Only the ``live`` lock objects keep a temporary record (one each, between
+    acquisitions), and none is left once they are gone."""
+    assert len(list(directory.glob(".*.tmp"))) == len(live)
+    for lock in live:
+        lock.close()
+    assert not list(directory.glob(".*.tmp")), "no temporary record left behind"
+
+
 def _timed_acquire(lock: OwnedFileLock, timeout: float | None = None) -> tuple[bool, float]:
     start = time.monotonic()
     taken = lock.acquire(timeout=timeout)
@@ -100,7 +109,7 @@ def test_a_lock_left_by_a_sigkilled_holder_is_broken_at_once(tmp_path: Path) -> 
     assert json.loads(Path(f"{journal}.lock").read_bytes())["pid"] == os.getpid()
     lock.release()
     assert not Path(f"{journal}.lock").exists()
-    assert not list(tmp_path.glob(".*.tmp")), "no temporary record left behind"
+    _assert_no_records_left(tmp_path, lock)
 
 
 def test_a_reused_pid_does_not_keep_a_dead_holders_lock(tmp_path: Path) -> None:
@@ -142,7 +151,7 @@ def test_a_lock_this_process_left_behind_is_broken(tmp_path: Path) -> None:
     other = OwnedFileLock(journal, grace_period=0.05)
     assert other.acquire(timeout=0.3) is False  # this process holds it: alive, no grace
     assert holding._held is not None
-    nonce, _ = holding._held
+    nonce = holding._held[0]
     holding._held = None  # forget it, as an interrupted acquisition would
     with journal_lock._HELD_LOCK:
         journal_lock._HELD.discard(nonce)
@@ -316,6 +325,39 @@ def test_without_hard_links_it_falls_back_to_an_exclusive_create(
     assert not Path(f"{journal}.lock").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_one_record_is_kept_between_acquisitions_each_with_its_own_nonce(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    lock = OwnedFileLock(journal)
+    nonces = []
+    for _ in range(5):
+        lock.acquire()
+        nonces.append(json.loads(Path(f"{journal}.lock").read_bytes())["nonce"])
+        lock.release()
+    assert len(set(nonces)) == 5
+    assert len(list(tmp_path.glob(".*.tmp"))) == 1
+    for record in tmp_path.glob(".*.tmp"):
+        record.unlink()  # removed by hand: the next acquisition makes it again
+    lock.acquire()
+    assert OwnedFileLock(journal).acquire(timeout=0.1) is False
+    lock.release()
+    assert not Path(f"{journal}.lock").exists()
+    _assert_no_records_left(tmp_path, lock)
+
+
+def test_without_kept_records_each_acquisition_makes_its_own(tmp_path: Path, monkeypatch) -> None:
+    """Where ``pwrite`` is missing (Windows) every acquisition writes a new temporary record
+    and removes it after the link."""
+    monkeypatch.setattr(journal_lock, "_KEEP_RECORD", False)
+    journal = _journal(tmp_path)
+    lock = OwnedFileLock(journal)
+    lock.acquire()
+    assert json.loads(Path(f"{journal}.lock").read_bytes())["pid"] == os.getpid()
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert OwnedFileLock(journal).acquire(timeout=0.1) is False
+    lock.release()
+    assert not Path(f"{journal}.lock").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
 # ---------------------------------------------------------------------- several processes
 APPENDER = """
 from optuna.storages.journal import JournalFileBackend
@@ -369,7 +411,8 @@ def test_processes_appending_through_the_lock_lose_nothing_even_when_one_is_kill
     taken, waited = _timed_acquire(lock, timeout=GRACE / 2)
     assert taken and waited < PROMPT
     lock.release()
-    assert not Path(f"{journal}.lock").exists() and not list(tmp_path.glob(".*.tmp"))
+    assert not Path(f"{journal}.lock").exists()
+    _assert_no_records_left(tmp_path, lock)
 
 
 # ---------------------------------------------------------------------- a study end to end
