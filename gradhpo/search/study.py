@@ -604,6 +604,45 @@ def derived_seed(seed: int | None, index: int, kind: str = "trial") -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def _running_count(storage: BaseStorage, study_id: int) -> int | None:
+    """The number of RUNNING trials of study ``study_id`` when ``storage`` is a database
+    (an Optuna RDB storage, also under Optuna's cache and :class:`RetryingStorage`), counted
+    in one SQL statement; listing them costs Optuna seven (the trials, then their params,
+    values, attributes and intermediate values), which on a database server was most of
+    what a study added to a trivial trial. None for other storages (a journal or memory
+    lists them from memory) and when the count fails (a lost connection: the caller lists
+    them, retried)."""
+    rdb: Any = storage
+    for attr in ("backend", "_backend"):  # RetryingStorage, then optuna's _CachedStorage
+        rdb = rdb.__dict__.get(attr, rdb) if hasattr(rdb, "__dict__") else rdb
+    if not isinstance(rdb, optuna.storages.RDBStorage):
+        return None
+    try:
+        from optuna.storages._rdb import models
+        from sqlalchemy import func
+
+        session = rdb.scoped_session()
+        try:
+            count = (
+                session.query(func.count(models.TrialModel.trial_id))
+                .filter(
+                    models.TrialModel.study_id == study_id,
+                    models.TrialModel.state == TrialState.RUNNING,
+                )
+                .scalar()
+            )
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+    except Exception:  # noqa: BLE001 - another Optuna's models, a lost connection: list them
+        logger.debug("could not count the running trials in SQL", exc_info=True)
+        return None
+    return int(count)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -858,11 +897,14 @@ class Study:
     def _ask_fresh(self, *, full: bool) -> tuple[optuna.trial.Trial, list[FrozenTrial]]:
         """A fresh trial, and the study's trials listed after it was created: all of them
         (``full``: :meth:`optimize`'s loop checks the trial as surplus with the same listing)
-        or the running ones. Listing after the creation is what makes two drivers that start
-        at once not both miss each other: the later one to create its trial sees the earlier
-        one's, and reseeds."""
+        or the running ones (none when a database counts this trial as the only one
+        running: see :func:`_running_count`). Looking after the creation is what makes two
+        drivers that start at once not both miss each other: the later one to create its
+        trial sees the earlier one's, and reseeds."""
         trial = self._new_trial()
         self._unsaved.add(trial._trial_id)
+        if not full and _running_count(self.optuna._storage, self.optuna._study_id) == 1:
+            return trial, []  # only this trial runs: nobody to reseed for, nothing to list
         listing = self.optuna._storage.get_all_trials(
             self.optuna._study_id, deepcopy=False, states=None if full else (TrialState.RUNNING,)
         )

@@ -146,3 +146,37 @@ def test_a_driver_that_sees_another_running_after_its_ask_reseeds(tmp_path: Path
     assert a._state_after == a_trial.number
     a._ask_fresh(full=False)  # nobody else running: no reseed
     assert a._state_after == a_trial.number
+
+
+def test_on_a_database_a_lone_driver_counts_instead_of_listing(tmp_path: Path, monkeypatch) -> None:
+    """On an RDB storage the check for other drivers after the ask is one COUNT: a driver
+    alone does not list the trials, one that counts another's running trial lists them and
+    reseeds, as on the journal."""
+    from gradhpo.search.study import _running_count
+
+    create_study(tmp_path / "s", storage="sqlite", sampler="random", pruner=None, seed=7).optimize(
+        objective, n_trials=2
+    )
+    a, b = load_study(tmp_path / "s"), load_study(tmp_path / "s")
+    storage, study_id = a.optuna._storage, a.optuna._study_id
+    assert _running_count(storage, study_id) == 0
+    b_trial = b.ask()
+    assert _running_count(storage, study_id) == 1
+    listed: list[object] = []
+    real = type(storage).get_all_trials
+    monkeypatch.setattr(
+        type(storage),
+        "get_all_trials",
+        lambda self, *args, **kwargs: (
+            listed.append(kwargs.get("states")) or real(self, *args, **kwargs)
+        ),
+    )
+    a_trial, _ = a._ask_fresh(full=False)
+    assert listed and a._state_after is None  # b's trial runs: listed, reseeded
+    a.tell(a_trial, a_trial.suggest_float("x", -1.0, 1.0) ** 2)
+    b.tell(b_trial, 0.0)
+    assert a._state_after == a_trial.number
+    listed.clear()
+    a._ask_fresh(full=False)  # nobody else running: counted, not listed, no reseed
+    assert not listed and a._state_after == a_trial.number
+    assert _running_count(optuna.storages.InMemoryStorage(), 0) is None  # lists instead
