@@ -78,14 +78,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def call(executor: Executor, fn: Callable[..., Any], args_list: list[tuple]) -> list[Any]:
-    """``executor.run(fn, args_list)``, failing the test if it has not returned within
-    :data:`LIMIT` seconds (a hang must not block the suite)."""
+def _within_limit(work: Callable[[], Any], what: str) -> Any:
+    """``work()`` in a thread, failing the test if it has not returned within :data:`LIMIT`
+    seconds (a hang must not block the suite); its exception is raised here."""
     out: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            out["results"] = executor.run(fn, args_list)
+            out["result"] = work()
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             out["error"] = exc
 
@@ -93,37 +93,34 @@ def call(executor: Executor, fn: Callable[..., Any], args_list: list[tuple]) -> 
     thread.start()
     thread.join(LIMIT)
     if thread.is_alive():
-        pytest.fail(f"{executor.name}: run did not return within {LIMIT:.0f} s")
+        pytest.fail(f"{what} did not return within {LIMIT:.0f} s")
     if "error" in out:
         raise out["error"]
-    return out["results"]
+    return out["result"]
+
+
+def call(executor: Executor, fn: Callable[..., Any], args_list: list[tuple]) -> list[Any]:
+    """``executor.run(fn, args_list)``, failing the test if it has not returned within
+    :data:`LIMIT` seconds."""
+    return _within_limit(lambda: executor.run(fn, args_list), f"{executor.name}: run")
 
 
 def collect(executor: Executor, tasks: list[Task]) -> list[Task]:
     """``wait_any`` until every task has finished: the tasks in the order they came back,
     failing the test if that takes more than :data:`LIMIT` seconds."""
-    out: dict[str, Any] = {"order": []}
 
-    def target() -> None:
-        try:
-            pending = list(tasks)
-            while pending:
-                finished = executor.wait_any(pending)
-                assert finished and all(task.done for task in finished)
-                assert [t.number for t in finished] == sorted(t.number for t in finished)
-                out["order"] += finished
-                pending = [task for task in pending if task not in finished]
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            out["error"] = exc
+    def drain() -> list[Task]:
+        order: list[Task] = []
+        pending = list(tasks)
+        while pending:
+            finished = executor.wait_any(pending)
+            assert finished and all(task.done for task in finished)
+            assert [t.number for t in finished] == sorted(t.number for t in finished)
+            order += finished
+            pending = [task for task in pending if task not in finished]
+        return order
 
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(LIMIT)
-    if thread.is_alive():
-        pytest.fail(f"{executor.name}: wait_any did not return within {LIMIT:.0f} s")
-    if "error" in out:
-        raise out["error"]
-    return out["order"]
+    return _within_limit(drain, f"{executor.name}: wait_any")
 
 
 def attempts(log: Path) -> int:

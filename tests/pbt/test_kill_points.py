@@ -142,6 +142,21 @@ def _run_session(args: list[str], cwd: Path) -> tuple[int, str]:
     return code, err.read_text(errors="replace")
 
 
+def _kill_at_points_then_resume(
+    config: Path, runs: Path, run_dir: Path, kills: list[tuple[str, str]], cwd: Path
+) -> None:
+    """Start ``pbt`` (or ``resume`` once the run exists) once per kill point, each killed
+    there (SIGKILL), then resume the run to its end."""
+    for what, point in kills:
+        args = (
+            ["pbt", str(config), "--out", str(runs)] if what == "pbt" else ["resume", str(run_dir)]
+        )
+        code, err = _run_session(command(point, *args, "--no-progress"), cwd)
+        assert code == -signal.SIGKILL, (point, code, err)
+    code, err = _run_session(_cli("resume", str(run_dir)), cwd)
+    assert code == 0, err
+
+
 @pytest.mark.slow
 def test_executor_checkpoints_killed_at_named_points_resume_to_the_in_process_result(
     tmp_path: Path,
@@ -158,13 +173,7 @@ def test_executor_checkpoints_killed_at_named_points_resume_to_the_in_process_re
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     runs = tmp_path / "runs"
     run_dir = runs / "pop"
-    for what, point in EXECUTOR_KILLS:
-        args = ["pbt", str(path), "--out", str(runs)] if what == "pbt" else ["resume", str(run_dir)]
-        code, err = _run_session(command(point, *args, "--no-progress"), tmp_path)
-        assert code == -signal.SIGKILL, (point, code, err)
-
-    code, err = _run_session(_cli("resume", str(run_dir)), tmp_path)
-    assert code == 0, err
+    _kill_at_points_then_resume(path, runs, run_dir, EXECUTOR_KILLS, tmp_path)
     assert run_result(run_dir) == reference
     _left_consistent(runs, run_dir)
 
@@ -232,13 +241,7 @@ def test_async_executor_killed_at_named_points_loses_and_repeats_nothing(
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     runs = tmp_path / "runs"
     run_dir = runs / "apop"
-    for what, point in kills:
-        args = ["pbt", str(path), "--out", str(runs)] if what == "pbt" else ["resume", str(run_dir)]
-        code, err = _run_session(command(point, *args, "--no-progress"), tmp_path)
-        assert code == -signal.SIGKILL, (point, code, err)
-
-    code, err = _run_session(_cli("resume", str(run_dir)), tmp_path)
-    assert code == 0, err
+    _kill_at_points_then_resume(path, runs, run_dir, kills, tmp_path)
     _scored_once(run_dir)
     if workers == 1:
         assert run_result(run_dir) == reference
