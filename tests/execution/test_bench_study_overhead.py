@@ -12,10 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_study_overhead", ROOT / "experiments" / "bench_study_overhead.py"
-    )
+def _bench(name: str = "bench_study_overhead"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -49,3 +47,20 @@ def test_the_study_overhead_benchmark_writes_its_rows(tmp_path: Path, capsys) ->
         bench.main(["--trials", "0", "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "--trials: expected integers >= 1, got [0]" in capsys.readouterr().err
+
+
+def test_the_journal_lock_benchmark_times_all_three_locks(capsys) -> None:
+    _bench("bench_journal_lock").main(["--rounds", "1", "--n", "20"])
+    out = capsys.readouterr().out
+    for lock in ("OwnedFileLock", "JournalFileSymlinkLock", "JournalFileOpenLock"):
+        assert lock in out
+    assert "1.00x symlink" in out
+
+
+def test_the_sql_count_shows_what_a_study_adds_per_trial(tmp_path: Path, capsys) -> None:
+    """On SQLite (no server needed): gradhpo's trial has the driver record's INSERT that plain
+    Optuna's has not, and both sides report their statements and commits per trial."""
+    _bench("count_study_sql").main(["--trials", "5", "--url", f"sqlite:///{tmp_path / 'c.db'}"])
+    out = capsys.readouterr().out
+    assert "plain Optuna:" in out and "gradhpo Study:" in out
+    assert "0.00 ->  1.00  INSERT INTO trial_system_attributes" in out
