@@ -53,8 +53,11 @@ What :class:`Study` adds to ``optuna.Study``:
 
 A driver is identified by host, pid and a per-object token; a RUNNING trial is stale when its
 driver's process is gone (same host), when it is this process but not a live Study object, or
-when its heartbeat (written by the objective through :meth:`Study.heartbeat`) is older than
-``stale_after`` seconds. These heartbeats are trial system attributes, so they work on every
+when its heartbeat is older than ``stale_after`` seconds. The heartbeat is written when the
+trial is created, by :func:`~gradhpo.search.fit_trial` and config trials every epoch, by a
+user objective's ``trial.report`` (at most once per tenth of ``stale_after``), or by the
+objective itself through :meth:`Study.heartbeat` (one that runs longer than ``stale_after``
+without reporting must, or a driver on another host takes its trial for dead). These heartbeats are trial system attributes, so they work on every
 storage (journal, SQLite, RDB servers, in-memory).
 
 Every finished trial is logged as one line on the ``gradhpo.search`` logger (INFO; WARNING for
@@ -582,16 +585,23 @@ class _FreshTrial(optuna.trial.Trial):
     (:meth:`Study.claim`) unless they were claimed already, so a user objective that reports
     (most do, every epoch) never trains a proposal another trial holds past its first epoch;
     the objective may call ``study.claim(trial)`` after its suggests to claim before any
-    work, as :func:`~gradhpo.search.fit_trial` and config trials do."""
+    work, as :func:`~gradhpo.search.fit_trial` and config trials do. Its reports also keep
+    its heartbeat fresh (:meth:`Study.heartbeat`, at most once per tenth of the study's
+    ``stale_after``), so a long user objective on another host is not taken for dead."""
 
     def __init__(self, study: optuna.Study, trial_id: int) -> None:
         super().__init__(study, trial_id)
         self.claimed = False
+        self.beat = time.monotonic()  # the creation wrote a heartbeat
 
     def report(self, value: float, step: int) -> None:
-        # No parameters (an objective that suggests nothing): nothing to claim.
-        if not self.claimed and self.params and (owner := owning_study(self)) is not None:
-            owner.claim(self)
+        owner = owning_study(self)
+        if owner is not None:
+            # No parameters (an objective that suggests nothing): nothing to claim.
+            if not self.claimed and self.params:
+                owner.claim(self)
+            if time.monotonic() - self.beat > owner.stale_after / 10:
+                owner.heartbeat(self)
         super().report(value, step)
 
 
@@ -1067,6 +1077,8 @@ class Study:
         self.optuna._storage.set_trial_system_attr(
             trial._trial_id, _DRIVER, {**self._driver, "beat": time.time()}
         )
+        if isinstance(trial, _FreshTrial):
+            trial.beat = time.monotonic()
 
     def enqueue(
         self, params: Mapping[str, Any], user_attrs: Mapping[str, Any] | None = None

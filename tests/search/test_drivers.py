@@ -294,3 +294,33 @@ def test_a_resumed_driver_does_not_replay_its_earlier_stream(tmp_path: Path) -> 
     again = first_draw()  # the study now holds one trial: another stream
     assert again != before
     assert draw_without_telling() == draw_without_telling()  # same state, same stream
+
+
+def test_a_user_objectives_reports_keep_its_heartbeat_fresh(tmp_path: Path) -> None:
+    """A user objective that never calls heartbeat: its reports refresh the trial's heartbeat
+    once a tenth of stale_after has passed (a long trial on another host is not taken for
+    dead), and not at every report when that is far off."""
+    import time
+
+    from gradhpo.search.study import _DRIVER
+
+    def run(stale_after: float) -> list[float]:
+        study = create_study(
+            tmp_path / str(stale_after), sampler="random", pruner=None, stale_after=stale_after
+        )
+        beats: list[float] = []
+
+        def objective(trial: optuna.trial.Trial) -> float:
+            trial.suggest_float("x", 0.0, 1.0)
+            for epoch in range(4):
+                time.sleep(0.06)
+                trial.report(1.0, epoch)
+                frozen = study.optuna._storage.get_trial(trial._trial_id)
+                beats.append(frozen.system_attrs[_DRIVER]["beat"])
+            return 1.0
+
+        study.optimize(objective, n_trials=1)
+        return beats
+
+    assert len(set(run(0.5))) == 4  # every report came more than 0.05 s after the last beat
+    assert len(set(run(600.0))) == 1  # the creation's heartbeat, not rewritten
