@@ -245,12 +245,17 @@ class _Kept:
         self.identity = (st.st_dev, st.st_ino)
 
     def next_record(self) -> tuple[str, bytes]:
-        """A fresh nonce for the next acquisition and the record holding it, written."""
+        """A fresh nonce for the next acquisition and the record holding it (not written yet:
+        the nonce must count as held before it is, see :meth:`write`)."""
         self.count += 1
         nonce = f"{self.base}.{self.count:016x}"
-        record = self.head + nonce.encode() + self.tail
+        return nonce, self.head + nonce.encode() + self.tail
+
+    def write(self, record: bytes) -> None:
+        """Put ``record`` in the file. A waiter that opened the lock file during an earlier
+        acquisition can read this through its descriptor: the record's nonce must already be
+        in ``_HELD`` then, or this process would look dead to a waiter of its own."""
         os.pwrite(self.fds[0], record, 0)
-        return nonce, record
 
     def read(self, size: int) -> bytes:
         return os.pread(self.fds[0], size, 0)
@@ -392,7 +397,9 @@ class OwnedFileLock(BaseJournalFileLock):
             _HELD.add(nonce)  # before the lock file exists: a waiter of this process sees it
         acquired = False
         try:
-            if self._use_link and kept is None:
+            if kept is not None:
+                kept.write(record)
+            elif self._use_link:
                 fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 try:
                     os.write(fd, record)
@@ -531,7 +538,7 @@ class OwnedFileLock(BaseJournalFileLock):
         """Delete the lock file ``held`` if it is still that file (judged dead or stale)."""
         with _guard(self._journal):
             again = self._read()
-            if again is None or again.key != held.key:
+            if again is None or again.key != held.key or _judge(again.owner) == "alive":
                 return  # released or taken anew meanwhile: judge again
             logger.warning(
                 "breaking the journal lock %s held by %s: %s",

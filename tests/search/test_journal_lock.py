@@ -344,6 +344,36 @@ def test_one_record_is_kept_between_acquisitions_each_with_its_own_nonce(tmp_pat
     _assert_no_records_left(tmp_path, lock)
 
 
+def test_two_lock_objects_of_one_process_exclude_each_other(tmp_path: Path) -> None:
+    """Two lock objects on one journal (two studies opened in one process), a thread each,
+    many short acquisitions: every increment survives and no lock is ever broken (a waiter
+    that reads a kept record through an old descriptor must not take its live owner for
+    dead)."""
+    journal = _journal(tmp_path)
+    counter = [0]
+    errors: list[BaseException] = []
+
+    def work(lock: OwnedFileLock) -> None:
+        try:
+            for _ in range(300):
+                lock.acquire()
+                value = counter[0]
+                time.sleep(0)
+                counter[0] = value + 1
+                lock.release()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    locks = [OwnedFileLock(journal, grace_period=GRACE) for _ in range(2)]
+    threads = [threading.Thread(target=work, args=(lock,)) for lock in locks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and counter[0] == 600
+    _assert_no_records_left(tmp_path, *locks)
+
+
 def test_without_kept_records_each_acquisition_makes_its_own(tmp_path: Path, monkeypatch) -> None:
     """Where ``pwrite`` is missing (Windows) every acquisition writes a new temporary record
     and removes it after the link."""
