@@ -40,7 +40,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["RetryingStorage", "is_connection_error"]
+__all__ = ["RetryingStorage", "is_connection_error", "is_outage", "open_through_outage"]
 
 logger = logging.getLogger("gradhpo.search")
 
@@ -72,6 +72,60 @@ def is_connection_error(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database server cannot be reached right now (refused, reset,
+    shutting down, starting up), as opposed to refusing this client (a wrong password, a
+    missing database): the driver's error carries no SQLSTATE (the network failed), or one of
+    class 08 (connection exception) or 57P (the server is shutting down or starting)."""
+    if not is_connection_error(exc):
+        return False
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        orig = getattr(current, "orig", None)
+        if orig is not None:
+            state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+            return state is None or str(state).startswith(("08", "57P"))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def open_through_outage(
+    open_storage: Callable[[], Any],
+    name: str,
+    retry_seconds: float = RETRY_SECONDS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Any:
+    """``open_storage()``, repeated while the server cannot be reached (:func:`is_outage`),
+    for up to ``retry_seconds``: a driver that opens a study on a database server while the
+    server restarts waits for it, as its storage calls do. Any other error propagates at
+    once."""
+    deadline = time.monotonic() + retry_seconds
+    pause = 0.1
+    failed = False
+    while True:
+        try:
+            opened = open_storage()
+        except Exception as exc:
+            if not is_outage(exc) or time.monotonic() + pause > deadline:
+                raise
+            if not failed:
+                logger.warning(
+                    "Storage %s cannot be reached (%s); retrying for up to %.0f s.",
+                    name,
+                    type(exc).__name__,
+                    retry_seconds,
+                )
+            failed = True
+            sleep(pause)
+            pause = min(2.0, pause * 2)
+            continue
+        if failed:
+            logger.warning("Storage %s reachable again; opened it.", name)
+        return opened
 
 
 def _retried(method: str) -> Callable[..., Any]:

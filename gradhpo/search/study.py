@@ -101,7 +101,7 @@ from gradhpo.config import ConfigError
 from gradhpo.files import write_json
 from gradhpo.run.loop import METRICS, Direction
 from gradhpo.search.journal_lock import OwnedFileLock
-from gradhpo.search.retry import RetryingStorage
+from gradhpo.search.retry import RetryingStorage, open_through_outage
 from gradhpo.search.samplers import (
     make_pruner,
     make_sampler,
@@ -309,10 +309,12 @@ def open_storage_url(url: str) -> BaseStorage:
     return _url_storage(url)
 
 
-def _url_storage(url: str) -> BaseStorage:
+def _url_storage(url: str, *, through_outage: bool = False) -> BaseStorage:
     """An Optuna RDB storage for ``url`` (or the gRPC proxy's client for ``grpc://``); every
     failure is a ValueError with the password masked (and the driver's exception not chained,
-    as it may quote the URL)."""
+    as it may quote the URL). ``through_outage``: a database server that cannot be reached is
+    waited for (:func:`~gradhpo.search.retry.open_through_outage`), as when a driver opens a
+    study that exists on it while it restarts; a new study's URL fails at once."""
     if url.startswith("grpc://"):
         return _grpc_storage(url)
     try:
@@ -322,7 +324,10 @@ def _url_storage(url: str) -> BaseStorage:
             path = Path(database)
             if not parsed.query:
                 return _sqlite_storage(path)
-        rdb = optuna.storages.RDBStorage(url)
+        if parsed.get_backend_name() == "sqlite" or not through_outage:
+            rdb = optuna.storages.RDBStorage(url)
+        else:
+            rdb = open_through_outage(lambda: optuna.storages.RDBStorage(url), mask_password(url))
         if parsed.get_backend_name() == "sqlite":
             return rdb
         # A database server: calls are retried while the connection is lost (a restart, a
@@ -411,7 +416,7 @@ def _open_storage(
         _check_storage_file(path, kind)
         opened: BaseStorage = _journal_storage(path) if kind == "journal" else _sqlite_storage(path)
     elif kind == "url":
-        opened = _url_storage(value)
+        opened = _url_storage(value, through_outage=True)
     else:
         opened = value
     return opened, _storage_record(kind, value)

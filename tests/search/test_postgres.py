@@ -357,6 +357,41 @@ def test_a_driver_killed_at_random_points_loses_and_repeats_nothing(
 
 
 @pytest.mark.slow
+def test_a_driver_that_opens_the_study_while_the_server_is_down_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """load_study (what every executor worker and `gradhpo resume` does first) while the
+    server is stopped: it waits until the server is back, then the study goes on; a new
+    study on a server that cannot be reached still fails at once."""
+    from postgres import skip_without_postgres
+
+    skip_without_postgres()
+    with PostgresServer() as server:  # its own server: this test stops it
+        url = server.create_database()
+        create_study(tmp_path / "s", storage=url, sampler="random", pruner=None).optimize(
+            point, n_trials=2
+        )
+        server.stop("fast")
+        restart = threading.Timer(1.5, server.start)
+        restart.start()
+        try:
+            start = time.monotonic()
+            study = load_study(tmp_path / "s", storage=url)
+            waited = time.monotonic() - start
+        finally:
+            restart.join()
+        assert waited >= 1.0  # it did wait for the server
+        study.optimize(point, n_trials=4)
+        _check_exactly(study, 4)
+        server.stop("fast")
+        start = time.monotonic()
+        with pytest.raises(ValueError, match="cannot open it"):
+            create_study(tmp_path / "new", storage=url.rsplit("/", 1)[0] + "/other")
+        assert time.monotonic() - start < 30
+        server.start()
+
+
+@pytest.mark.slow
 def test_stopping_the_server_mid_study_costs_nothing(tmp_path: Path) -> None:
     """Three driver processes; the server is stopped (pg_ctl stop -m fast: every connection
     dropped) for 3 s once a few trials finished, then started on the same port and data

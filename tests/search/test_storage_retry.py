@@ -144,3 +144,66 @@ def test_a_study_on_a_flaky_storage_completes_with_exact_counts(tmp_path) -> Non
     study.optimize(objective, n_trials=4)
     assert storage.retries == 3
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+
+
+class _DriverError(Exception):
+    """A DBAPI error as psycopg raises it: ``sqlstate`` None when the network failed."""
+
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+def _operational(sqlstate: str | None) -> sqlalchemy.exc.OperationalError:
+    return sqlalchemy.exc.OperationalError("SELECT 1", {}, _DriverError("x", sqlstate))
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "outage"),
+    [
+        (None, True),  # connection refused or reset
+        ("57P01", True),  # admin shutdown
+        ("57P03", True),  # the database system is starting up
+        ("08006", True),  # connection failure
+        ("28P01", False),  # password authentication failed
+        ("3D000", False),  # no such database
+    ],
+)
+def test_an_outage_is_told_from_a_refusal(sqlstate: str | None, outage: bool) -> None:
+    from gradhpo.search.retry import is_outage
+
+    assert is_outage(_operational(sqlstate)) is outage
+    assert not is_outage(ValueError("not a database error"))
+
+
+def test_opening_waits_through_an_outage_but_not_through_a_refusal(caplog) -> None:
+    from gradhpo.search.retry import open_through_outage
+
+    attempts: list[int] = []
+    pauses: list[float] = []
+
+    def opens_on_the_third_try() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise _operational(None)
+        return "storage"
+
+    with caplog.at_level("WARNING", logger="gradhpo.search"):
+        got = open_through_outage(opens_on_the_third_try, "db", 60, sleep=pauses.append)
+    assert got == "storage" and len(attempts) == 3 and pauses == [0.1, 0.2]
+    assert "cannot be reached" in caplog.text and "reachable again" in caplog.text
+
+    def refuses() -> str:
+        attempts.append(1)
+        raise _operational("28P01")
+
+    attempts.clear()
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        open_through_outage(refuses, "db", 60, sleep=pauses.append)
+    assert len(attempts) == 1  # a wrong password is not waited for
+
+    def always_down() -> str:
+        raise _operational(None)
+
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        open_through_outage(always_down, "db", 0.0, sleep=pauses.append)  # no time: at once

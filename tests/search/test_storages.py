@@ -87,7 +87,9 @@ def test_a_url_password_is_masked_in_study_json_and_needed_again_to_load(
     # No database server here: the URL opens an in-memory storage (the URL handling is ours).
     backing = optuna.storages.InMemoryStorage()
     opened = []
-    monkeypatch.setattr(study_module, "_url_storage", lambda url: opened.append(url) or backing)
+    monkeypatch.setattr(
+        study_module, "_url_storage", lambda url, **_: opened.append(url) or backing
+    )
     study = create_study(tmp_path / "s", storage=PG_URL, sampler="random", pruner=None)
     study.optimize(point, n_trials=2)
     assert opened == [PG_URL]
