@@ -40,7 +40,13 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["RetryingStorage", "is_connection_error", "is_outage", "open_through_outage"]
+__all__ = [
+    "RetryingStorage",
+    "is_connection_error",
+    "is_outage",
+    "open_through_outage",
+    "retry_while",
+]
 
 logger = logging.getLogger("gradhpo.search")
 
@@ -93,6 +99,38 @@ def is_outage(exc: BaseException) -> bool:
     return False
 
 
+def retry_while(
+    attempt: Callable[[bool], Any],
+    retryable: Callable[[BaseException], bool],
+    retry_seconds: float,
+    sleep: Callable[[float], None],
+    failed: Callable[[BaseException, bool], None],
+    recovered: Callable[[], None],
+) -> Any:
+    """``attempt(repeat)`` (``repeat``: whether an earlier attempt failed) until it returns,
+    repeated after an error that ``retryable`` accepts, with pauses from 0.1 s doubling to
+    2 s, for up to ``retry_seconds`` in all; then the last error propagates, as does any other
+    error at once. ``failed(error, first)`` is told of each failure before its pause,
+    ``recovered()`` when an attempt succeeds after failures."""
+    deadline = time.monotonic() + retry_seconds
+    pause = 0.1
+    repeat = False
+    while True:
+        try:
+            result = attempt(repeat)
+        except Exception as exc:
+            if not retryable(exc) or time.monotonic() + pause > deadline:
+                raise
+            failed(exc, not repeat)
+            repeat = True
+            sleep(pause)
+            pause = min(2.0, pause * 2)
+            continue
+        if repeat:
+            recovered()
+        return result
+
+
 def open_through_outage(
     open_storage: Callable[[], Any],
     name: str,
@@ -103,29 +141,24 @@ def open_through_outage(
     for up to ``retry_seconds``: a driver that opens a study on a database server while the
     server restarts waits for it, as its storage calls do. Any other error propagates at
     once."""
-    deadline = time.monotonic() + retry_seconds
-    pause = 0.1
-    failed = False
-    while True:
-        try:
-            opened = open_storage()
-        except Exception as exc:
-            if not is_outage(exc) or time.monotonic() + pause > deadline:
-                raise
-            if not failed:
-                logger.warning(
-                    "Storage %s cannot be reached (%s); retrying for up to %.0f s.",
-                    name,
-                    type(exc).__name__,
-                    retry_seconds,
-                )
-            failed = True
-            sleep(pause)
-            pause = min(2.0, pause * 2)
-            continue
-        if failed:
-            logger.warning("Storage %s reachable again; opened it.", name)
-        return opened
+
+    def failed(exc: BaseException, first: bool) -> None:
+        if first:
+            logger.warning(
+                "Storage %s cannot be reached (%s); retrying for up to %.0f s.",
+                name,
+                type(exc).__name__,
+                retry_seconds,
+            )
+
+    return retry_while(
+        lambda repeat: open_storage(),
+        is_outage,
+        retry_seconds,
+        sleep,
+        failed,
+        lambda: logger.warning("Storage %s reachable again; opened it.", name),
+    )
 
 
 def _retried(method: str) -> Callable[..., Any]:
@@ -240,36 +273,34 @@ class RetryingStorage(BaseStorage):
         """``backend.method(*args, **kwargs)``, repeated while the connection is lost.
         ``on_retry()``, called before each repeat, may return ``(True, result)`` to finish
         with ``result`` instead (the lost attempt turned out to have been committed)."""
-        deadline = time.monotonic() + self.retry_seconds
-        pause = 0.1
-        failed = False
-        while True:
-            try:
-                if failed and on_retry is not None:
-                    done, result = on_retry()
-                    if done:
-                        return result
-                result = getattr(self.backend, method)(*args, **kwargs)
-                if failed:
-                    logger.warning(
-                        "Storage %s reachable again; %s went through.", self.name, method
-                    )
-                return result
-            except Exception as exc:
-                if not is_connection_error(exc) or time.monotonic() + pause > deadline:
-                    raise
-                if not failed:
-                    logger.warning(
-                        "Storage %s: connection lost in %s (%s); retrying for up to %.0f s.",
-                        self.name,
-                        method,
-                        type(exc).__name__,
-                        self.retry_seconds,
-                    )
-                failed = True
-                self.retries += 1
-                self._sleep(pause)
-                pause = min(2.0, pause * 2)
+        finished: list[bool] = [False]  # a repeat found the lost attempt committed
+
+        def attempt(repeat: bool) -> Any:
+            if repeat and on_retry is not None:
+                done, result = on_retry()
+                if done:
+                    finished[0] = True
+                    return result
+            return getattr(self.backend, method)(*args, **kwargs)
+
+        def failed(exc: BaseException, first: bool) -> None:
+            if first:
+                logger.warning(
+                    "Storage %s: connection lost in %s (%s); retrying for up to %.0f s.",
+                    self.name,
+                    method,
+                    type(exc).__name__,
+                    self.retry_seconds,
+                )
+            self.retries += 1
+
+        def recovered() -> None:
+            if not finished[0]:
+                logger.warning("Storage %s reachable again; %s went through.", self.name, method)
+
+        return retry_while(
+            attempt, is_connection_error, self.retry_seconds, self._sleep, failed, recovered
+        )
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         # A template with system attributes (gradhpo's driver record; Optuna's fixed_params of
