@@ -16,11 +16,13 @@ and differ only in how they get it:
   result as ``reverse`` to float rounding, memory K / ``checkpoint_every`` parameter copies
   plus one segment's activations;
 * ``forward``: forward-mode (real-time recurrent) differentiation, one tangent per scalar
-  hyperparameter. Several directions are propagated together by ``torch.func.vmap`` over
-  ``torch.func.jvp`` (the primal step is computed once); a single direction (one scalar hyper,
-  or ``chunk=1``) uses torch's dual tensors over ``autograd.grad(create_graph=True)``, the
-  same arithmetic without functorch's per-operation wrapping. ``chunk`` trades speed for
-  memory. Memory independent of K;
+  hyperparameter, memory independent of K. Each step's tangent is taken in two parts: the
+  tangent of the inner gradient is a Hessian-vector product by reverse over reverse (for
+  several directions at once, ``is_grads_batched``), and the optimizer update's tangent by
+  forward mode (dual tensors for one direction, ``torch.func.vmap`` over ``jvp`` for several),
+  so a step costs about what a reverse-mode step does. ``chunk`` trades speed for memory;
+  ``compile=True`` differentiates the whole step by ``vmap`` over ``jvp`` under
+  ``torch.compile`` instead;
 * ``greedy``: ``reverse`` over a single step (K = 1), the cheap online signal.
 
 Implicit differentiation at convergence lives in :mod:`gradhpo.hyper.implicit`.
@@ -39,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -561,10 +564,12 @@ def _tangent_step(
     tan_r: Params,
     step: int | None = None,
 ) -> tuple[Params, Tensor, Params, Params, Tensor, Params, Params]:
-    """One forward-mode step for a chunk of c directions: primals ``(params, moving state,
-    raw, constants)`` and tangents stacked on a leading (c,) dimension (the constants'
+    """One forward-mode step for a chunk of c directions by ``torch.func`` (``vmap`` over
+    ``jvp`` of the whole step; what ``compile=True`` compiles): primals ``(params, moving
+    state, raw, constants)`` and tangents stacked on a leading (c,) dimension (the constants'
     tangents are zeros). Returns (new params, data loss, their tangents (c, ...): params,
-    moving state, loss; the full new state, new buffers)."""
+    moving state, loss; the full new state, new buffers). The eager path is
+    :func:`_hvp_tangent_step`."""
     moving = list(primals[1])
 
     def one_step(p: Params, s: Params, r: Params, k: Params):
@@ -603,7 +608,37 @@ def _tangent_step(
     return first(p_next), loss[0], dp, ds, dloss, first(new_s), first(new_b)
 
 
-def _dual_tangent_step(
+# torch's forward-mode AD entry points without the public wrappers' per-call Python checks
+# (about 10 us a call, a dozen calls per forward-mode step of a small model); the public
+# ones where this torch has no such functions. ``_forward`` makes one dual through the public
+# API first, which registers torch's forward-mode decompositions as the wrappers would.
+_RAW_MAKE_DUAL = getattr(torch, "_make_dual", None)
+_RAW_UNPACK_DUAL = getattr(torch, "_unpack_dual", None)
+
+
+def _make_dual(t: Tensor, tangent: Tensor, level: int) -> Tensor:
+    if _RAW_MAKE_DUAL is None:  # pragma: no cover - every torch this package supports has it
+        return fwAD.make_dual(t, tangent, level=level)
+    return _RAW_MAKE_DUAL(t, tangent, level=level)
+
+
+def _unpack_dual(t: Tensor, level: int) -> tuple[Tensor, Tensor | None]:
+    """(primal, tangent or None) of ``t`` at forward-AD ``level``."""
+    if _RAW_UNPACK_DUAL is None:  # pragma: no cover
+        u = fwAD.unpack_dual(t, level=level)
+        return u.primal, u.tangent
+    primal, tangent = _RAW_UNPACK_DUAL(t, level=level)
+    return primal, tangent
+
+
+def _with_constants(values: dict[str, Any], constants: Mapping[str, Tensor], params: Params):
+    """``values`` plus the untuned optimizer constants, given for every parameter."""
+    if not constants:
+        return values
+    return {**values, **{n: {q: c for q in params} for n, c in constants.items()}}
+
+
+def _hvp_tangent_step(
     problem: InnerProblem,
     primals: tuple[Params, Params, Params, Params],
     fixed: Params,
@@ -613,41 +648,130 @@ def _dual_tangent_step(
     tan_s: Params,
     tan_r: Params,
     step: int | None = None,
+    *,
+    loss_tangent: bool = True,
 ) -> tuple[Params, Tensor, Params, Params, Tensor, Params, Params]:
-    """:func:`_tangent_step` for one direction with torch's own forward-mode AD (dual
-    tensors) over ``torch.autograd.grad(create_graph=True)``: the tangent of the inner
-    gradient is carried through the recorded backward ops. Same arithmetic as the
-    ``torch.func.jvp`` path (equal results), without functorch's per-operation wrapping:
-    about 1.4x faster per step on a small MLP. Tangents in and out have a leading (1,)."""
+    """:func:`_tangent_step` without ``torch.func``, for c >= 1 directions at once.
+
+    The step is ``update(w, g(w, lambda), s; lambda)`` with ``g`` the gradient of the training
+    loss. Its tangent is split where the cost is:
+
+    * the tangent of the inner gradient, ``dg = H dw + (d^2 L / dw dlambda) dlambda``, is one
+      Hessian-vector product per direction taken by reverse over reverse: the gradient of
+      ``g . dw + (dL/dlambda) . dlambda`` with respect to ``w`` (``is_grads_batched`` for
+      several directions). The ops are those of a reverse-mode step (a forward, a backward
+      with its graph, and a backward through that), so a step costs about what reverse mode
+      pays per step, where forward-over-reverse paid the forward-mode derivative of every
+      backward op (Python decompositions for some, such as ``log_softmax``'s);
+    * the update's tangent (elementwise arithmetic) by forward mode: dual tensors for one
+      direction, ``vmap`` of ``jvp`` for several.
+
+    The data loss depends on the hyperparameters only through ``w``, so its tangent is its
+    gradient dotted with ``dw`` (zeros without ``loss_tangent``: an objective without the
+    train-mean term never reads it). Same quantity as :func:`_tangent_step`, up to float
+    rounding.
+    """
     params, moving_state, raw, constants = primals
     constants = dict(constants)
     counter = {STEP_KEY: constants.pop(STEP_KEY)} if STEP_KEY in constants else {}
+    n_dir = next(iter(tan_r.values())).shape[0]
+    hypers = problem.hypers
+    loss_side = [k for n in LOSS_HYPERS if n in hypers.names for k in hypers.keys_of(n)]
     leaves = {n: v.detach().requires_grad_() for n, v in params.items()}
-
-    def tangent_of(t: Tensor) -> Tensor:
-        tangent = fwAD.unpack_dual(t).tangent
-        return torch.zeros_like(t) if tangent is None else tangent.detach()
-
-    with fwAD.dual_level(), torch.enable_grad():
-        p = {n: fwAD.make_dual(leaves[n], tan_p[n][0]) for n in params}
-        s = {n: fwAD.make_dual(v, tan_s[n][0]) for n, v in moving_state.items()}
-        r = {n: fwAD.make_dual(v, tan_r[n][0]) for n, v in raw.items()}
-        values = problem.hypers.values(r, step)
-        if constants:
-            values = {**values, **{n: {q: c for q in params} for n, c in constants.items()}}
-        total, (loss, new_b) = _training_loss(problem, p, buffers, batch, values)
-        grads = _or_zeros(
-            leaves,
-            torch.autograd.grad(total, list(leaves.values()), create_graph=True, allow_unused=True),
+    raw_leaves = {k: (v.detach().requires_grad_() if k in loss_side else v) for k, v in raw.items()}
+    with torch.enable_grad():
+        values = _with_constants(hypers.values(raw_leaves, step), constants, params)
+        total, (loss, new_b) = _training_loss(problem, leaves, buffers, batch, values)
+        wrt = [*leaves.values(), *(raw_leaves[k] for k in loss_side)]
+        first = torch.autograd.grad(total, wrt, create_graph=True, allow_unused=True)
+        grads = _or_zeros(leaves, first[: len(leaves)])
+        # The data loss's gradient: the total's unless the loss side adds terms.
+        data_grads = (
+            _or_zeros(
+                leaves,
+                torch.autograd.grad(
+                    loss, list(leaves.values()), retain_graph=True, allow_unused=True
+                ),
+            )
+            if loss_side and loss_tangent
+            else grads
         )
-        new_p, new_s = problem.optimizer.update(p, grads, {**s, **fixed, **counter}, values)
-        dp = {n: tangent_of(v).unsqueeze(0) for n, v in new_p.items()}
-        ds = {n: tangent_of(new_s[n]).unsqueeze(0) for n in moving_state}
-        dloss = tangent_of(loss).unsqueeze(0)
-        primal = lambda d: {n: fwAD.unpack_dual(v).primal.detach() for n, v in d.items()}  # noqa: E731
-        p_next, full_state, buffers_out = primal(new_p), primal(new_s), primal(new_b)
-        loss = fwAD.unpack_dual(loss).primal.detach()
-    return p_next, loss, dp, ds, dloss, full_state, buffers_out
+        outs, seeds = [], []
+        for g, key in zip(first, [*(_P + n for n in leaves), *loss_side], strict=True):
+            if g is not None and g.requires_grad:
+                outs.append(g)
+                seeds.append(tan_p[key[len(_P) :]] if key.startswith(_P) else tan_r[key])
+        products: Sequence[Tensor | None] = [None] * len(leaves)
+        if outs:
+            if n_dir == 1:
+                products = [
+                    None if h is None else h.unsqueeze(0)
+                    for h in torch.autograd.grad(
+                        outs, list(leaves.values()), [s[0] for s in seeds], allow_unused=True
+                    )
+                ]
+            else:
+                products = torch.autograd.grad(
+                    outs, list(leaves.values()), seeds, is_grads_batched=True, allow_unused=True
+                )
+    dg = {
+        n: h if h is not None else tan_p[n].new_zeros(tan_p[n].shape)
+        for n, h in zip(leaves, products, strict=True)
+    }
+    dloss = (
+        cast(
+            Tensor,
+            sum((data_grads[n].detach() * tan_p[n]).reshape(n_dir, -1).sum(1) for n in leaves),
+        )
+        if loss_tangent
+        else tan_r[next(iter(tan_r))].new_zeros(n_dir)
+    )
+    g0 = _detach(grads)
+    moving = list(moving_state)
+
+    def update(p: Params, g: Params, s: Params, r: Params):
+        vals = _with_constants(hypers.values(r, step), constants, p)
+        new_p, new_s = problem.optimizer.update(p, g, {**s, **fixed, **counter}, vals)
+        return (new_p, {n: new_s[n] for n in moving}), new_s
+
+    if n_dir == 1:
+        with fwAD.dual_level() as level:
+            dual = lambda d, t: {n: _make_dual(v, t[n][0], level) for n, v in d.items()}  # noqa: E731
+            (new_p, new_moving), new_s = update(
+                dual(params, tan_p), dual(g0, dg), dual(moving_state, tan_s), dual(raw, tan_r)
+            )
+            up = {n: _unpack_dual(v, level) for n, v in new_p.items()}
+            us = {n: _unpack_dual(v, level) for n, v in new_moving.items()}
+            tangent = lambda u: torch.zeros_like(u[0]) if u[1] is None else u[1]  # noqa: E731
+            dp = {n: tangent(u).unsqueeze(0) for n, u in up.items()}
+            ds = {n: tangent(u).unsqueeze(0) for n, u in us.items()}
+            p_next = {n: u[0] for n, u in up.items()}
+            full_state = {
+                n: us[n][0] if n in us else _unpack_dual(v, level)[0] for n, v in new_s.items()
+            }
+    else:
+        # Flat tuples in and out: vmap and jvp flatten their arguments on every call.
+        pn, mn, rn = list(params), moving, list(raw)
+        sn: list[str] = []  # the new state's keys, recorded by the first call
+        flat = lambda d, names: tuple(d[n] for n in names)  # noqa: E731
+        named = lambda names, t: dict(zip(names, t, strict=True))  # noqa: E731
+
+        def flat_update(p: tuple, g: tuple, s: tuple, r: tuple):
+            (new_p, new_moving), new_s = update(
+                named(pn, p), named(pn, g), named(mn, s), named(rn, r)
+            )
+            sn[:] = list(new_s)
+            return (flat(new_p, pn), flat(new_moving, mn)), flat(new_s, sn)
+
+        primals_u = (flat(params, pn), flat(g0, pn), flat(moving_state, mn), flat(raw, rn))
+        batched = vmap(
+            lambda tp, tg, ts, tr: jvp(flat_update, primals_u, (tp, tg, ts, tr), has_aux=True)
+        )(flat(tan_p, pn), flat(dg, pn), flat(tan_s, mn), flat(tan_r, rn))
+        (p_next_b, _), (dp_t, ds_t), full_b = cast(Any, batched)
+        p_next = {n: t[0] for n, t in zip(pn, p_next_b, strict=True)}
+        full_state = {n: t[0] for n, t in zip(sn, full_b, strict=True)}
+        dp, ds = named(pn, dp_t), named(mn, ds_t)
+    return _detach(p_next), loss.detach(), dp, ds, dloss, _detach(full_state), _detach(new_b)
 
 
 _COMPILED: dict[str, Callable[..., Any]] = {}
@@ -707,7 +831,12 @@ def _forward(u: _Unroll, truncate: int | None, options: _ForwardOptions) -> Hype
     losses: list[Tensor] = []
 
     device = next(iter(params.values())).device
-    step_fn = _compiled_tangent_step() if options.compile else _tangent_step
+    if options.compile:
+        step_fn = _compiled_tangent_step()
+    else:
+        step_fn = partial(_hvp_tangent_step, loss_tangent=bool(objective.train_weight))
+        with fwAD.dual_level():  # registers the decompositions (see _make_dual)
+            fwAD.make_dual(raw[keys[0]], torch.zeros_like(raw[keys[0]]))
     first = _first_step(problem, state)
     for k, batch in enumerate(batches):
         rng = RngState.capture(device)
@@ -716,9 +845,7 @@ def _forward(u: _Unroll, truncate: int | None, options: _ForwardOptions) -> Hype
         primals = (params, {n: state[n] for n in moving}, raw, constants)
         for c in range(len(chunks)):
             rng.restore()  # every chunk replays the same dropout masks
-            one = chunks[c][1] - chunks[c][0] == 1
-            step = _dual_tangent_step if one and not options.compile else step_fn
-            p_next, loss, dp, ds, dloss, full_state, new_buffers = step(
+            p_next, loss, dp, ds, dloss, full_state, new_buffers = step_fn(
                 problem,
                 primals,
                 fixed,
@@ -933,10 +1060,10 @@ def hypergradient(
     objective with respect to ``problem.hypers.raw`` by ``method`` (see module docstring).
 
     ``chunk`` (forward mode only): how many tangent directions are propagated together in one
-    vectorized (``vmap``) pass; ``None`` (default) all of them, the fastest; smaller chunks
-    hold less memory (each chunk keeps its own tangents and recomputes the primal step), and
-    ``chunk=1`` is the sequential loop of one ``jvp`` per direction. The result does not depend
-    on it (up to float rounding).
+    vectorized pass (one batched Hessian-vector product per step); ``None`` (default) all of
+    them, the fastest; smaller chunks hold less memory (each chunk keeps its own tangents and
+    recomputes the primal step), and ``chunk=1`` is one direction at a time. The result does
+    not depend on it (up to float rounding).
 
     ``compile`` (forward mode only): run each forward-mode step through ``torch.compile``.
     On small models, where the per-operation cost of ``torch.func`` dominates, a step is many

@@ -357,6 +357,41 @@ def test_forward_chunks_agree_with_reverse_under_batchnorm_and_dropout(chunk) ->
             torch.testing.assert_close(fwd.buffers[name], rev.buffers[name], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+@pytest.mark.parametrize("objective_kind", ["val", "train_mean"])
+def test_forward_mode_with_loss_side_hypers_matches_finite_differences(chunk, objective_kind):
+    """Hypers that enter the training loss (an L2 penalty, example weights) reach the inner
+    gradient directly: forward mode must carry d(grad)/d(lambda), and the train-mean term the
+    data loss's own tangent (which the penalty and the weights do not enter). Few examples, so
+    that the per-example weights stay within forward mode's direction budget."""
+    model = tiny_mlp()
+    specs = [
+        {"name": "l2", "init": 0.05, "granularity": "per_tensor"},
+        {"name": "example_weight", "init": 1.0, "granularity": "per_example"},
+        {"name": "lr", "init": 0.3},
+    ]
+    problem, params, state, buffers = setup(model, "momentum", specs, num_examples=3, momentum=0.5)
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        (
+            torch.randn(3, 3, generator=g, dtype=DT),
+            torch.randint(0, 3, (3,), generator=g),
+            torch.randperm(3, generator=g),
+        )
+        for _ in range(K)
+    ]
+    xv, yv, _ = make_batches(1, n=10, seed=7)[0]
+    objective = (
+        Objective.validation(model, xv, yv) if objective_kind == "val" else Objective.train_mean()
+    )
+    assert problem.hypers.numel() == 8
+    want = finite_difference(problem, params, state, buffers, batches, objective)
+    fwd = hypergradient("forward", problem, params, state, buffers, batches, objective, chunk=chunk)
+    assert_close(fwd.grads, want, rtol=1e-6)
+    rev = hypergradient("reverse", problem, params, state, buffers, batches, objective)
+    assert_close(fwd.grads, rev.grads, rtol=1e-10)
+
+
 def test_forward_chunk_must_be_positive() -> None:
     model = tiny_mlp()
     problem, params, state, buffers = setup(model, "sgd", [{"name": "lr", "init": 0.1}])
