@@ -14,6 +14,10 @@ wrap the primitives every write of gradhpo goes through, nothing in gradhpo know
 * ``replaced:GLOB`` - right after that rename (the file is in place, nothing after it ran);
 * ``rename:GLOB`` - ``os.rename`` of a matching path is about to happen (a run directory
   built in its hidden sibling, about to be renamed into place);
+* ``write:GLOB`` - an ``os.write`` to a descriptor of a matching file is about to happen (a
+  record written in place: the sampler state's next slot);
+* ``torn:GLOB`` - that ``os.write`` has written the first half of its bytes (what a kill in
+  the middle of a write leaves);
 * ``unlink:GLOB`` - right after a matching file was deleted (between the deletions that
   follow a PBT commit);
 * ``sql:TEXT`` - an SQLite statement whose text (with its parameters) contains TEXT is about
@@ -37,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-KINDS = ("replace", "replaced", "rename", "unlink", "sql", "commit", "committed")
+KINDS = ("replace", "replaced", "rename", "write", "torn", "unlink", "sql", "commit", "committed")
 _COUNT = [0]
 
 
@@ -85,6 +89,21 @@ def install(point: str) -> None:
             rename(src, dst, *args, **kwargs)
 
         os.rename = patched_rename
+    elif kind in ("write", "torn"):
+        write = os.write
+
+        def patched_write(fd: int, data: Any) -> int:
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                target = ""
+            if matches(target):
+                if kind == "torn" and _COUNT[0] + 1 == n:  # this is the write to cut short
+                    write(fd, bytes(data)[: len(data) // 2])
+                reached()
+            return write(fd, data)
+
+        os.write = patched_write
     elif kind == "unlink":
         unlink = Path.unlink
 

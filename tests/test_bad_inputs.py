@@ -332,9 +332,9 @@ DAMAGED: list[tuple[str, str, str, tuple[str, ...], tuple[str, ...]]] = [
     ("study", "study.json", "truncated", ("resume", "report"), ("study.json",)),
     ("study", "study.json", "zero-bytes", ("resume", "report"), ("study.json",)),
     ("study", "study.json", "missing", ("resume", "report"), ("no study.json",)),
-    ("study", "sampler_state.json", "garbage", ("resume",), ("sampler_state.json",)),
-    ("study", "sampler_state.json", "truncated", ("resume",), ("sampler_state.json",)),
-    ("study", "sampler_state.json", "zero-bytes", ("resume",), ("sampler_state.json",)),
+    ("study", "sampler_state.bin", "garbage", ("resume",), ("sampler_state.bin", "not a gradhpo")),
+    ("study", "sampler_state.bin", "truncated", ("resume",), ("sampler_state.bin", "cut off")),
+    ("study", "sampler_state.bin", "zero-bytes", ("resume",), ("sampler_state.bin", "empty")),
     ("study", "config.yaml", "not-utf8", ("resume", "report"), ("config.yaml", "not UTF-8")),
     ("study", "config.yaml", "yaml-error", ("resume", "report"), ("config.yaml", "invalid YAML")),
     ("study", "config.yaml", "zero-bytes", ("resume", "report"), ("config.yaml", "mapping")),
@@ -433,7 +433,7 @@ def test_bad_resume_options_are_one_line(
 @pytest.mark.parametrize(
     ("run", "name", "damage"),
     [
-        ("study", "sampler_state.json", "garbage"),  # report does not read it
+        ("study", "sampler_state.bin", "garbage"),  # report does not read it
         ("study", "best", "garbage"),  # nor the weights
         ("pbt", "member", "garbage"),
     ],

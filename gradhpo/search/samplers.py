@@ -9,8 +9,9 @@ Why the sampler state is saved: a study in SQLite keeps every trial, but not the
 random generator. A restarted Optuna process builds a new sampler from the same seed and
 draws the same "random" start-up points again (optuna issue #3255). We save the state of
 every ``numpy.random.RandomState`` the sampler holds (found by walking its attributes, through
-Optuna's ``LazyRandomState``) as JSON after each new trial is asked (``sampler_state.json``),
-and restore it on resume:
+Optuna's ``LazyRandomState``) as JSON after each new trial is asked (a study directory keeps
+it in ``sampler_state.bin``, two checksummed slots written in turn; the helpers below write
+one JSON file), and restore it on resume:
 the resumed study proposes exactly what the uninterrupted one would have. JSON, not pickle, so
 loading a run directory never executes code from it.
 """

@@ -11,7 +11,9 @@ Layout of a study directory::
                           with storage="sqlite" (optuna-dashboard sqlite:///study.db)
     study.json            name, directions, sampler/pruner specs, storage (password masked)
     config.yaml           the resolved config (config-driven studies)
-    sampler_state.json    RNG state of the sampler after the last fresh ask
+    sampler_state.bin     RNG state of the sampler after the last fresh ask: its JSON in two
+                          checksummed slots written in turn (gradhpo.files.SlotFile); studies
+                          from before it have sampler_state.json, read until the first write
     trials/<n>/           per-trial files: last/best checkpoints, history.json
 
 The trials can also live outside the directory: ``create_study(directory,
@@ -98,7 +100,7 @@ from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
 
 from gradhpo.config import ConfigError
-from gradhpo.files import write_json
+from gradhpo.files import SlotFile, read_slot_file, write_json
 from gradhpo.run.loop import METRICS, Direction
 from gradhpo.search.journal_lock import OwnedFileLock
 from gradhpo.search.retry import RetryingStorage, open_through_outage
@@ -488,20 +490,25 @@ def _check_sqlite(path: Path, restore: str) -> None:
         )
 
 
-def _load_sampler_state(sampler: optuna.samplers.BaseSampler, path: Path) -> int | None:
-    """Restore the sampler state saved in ``path`` (see :mod:`gradhpo.search.samplers`). An
-    unreadable state is a ConfigError naming the file (continuing from a wrong state would
-    silently change the study's sequence); one of another kind of sampler is ignored (the
-    sampler starts from its seed).
+def _load_sampler_state(sampler: optuna.samplers.BaseSampler, directory: Path) -> int | None:
+    """Restore the sampler state saved in ``directory`` (``sampler_state.bin``, or an older
+    study's ``sampler_state.json``; see :mod:`gradhpo.search.samplers`). An unreadable state
+    is a ConfigError naming the file (continuing from a wrong state would silently change the
+    study's sequence); one of another kind of sampler is ignored (the sampler starts from its
+    seed).
 
     Returns the number of the trial whose draw the restored state follows: -1 when there is
     no saved state (the sampler is at its seed, before any draw), None when that is unknown
     (a state saved without it, or one ignored)."""
+    path = directory / SAMPLER_STATE
     if not path.is_file():
-        return -1
+        path = directory / LEGACY_SAMPLER_STATE
+        if not path.is_file():
+            return -1
     fix = "delete it to continue the study with the sampler started from its seed"
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        data = read_slot_file(path) if path.name == SAMPLER_STATE else path.read_bytes()
+        payload = json.loads(data.decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{str(path)!r}: unreadable sampler state ({exc}); {fix}") from exc
     if (
@@ -583,6 +590,11 @@ class DuplicateProposal(optuna.TrialPruned):
     """Raised by :meth:`Study.claim`: the trial's parameters are those of another trial, so
     it is not evaluated (the study closes it uncounted and asks again). A subclass of
     ``optuna.TrialPruned``, so a plain Optuna loop records it as pruned, never as a value."""
+
+
+#: The sampler state of a study directory, and the file of versions before it.
+SAMPLER_STATE = "sampler_state.bin"
+LEGACY_SAMPLER_STATE = "sampler_state.json"
 
 
 class _FreshTrial(optuna.trial.Trial):
@@ -716,6 +728,8 @@ class Study:
         self.storage_record = dict(storage_record or {})
         self.token = uuid.uuid4().hex
         self._unsaved: set[int] = set()  # fresh trials whose sampler state is not saved yet
+        self._state_file = SlotFile(self.directory / SAMPLER_STATE)
+        self._legacy_state_checked = False
         #: The trial whose draw this driver's sampler state follows (saved or restored): -1
         #: before any draw, None when unknown (reseeded, or restored from an untagged state).
         self._state_after: int | None = None
@@ -760,7 +774,7 @@ class Study:
 
     @property
     def sampler_state_path(self) -> Path:
-        return self.directory / "sampler_state.json"
+        return self.directory / SAMPLER_STATE
 
     @property
     def dashboard_hint(self) -> str:
@@ -1029,39 +1043,22 @@ class Study:
             self._state_after = trial.number
 
     def _write_sampler_state(self, number: int) -> None:
-        """Write what :func:`~gradhpo.search.samplers.save_sampler_state` writes (the same
-        bytes: sampler, RNG states, ``"trial": number``) in the same way: a temporary file
-        beside ``sampler_state.json``, renamed over it, without fsync. A killed driver leaves
-        the previous state or this one, never part of one. Per trial this skips what the
-        general helper pays each call: mkstemp's random name (the temporary name here is
-        fixed per driver thread: one writer each), a text wrapper and a ``mkdir``."""
+        """Write the sampler's state (the JSON of
+        :func:`~gradhpo.search.samplers.save_sampler_state`: sampler, RNG states, ``"trial":
+        number``) into ``sampler_state.bin``'s next slot: one ``write`` per trial on a
+        descriptor kept open, where a temporary file and a rename cost about ten times as
+        much. A killed driver leaves the previous state complete in the other slot (see
+        :class:`~gradhpo.files.SlotFile`); a ``sampler_state.json`` of an older version is
+        removed once this file holds a state."""
         payload = {
             "sampler": type(self.sampler).__name__,
             "rng": sampler_rng_states(self.sampler, compact=True),
             "trial": int(number),
         }
-        data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-        path = self.sampler_state_path
-        tmp = path.with_name(
-            f".{path.name}.{self.token[:12]}-{os.getpid()}-{threading.get_ident()}.tmp"
-        )
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        try:
-            fd = os.open(tmp, flags, 0o600)
-        except FileNotFoundError:  # the study's folder was removed meanwhile: as mkstemp's
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, flags, 0o600)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        self._state_file.write(json.dumps(payload, separators=(",", ":")).encode("utf-8"))
+        if not self._legacy_state_checked:
+            self._legacy_state_checked = True
+            (self.directory / LEGACY_SAMPLER_STATE).unlink(missing_ok=True)
 
     def tell(
         self,
@@ -1866,7 +1863,7 @@ def load_study(
             f"{str(directory)!r}: the storage ({_describe(record)}) holds no study named "
             f"{meta['name']!r}"
         ) from None
-    after = _load_sampler_state(sampler, directory / "sampler_state.json")
+    after = _load_sampler_state(sampler, directory)
     loaded = Study(
         directory, study, stale_after=stale_after, storage_record=record, seed=meta.get("seed")
     )

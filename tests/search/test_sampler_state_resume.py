@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from gradhpo.files import read_slot_file
 from gradhpo.search import create_study, load_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -38,7 +39,7 @@ def test_a_trial_killed_before_its_sampler_state_is_drawn_again(tmp_path: Path, 
 
     study = create_study(tmp_path / "s", sampler=TPE, pruner=None, seed=3)
     study.optimize(bowl, n_trials=2)
-    saved = json.loads((tmp_path / "s" / "sampler_state.json").read_text())
+    saved = json.loads(read_slot_file(tmp_path / "s" / "sampler_state.bin"))
     assert saved["trial"] == 1  # the trial whose draw the saved state follows
     trial = study.ask()
     if drawn in ("all", "part"):
@@ -83,14 +84,16 @@ def test_a_trial_that_saved_its_state_or_started_work_is_queued_again(tmp_path: 
 
 
 def test_a_state_saved_without_its_trial_keeps_the_old_rule(tmp_path: Path) -> None:
-    """A sampler state written before the state recorded its trial: which trial it follows is
-    unknown, so a dead trial is queued again (what every resume did before)."""
+    """A sampler state written before the state recorded its trial (in the file of those
+    versions, sampler_state.json): which trial it follows is unknown, so a dead trial is
+    queued again (what every resume did before)."""
     study = create_study(tmp_path / "s", sampler=TPE, pruner=None, seed=3)
     study.optimize(bowl, n_trials=2)
-    path = tmp_path / "s" / "sampler_state.json"
-    payload = json.loads(path.read_text())
+    current = tmp_path / "s" / "sampler_state.bin"
+    payload = json.loads(read_slot_file(current))
     del payload["trial"]
-    path.write_text(json.dumps(payload))
+    (tmp_path / "s" / "sampler_state.json").write_text(json.dumps(payload))
+    current.unlink()
     trial = study.ask()
     bowl(trial)
     del study, trial

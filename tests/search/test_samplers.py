@@ -180,11 +180,64 @@ def test_resumed_study_continues_the_sampler_sequence(tmp_path: Path, name: str)
     assert _params(resumed) == _params(whole)
 
 
+def test_a_study_directory_of_an_older_version_resumes_from_its_json_state(
+    tmp_path: Path,
+) -> None:
+    """Study directories written before sampler_state.bin keep their state in
+    sampler_state.json: a resume continues the sampler's sequence from it, and the first
+    state written replaces it (one state file in the directory, never two that disagree)."""
+    from gradhpo.files import read_slot_file
+
+    whole = create_study(tmp_path / "whole", sampler="tpe", pruner=None, seed=11)
+    whole.optimize(toy, n_trials=8)
+    part = create_study(tmp_path / "part", sampler="tpe", pruner=None, seed=11)
+    part.optimize(toy, n_trials=4)
+    del part
+    current = tmp_path / "part" / "sampler_state.bin"
+    (tmp_path / "part" / "sampler_state.json").write_bytes(read_slot_file(current))
+    current.unlink()
+    resumed = load_study(tmp_path / "part")
+    resumed.optimize(toy, n_trials=8)
+    assert _params(resumed) == _params(whole)
+    names = {p.name for p in (tmp_path / "part").iterdir()}
+    assert "sampler_state.bin" in names and "sampler_state.json" not in names
+
+
+def test_a_torn_last_state_resumes_from_the_state_before(tmp_path: Path) -> None:
+    """A driver killed while writing the state after trial 3's draw leaves that slot torn:
+    the resume restores the state after trial 2 and knows it (its trial number), so trial 3,
+    which died without finishing here, is drawn again and the sequence is the uninterrupted
+    one."""
+    import gc
+
+    whole = create_study(tmp_path / "whole", sampler="random", pruner=None, seed=11)
+    whole.optimize(toy, n_trials=6)
+    part = create_study(tmp_path / "part", sampler="random", pruner=None, seed=11)
+    part.optimize(toy, n_trials=3)
+    trial = part.ask()
+    toy(trial)
+    part.heartbeat(trial)  # saves the state after trial 3's draw in the other slot
+    path = tmp_path / "part" / "sampler_state.bin"
+    data = bytearray(path.read_bytes())
+    newest = max(
+        (0, len(data) // 2),
+        key=lambda start: int.from_bytes(data[start + 8 : start + 16], "little"),
+    )
+    data[newest + 40 : newest + 80] = bytes(40)  # the write stopped part way
+    path.write_bytes(bytes(data))
+    del part, trial
+    gc.collect()
+    resumed = load_study(tmp_path / "part")
+    assert resumed.recover_stale_trials() == [3]
+    resumed.optimize(toy, n_trials=6)
+    assert _params(resumed) == _params(whole)
+
+
 def test_without_the_saved_state_a_restart_repeats_random_points(tmp_path: Path) -> None:
     """The control for the test above: Optuna alone (fresh sampler, same seed) repeats itself."""
     part = create_study(tmp_path / "part", sampler="random", pruner=None, seed=11)
     part.optimize(toy, n_trials=4)
-    (tmp_path / "part" / "sampler_state.json").unlink()
+    (tmp_path / "part" / "sampler_state.bin").unlink()
     resumed = load_study(tmp_path / "part")
     resumed.optimize(toy, n_trials=8)
     params = _params(resumed)

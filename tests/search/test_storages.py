@@ -69,7 +69,7 @@ def test_sqlite_url_storage_keeps_the_directory_for_metadata_and_checkpoints(
     study.optimize(point, n_trials=3)
     assert (tmp_path / "elsewhere.db").is_file()
     names = {p.name for p in (tmp_path / "s").iterdir()}
-    assert "study.json" in names and "sampler_state.json" in names
+    assert "study.json" in names and "sampler_state.bin" in names
     assert not {"study.journal", "study.db"} & names
     meta = json.loads((tmp_path / "s" / "study.json").read_text())
     assert meta["storage"] == {"kind": "url", "url": url, "password": False}
@@ -278,12 +278,18 @@ def test_a_study_name_taken_in_a_shared_database(tmp_path: Path) -> None:
 def test_sampler_state_is_replaced_whole_and_an_unreadable_one_is_reported(
     tmp_path: Path,
 ) -> None:
-    from gradhpo.search.samplers import load_sampler_state, make_sampler, sampler_rng_states
+    from gradhpo.search.samplers import (
+        load_sampler_state,
+        make_sampler,
+        sampler_rng_states,
+        save_sampler_state,
+    )
 
     study = create_study(tmp_path / "s", sampler="random", pruner=None, seed=3)
     study.optimize(point, n_trials=5)
-    state = tmp_path / "s" / "sampler_state.json"
-    assert state.is_file()
+    assert (tmp_path / "s" / "sampler_state.bin").is_file()
+    state = tmp_path / "s" / "sampler_state.json"  # the helpers' format: one JSON file
+    save_sampler_state(study.sampler, state)
     # No leftovers of the state's writes (the journal lock keeps its own record while open).
     assert not [
         p

@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from gradhpo.search import create_study, load_study
+from gradhpo.files import read_slot_file
 from gradhpo.search.samplers import reseed_sampler, save_sampler_state
 from gradhpo.search.study import FINISHED_STATES, derived_seed, is_retried
 
@@ -109,10 +110,10 @@ def test_n_trials_is_exact_when_retried_trials_push_numbers_past_it(tmp_path: Pa
     assert max(t.number for t in study.trials) == 8
 
 
-def test_the_sampler_state_file_is_what_save_sampler_state_writes(tmp_path: Path) -> None:
+def test_the_sampler_state_record_is_what_save_sampler_state_writes(tmp_path: Path) -> None:
     study = create_study(tmp_path / "s", sampler="tpe", pruner=None, seed=3)
     study.optimize(objective, n_trials=4)
-    written = study.sampler_state_path.read_bytes()
+    written = read_slot_file(study.sampler_state_path)
     save_sampler_state(study.sampler, tmp_path / "ref.json", trial=3)
     assert written == (tmp_path / "ref.json").read_bytes()
     assert json.loads(written)["trial"] == 3

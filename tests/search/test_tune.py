@@ -77,7 +77,7 @@ def test_tune_writes_study_checkpoints_logs_and_report(tmp_path: Path, capsys, m
         "study.journal",
         "study.json",
         "config.yaml",
-        "sampler_state.json",
+        "sampler_state.bin",
         "trials",
     }
     study = load_study(run_dir)

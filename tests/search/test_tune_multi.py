@@ -244,8 +244,11 @@ MO_KILLS = {
     # weights were kept as prev_0.pt (the timed kill this test had before landed here about
     # one run in five, and the resumed trial took epoch 2's weights with epoch 1's progress).
     "between_checkpoint_and_progress": ("replaced:*/trials/0002/last_0.pt@2", 1),
-    # Trial 2 has drawn its parameters; the sampler state after the draw is not yet saved.
-    "before_sampler_state": ("replace:*/mo/sampler_state.json@3", None),
+    # Trial 2 has drawn its parameters; the sampler state after the draw is not yet saved
+    # (the first state creates the file; trials 1 and 2 write theirs into its slots).
+    "before_sampler_state": ("write:*/mo/sampler_state.bin@2", None),
+    # The same, with the write of that state cut in half: the resume reads the one before.
+    "torn_sampler_state": ("torn:*/mo/sampler_state.bin@2", None),
 }
 
 
