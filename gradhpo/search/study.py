@@ -670,6 +670,38 @@ def _running_count(storage: BaseStorage, study_id: int) -> int | None:
     return int(count)
 
 
+def _journal_of(storage: BaseStorage) -> JournalStorage | None:
+    """The Optuna journal storage behind ``storage`` (also under :class:`RetryingStorage`)
+    when its in-memory replay can be read directly (see :func:`_journal_trials`)."""
+    journal = storage.__dict__.get("backend", storage) if hasattr(storage, "__dict__") else storage
+    if isinstance(journal, JournalStorage) and all(
+        hasattr(journal, attr) for attr in ("_thread_lock", "_replay_result", "_sync_with_backend")
+    ):
+        return journal
+    return None
+
+
+def _journal_trials(
+    journal: JournalStorage, study_id: int, start: int, *, sync: bool
+) -> tuple[int, list[FrozenTrial]] | None:
+    """(the number of trials of study ``study_id``, those numbered ``start`` or more) from a
+    journal storage's replay of its file, read after catching up with the file (``sync``)
+    or as it is. ``get_all_trials`` walks every trial of the study to filter them, twice per
+    trial of :meth:`Study.optimize`: at 1,000 trials that walk was the largest part of what a
+    study added to a trivial trial. Trials are listed in number order (their number is their
+    position in the study). None when this Optuna's replay is not laid out as expected (the
+    caller then lists them the public way)."""
+    try:
+        with journal._thread_lock:
+            if sync:
+                journal._sync_with_backend()
+            replay: Any = journal._replay_result
+            ids = replay._study_id_to_trial_ids[study_id]
+            return len(ids), [replay._trials[i] for i in ids[start:]]
+    except (AttributeError, KeyError, TypeError):  # another Optuna's internals
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -932,10 +964,24 @@ class Study:
         trial sees the earlier one's, and reseeds."""
         trial = self._new_trial()
         self._unsaved.add(trial._trial_id)
-        if not full and _running_count(self.optuna._storage, self.optuna._study_id) == 1:
+        storage, study_id = self.optuna._storage, self.optuna._study_id
+        if not full and _running_count(storage, study_id) == 1:
             return trial, []  # only this trial runs: nobody to reseed for, nothing to list
-        listing = self.optuna._storage.get_all_trials(
-            self.optuna._study_id, deepcopy=False, states=None if full else (TrialState.RUNNING,)
+        journal = None if full else _journal_of(storage)
+        # A journal caught up with its file when it created the trial, so its replay already
+        # holds every trial created before this one; only trials past the settled prefix
+        # (all finished) can be running.
+        tail = (
+            None
+            if journal is None
+            else _journal_trials(journal, study_id, self._settled[0], sync=False)
+        )
+        listing = (
+            [t for t in tail[1] if t.state == TrialState.RUNNING]
+            if tail is not None
+            else storage.get_all_trials(
+                study_id, deepcopy=False, states=None if full else (TrialState.RUNNING,)
+            )
         )
         if self._others_running(listing, trial._trial_id):
             # Drivers that restored the same saved state would draw the same points: while
@@ -1335,8 +1381,8 @@ class Study:
     ) -> None:
         duplicates = 0
         while not self.optuna._stop_flag:
-            trials = self.optuna.get_trials(deepcopy=False)
-            done, unfinished = self._tally(trials)
+            total, trials, base = self._listing_to_count()
+            done, unfinished = self._tally(trials, base)
             running = sum(1 for t in unfinished if t.state == TrialState.RUNNING)
             waiting = any(t.state == TrialState.WAITING for t in unfinished)
             if progress is not None:
@@ -1359,7 +1405,7 @@ class Study:
                 # check. The new trial's number is at least len(trials): all trials are listed
                 # then; the running ones otherwise (and all of them too in the rare case that
                 # other drivers' trials pushed this one's number to n_trials meanwhile).
-                full = n_trials is not None and len(trials) >= n_trials
+                full = n_trials is not None and total >= n_trials
                 trial, listing = self._ask_fresh(full=full)
                 if n_trials is not None and trial.number >= n_trials:
                     if not full:
@@ -1393,23 +1439,51 @@ class Study:
             progress.n = len(self.finished_trials())
             progress.refresh()
 
-    def _tally(self, trials: Sequence[FrozenTrial]) -> tuple[int, list[FrozenTrial]]:
-        """The number of finished trials of ``trials`` (a listing of all the study's trials,
-        in number order as every Optuna storage gives them) that count, and the trials that
-        are not finished. Starts after the settled trials of the last listing (see
+    def _listing_to_count(
+        self,
+    ) -> tuple[int, list[FrozenTrial], tuple[int, int] | None]:
+        """What :meth:`_tally` counts: (the number of the study's trials, a listing, the
+        settled point it starts at or None for all of them). A journal lists only the trials
+        past the settled prefix (see :func:`_journal_trials`); other storages list all."""
+        base = self._settled
+        journal = _journal_of(self.optuna._storage)
+        found = (
+            None
+            if journal is None
+            else _journal_trials(journal, self.optuna._study_id, base[0], sync=True)
+        )
+        if found is not None:
+            total, tail = found
+            if (tail[0].number if tail else total) == base[0]:
+                return total, tail, base
+        trials = self.optuna.get_trials(deepcopy=False)
+        return len(trials), trials, None
+
+    def _tally(
+        self, trials: Sequence[FrozenTrial], base: tuple[int, int] | None = None
+    ) -> tuple[int, list[FrozenTrial]]:
+        """The number of finished trials of the study that count, and the trials of
+        ``trials`` that are not finished. ``trials``: a listing of all the study's trials, in
+        number order as every Optuna storage gives them, or (``base`` = (k, c), a settled
+        point) of those numbered k or more, the first k being finished with c of them
+        counting. A full listing is counted from the settled trials of the last listing (see
         ``_settled``), so a long study is not walked whole at every trial."""
-        settled, settled_done = self._settled
-        if settled > len(trials) or (settled and trials[settled - 1].number != settled - 1):
-            settled, settled_done = 0, 0  # not the listing the tally was made from: afresh
+        if base is not None:
+            (settled, settled_done), offset = base, base[0]
+        else:
+            settled, settled_done = self._settled
+            offset = 0
+            if settled > len(trials) or (settled and trials[settled - 1].number != settled - 1):
+                settled, settled_done = 0, 0  # not the listing the tally was made from: afresh
         done = settled_done
         unfinished: list[FrozenTrial] = []
-        for index in range(settled, len(trials)):
+        for index in range(settled - offset, len(trials)):
             t = trials[index]
             if t.state in FINISHED_STATES:
                 counts = int(not is_retried(t))
                 done += counts
-                if settled == index and t.number == index:
-                    settled, settled_done = index + 1, settled_done + counts
+                if settled == index + offset and t.number == settled:
+                    settled, settled_done = settled + 1, settled_done + counts
             else:
                 unfinished.append(t)
         self._settled = (settled, settled_done)  # one assignment: threads see a whole pair

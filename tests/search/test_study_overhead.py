@@ -96,6 +96,46 @@ def test_the_incremental_count_agrees_with_a_full_count(tmp_path: Path) -> None:
     assert study._tally(study.optuna.get_trials(deepcopy=False)[:3])[0] == 3
 
 
+def test_a_journal_is_read_past_the_settled_trials_and_agrees_with_a_full_listing(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """On the journal (the default storage) the loop reads only the trials past the settled
+    prefix from the storage's replay, and the running trials after the ask without another
+    pass over the file. What it counts and finds running is what full listings give, also
+    with a second driver (another Study on the same file) that created trials meanwhile."""
+    from gradhpo.search.study import _journal_of
+
+    study = create_study(tmp_path / "s", sampler="random", pruner=None, seed=0)
+    assert _journal_of(study.optuna._storage) is not None
+    study.optimize(objective, n_trials=6)
+    other = load_study(tmp_path / "s")  # a second driver of the same journal file
+    left = other.ask()  # running under the other driver
+    left.suggest_float("x", -1.0, 1.0)
+    for _ in range(3):
+        trial = other.ask()
+        other.tell(trial, objective(trial))
+    total, tail, base = study._listing_to_count()
+    assert base is not None and base[0] == 6 and total == 10
+    assert [t.number for t in tail] == [6, 7, 8, 9]
+    done, unfinished = study._tally(tail, base)
+    assert done == _full_count(study) == 9 and [t.number for t in unfinished] == [6]
+    assert study._settled == (6, 6)  # held back by the running trial 6
+    # After the ask, the running trials are those of a full listing (the other driver's
+    # trial 6 and the new one): a driver that sees another one running reseeds.
+    calls = []
+    real = study.optuna._storage.get_all_trials
+    monkeypatch.setattr(
+        study.optuna._storage,
+        "get_all_trials",
+        lambda *a, **k: calls.append(k.get("states")) or real(*a, **k),
+    )
+    fresh, running = study._ask_fresh(full=False)
+    assert not calls  # read from the replay: no listing through the storage
+    full = [t.number for t in real(study.optuna._study_id, states=(TrialState.RUNNING,))]
+    assert sorted(t.number for t in running) == sorted(full) == [6, fresh.number]
+    assert study._state_after is None  # reseeded: another driver's trial is running
+
+
 def test_n_trials_is_exact_when_retried_trials_push_numbers_past_it(tmp_path: Path) -> None:
     """Trials numbered n_trials or more are checked as surplus; with dead trials retried
     under new numbers the study still ends with exactly n counted trials."""
