@@ -11,8 +11,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from gradhpo.search import create_study, load_study
 from gradhpo.files import read_slot_file
+from gradhpo.search import create_study, load_study
 from gradhpo.search.samplers import reseed_sampler, save_sampler_state
 from gradhpo.search.study import FINISHED_STATES, derived_seed, is_retried
 
