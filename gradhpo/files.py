@@ -144,10 +144,19 @@ def read_slot_file(path: str | os.PathLike[str]) -> bytes:
     return payload
 
 
+def _write_at(fd: int, data: memoryview, offset: int) -> int:
+    """Write at ``offset`` without moving a file position that a forked child shares
+    (``pwrite``); where there is none (Windows), seek then write."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # pragma: no cover - POSIX has pwrite
+    return os.write(fd, data)  # pragma: no cover
+
+
 class SlotFile:
     """A small record rewritten often, kept in two slots of one file: each :meth:`write`
     puts the record, with a sequence number and a CRC-32, into the slot the previous write
-    did not use, in place (one ``write`` on a descriptor kept open), without fsync. A kill in
+    did not use, in place (one ``pwrite`` on a descriptor kept open), without fsync. A kill in
     the middle of a write leaves the other slot's record complete, which
     :func:`read_slot_file` then returns: the record before, as a rename would have left it.
 
@@ -177,9 +186,10 @@ class SlotFile:
                 return
             self._seq += 1
             record = memoryview(_slot_record(self._seq, self._capacity, payload))
-            os.lseek(self._fd, (self._seq % 2) * self._capacity, os.SEEK_SET)
+            offset = (self._seq % 2) * self._capacity
             while record:
-                record = record[os.write(self._fd, record) :]
+                written = _write_at(self._fd, record, offset)
+                record, offset = record[written:], offset + written
 
     def close(self) -> None:
         with self._lock:

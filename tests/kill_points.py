@@ -14,10 +14,10 @@ wrap the primitives every write of gradhpo goes through, nothing in gradhpo know
 * ``replaced:GLOB`` - right after that rename (the file is in place, nothing after it ran);
 * ``rename:GLOB`` - ``os.rename`` of a matching path is about to happen (a run directory
   built in its hidden sibling, about to be renamed into place);
-* ``write:GLOB`` - an ``os.write`` to a descriptor of a matching file is about to happen (a
-  record written in place: the sampler state's next slot);
-* ``torn:GLOB`` - that ``os.write`` has written the first half of its bytes (what a kill in
-  the middle of a write leaves);
+* ``write:GLOB`` - an ``os.pwrite`` (or ``os.write``) to a descriptor of a matching file is
+  about to happen (a record written in place: the sampler state's next slot);
+* ``torn:GLOB`` - that write has written the first half of its bytes (what a kill in the
+  middle of a write leaves);
 * ``unlink:GLOB`` - right after a matching file was deleted (between the deletions that
   follow a PBT commit);
 * ``sql:TEXT`` - an SQLite statement whose text (with its parameters) contains TEXT is about
@@ -38,6 +38,7 @@ import os
 import signal
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,20 +91,27 @@ def install(point: str) -> None:
 
         os.rename = patched_rename
     elif kind in ("write", "torn"):
-        write = os.write
+        write, pwrite = os.write, os.pwrite
 
-        def patched_write(fd: int, data: Any) -> int:
+        def arrive(fd: int, data: Any, cut: Callable[[bytes], Any]) -> None:
             try:
                 target = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
                 target = ""
             if matches(target):
                 if kind == "torn" and _COUNT[0] + 1 == n:  # this is the write to cut short
-                    write(fd, bytes(data)[: len(data) // 2])
+                    cut(bytes(data)[: len(data) // 2])
                 reached()
+
+        def patched_write(fd: int, data: Any) -> int:
+            arrive(fd, data, lambda half: write(fd, half))
             return write(fd, data)
 
-        os.write = patched_write
+        def patched_pwrite(fd: int, data: Any, offset: int) -> int:
+            arrive(fd, data, lambda half: pwrite(fd, half, offset))
+            return pwrite(fd, data, offset)
+
+        os.write, os.pwrite = patched_write, patched_pwrite
     elif kind == "unlink":
         unlink = Path.unlink
 

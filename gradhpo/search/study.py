@@ -1091,7 +1091,7 @@ class Study:
     def _write_sampler_state(self, number: int) -> None:
         """Write the sampler's state (the JSON of
         :func:`~gradhpo.search.samplers.save_sampler_state`: sampler, RNG states, ``"trial":
-        number``) into ``sampler_state.bin``'s next slot: one ``write`` per trial on a
+        number``) into ``sampler_state.bin``'s next slot: one ``pwrite`` per trial on a
         descriptor kept open, where a temporary file and a rename cost about ten times as
         much. A killed driver leaves the previous state complete in the other slot (see
         :class:`~gradhpo.files.SlotFile`); a ``sampler_state.json`` of an older version is
