@@ -1065,9 +1065,11 @@ def hypergradient(
     recomputes the primal step), and ``chunk=1`` is one direction at a time. The result does
     not depend on it (up to float rounding).
 
-    ``compile`` (forward mode only): run each forward-mode step through ``torch.compile``.
-    On small models, where the per-operation cost of ``torch.func`` dominates, a step is many
-    times faster once compiled; the first call compiles (tens of seconds on a CPU), and a new
+    ``compile`` (forward mode only): run each forward-mode step (``vmap`` over ``jvp`` of the
+    whole step) through ``torch.compile``. On small models, where the per-operation cost
+    dominates, a step is several times faster than the eager one once compiled (the MNIST-1D
+    MLP of ``experiments/bench_engine.py``: 2.2x for one direction, 4.4x for eight); the
+    first call compiles (tens of seconds on a CPU), and a new
     batch shape, model or optimizer compiles again. Dropout draws the same masks as without
     it; the results agree with the eager ones up to float rounding (fused kernels).
 
