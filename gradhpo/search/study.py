@@ -631,43 +631,93 @@ def derived_seed(seed: int | None, index: int, kind: str = "trial") -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _running_count(storage: BaseStorage, study_id: int) -> int | None:
-    """The number of RUNNING trials of study ``study_id`` when ``storage`` is a database
-    (an Optuna RDB storage, also under Optuna's cache and :class:`RetryingStorage`), counted
-    in one SQL statement; listing them costs Optuna seven (the trials, then their params,
-    values, attributes and intermediate values), which on a database server was most of
-    what a study added to a trivial trial. None for other storages (a journal or memory
-    lists them from memory) and when the count fails (a lost connection: the caller lists
-    them, retried)."""
+def _rdb_of(storage: BaseStorage) -> optuna.storages.RDBStorage | None:
+    """The Optuna RDB storage behind ``storage`` (also under Optuna's cache and
+    :class:`RetryingStorage`), or None."""
     rdb: Any = storage
     for attr in ("backend", "_backend"):  # RetryingStorage, then optuna's _CachedStorage
         rdb = rdb.__dict__.get(attr, rdb) if hasattr(rdb, "__dict__") else rdb
-    if not isinstance(rdb, optuna.storages.RDBStorage):
-        return None
+    return rdb if isinstance(rdb, optuna.storages.RDBStorage) else None
+
+
+def _sql_scalars(rdb: optuna.storages.RDBStorage, build: Callable[..., Any]) -> Any:
+    """The one row of the query ``build(session, models)`` on ``rdb``; None when it fails
+    (another Optuna's models, a lost connection: the caller then lists, retried)."""
     try:
         from optuna.storages._rdb import models
-        from sqlalchemy import func
 
         session = rdb.scoped_session()
         try:
-            count = (
-                session.query(func.count(models.TrialModel.trial_id))
-                .filter(
-                    models.TrialModel.study_id == study_id,
-                    models.TrialModel.state == TrialState.RUNNING,
-                )
-                .scalar()
-            )
+            row = build(session, models).one()
             session.commit()
         except BaseException:
             session.rollback()
             raise
         finally:
             session.close()
-    except Exception:  # noqa: BLE001 - another Optuna's models, a lost connection: list them
-        logger.debug("could not count the running trials in SQL", exc_info=True)
+    except Exception:  # noqa: BLE001
+        logger.debug("could not count the trials in SQL", exc_info=True)
         return None
-    return int(count)
+    return row
+
+
+def _running_count(storage: BaseStorage, study_id: int) -> int | None:
+    """The number of RUNNING trials of study ``study_id`` when ``storage`` is a database,
+    counted in one SQL statement; listing them costs Optuna seven (the trials, then their
+    params, values, attributes and intermediate values), which on a database server was
+    most of what a study added to a trivial trial. None for other storages (a journal or
+    memory lists them from memory) and when the count fails (the caller lists them)."""
+    rdb = _rdb_of(storage)
+    if rdb is None:
+        return None
+    from sqlalchemy import func
+
+    row = _sql_scalars(
+        rdb,
+        lambda session, models: session.query(func.count(models.TrialModel.trial_id)).filter(
+            models.TrialModel.study_id == study_id,
+            models.TrialModel.state == TrialState.RUNNING,
+        ),
+    )
+    return None if row is None else int(row[0])
+
+
+#: JSON texts of the values ``bool()`` finds false: a mark stored with one of them does not
+#: make a trial uncounted (see :func:`is_retried`).
+_FALSY_JSON = ("false", "null", "0", "0.0", "-0.0", '""', "[]", "{}")
+
+
+def _sql_tally(storage: BaseStorage, study_id: int) -> tuple[int, int, int, int] | None:
+    """(trials, finished trials that count, running, waiting) of study ``study_id`` on a
+    database, in one SQL statement: what :meth:`Study._tally` counts from a listing of every
+    trial, which on a database costs Optuna's cache seven statements per trial (the
+    unfinished trials with their params, values and attributes). A finished trial counts
+    unless it is FAIL with a true retried, surplus or duplicate mark (:func:`is_retried`).
+    None for other storages and when the query fails (the caller lists)."""
+    rdb = _rdb_of(storage)
+    if rdb is None:
+        return None
+    from sqlalchemy import and_, case, exists, func, not_
+
+    def build(session: Any, models: Any) -> Any:
+        trial, attr = models.TrialModel, models.TrialSystemAttributeModel
+        marked = exists().where(
+            attr.trial_id == trial.trial_id,
+            attr.key.in_([_RETRIED, _SURPLUS, _DUPLICATE]),
+            attr.value_json.notin_(_FALSY_JSON),
+        )
+        uncounted = and_(trial.state == TrialState.FAIL, marked)
+        counted = and_(trial.state.in_(FINISHED_STATES), not_(uncounted))
+        ones = lambda cond: func.coalesce(func.sum(case((cond, 1), else_=0)), 0)  # noqa: E731
+        return session.query(
+            func.count(trial.trial_id),
+            ones(counted),
+            ones(trial.state == TrialState.RUNNING),
+            ones(trial.state == TrialState.WAITING),
+        ).filter(trial.study_id == study_id)
+
+    row = _sql_scalars(rdb, build)
+    return None if row is None else (int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 
 
 def _journal_of(storage: BaseStorage) -> JournalStorage | None:
@@ -1381,10 +1431,15 @@ class Study:
     ) -> None:
         duplicates = 0
         while not self.optuna._stop_flag:
-            total, trials, base = self._listing_to_count()
-            done, unfinished = self._tally(trials, base)
-            running = sum(1 for t in unfinished if t.state == TrialState.RUNNING)
-            waiting = any(t.state == TrialState.WAITING for t in unfinished)
+            counted = _sql_tally(self.optuna._storage, self.optuna._study_id)
+            if counted is not None:  # a database: counted in SQL
+                total, done, running, n_waiting = counted
+                waiting = n_waiting > 0
+            else:
+                total, trials, base = self._listing_to_count()
+                done, unfinished = self._tally(trials, base)
+                running = sum(1 for t in unfinished if t.state == TrialState.RUNNING)
+                waiting = any(t.state == TrialState.WAITING for t in unfinished)
             if progress is not None:
                 progress.n = done
                 progress.refresh()

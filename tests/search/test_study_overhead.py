@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from gradhpo.files import read_slot_file
@@ -134,6 +135,51 @@ def test_a_journal_is_read_past_the_settled_trials_and_agrees_with_a_full_listin
     full = [t.number for t in real(study.optuna._study_id, states=(TrialState.RUNNING,))]
     assert sorted(t.number for t in running) == sorted(full) == [6, fresh.number]
     assert study._state_after is None  # reseeded: another driver's trial is running
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_a_database_counts_in_sql_what_a_listing_counts(tmp_path: Path, storage: str) -> None:
+    """On a database the loop's count is one SQL statement; it must agree with the count of
+    a full listing on every kind of trial: complete, pruned, failed, retried, surplus,
+    duplicate, a mark whose value is false (counted), running and waiting. Other storages
+    have no SQL count (None)."""
+    from gradhpo.search.study import _DUPLICATE, _RETRIED, _SURPLUS, _sql_tally
+
+    study = create_study(tmp_path / "s", sampler="random", pruner=None, seed=0, storage=storage)
+    study.optimize(objective, n_trials=3)
+    raw = study.optuna._storage
+
+    def fail_with(key: str | None, value: Any) -> None:
+        trial = study.ask()
+        trial.suggest_float("x", -1.0, 1.0)
+        if key is not None:
+            raw.set_trial_system_attr(trial._trial_id, key, value)
+        study.tell(trial, state=TrialState.FAIL)
+
+    fail_with(None, None)  # a plain failure: counts
+    fail_with(_RETRIED, True)
+    fail_with(_SURPLUS, True)
+    fail_with(_DUPLICATE, "the proposal of trial 0")
+    fail_with(_DUPLICATE, "")  # a false mark: counts
+    fail_with(_RETRIED, False)  # counts
+    pruned = study.ask()
+    pruned.suggest_float("x", -1.0, 1.0)
+    study.tell(pruned, state=TrialState.PRUNED)
+    running = study.ask()
+    running.suggest_float("x", -1.0, 1.0)
+    study.enqueue({"x": 0.5})
+    listing = study.optuna.get_trials(deepcopy=False)
+    study._settled = (0, 0)
+    done, unfinished = study._tally(listing)
+    want = (
+        len(listing),
+        done,
+        sum(t.state == TrialState.RUNNING for t in unfinished),
+        sum(t.state == TrialState.WAITING for t in unfinished),
+    )
+    assert want == (12, 7, 1, 1)  # 3 complete + 3 counted failures + 1 pruned
+    got = _sql_tally(raw, study.optuna._study_id)
+    assert got == (want if storage == "sqlite" else None)
 
 
 def test_n_trials_is_exact_when_retried_trials_push_numbers_past_it(tmp_path: Path) -> None:
