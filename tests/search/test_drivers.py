@@ -217,16 +217,20 @@ def test_four_resume_processes_at_once_never_repeat_a_trial(tmp_path: Path) -> N
     config = copy.deepcopy(TINY)
     config["training"]["epochs"] = 6  # long enough to be killed inside a trial
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    first = _gradhpo("tune", "c.yaml", cwd=tmp_path)
+    # Killed inside trial 0, right after its epoch-1 progress is in place. (A kill sent when
+    # a poll saw a checkpoint could land between two trials, leaving no trial to continue.)
+    from kill_points import command
+
+    first = subprocess.run(
+        command("replaced:*/trials/0000/progress.json@1", "tune", "c.yaml", "--no-progress"),
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=300,
+    )
+    assert first.returncode == -signal.SIGKILL, first.stderr.decode()
     study_dir = tmp_path / "runs" / "multi"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # the first trial has written a checkpoint
-        if list(study_dir.glob("trials/*/last_0.pt")):
-            break
-        assert first.poll() is None, first.communicate()
-        time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
     drivers = [_gradhpo("resume", str(study_dir), cwd=tmp_path) for _ in range(4)]
     outputs = [d.communicate(timeout=600) for d in drivers]
     for d, (_out, err) in zip(drivers, outputs, strict=True):
