@@ -149,6 +149,22 @@ def command(point: str, *args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), point, "--", *args]
 
 
+def run_killed(point: str, *args: str, cwd: Any) -> None:
+    """Run ``gradhpo ARGS`` in ``cwd`` killed at POINT (one thread per library); fail the
+    calling test unless it died there by SIGKILL."""
+    import subprocess
+
+    proc = subprocess.run(
+        command(point, *args),
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[2] != "--":
         raise SystemExit("usage: python kill_points.py POINT[@N] -- GRADHPO_ARGS...")

@@ -8,8 +8,6 @@ import copy
 import json
 import os
 import re
-import signal
-import subprocess
 from pathlib import Path
 
 import optuna
@@ -261,21 +259,15 @@ def test_a_killed_multi_objective_study_resumes_to_the_uninterrupted_result(
     continued from its checkpoint where it had one. A kill timed by polling for a file (as
     this test once did) landed between trial 2's checkpoint and its progress file about one
     run in five, and the resumed trial trained one epoch too many."""
-    from kill_points import command
+    from kill_points import run_killed
 
     monkeypatch.chdir(tmp_path)
     cfg, reference = killed_reference
     kill_at, resumed_at = MO_KILLS[point]
     run_dir = tmp_path / "runs" / "mo"
-    proc = subprocess.run(
-        command(kill_at, "tune", str(cfg), "--out", str(tmp_path / "runs"), "--no-progress"),
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        timeout=300,
+    run_killed(
+        kill_at, "tune", str(cfg), "--out", str(tmp_path / "runs"), "--no-progress", cwd=tmp_path
     )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     states = {t.number: t.state.name for t in load_optuna_study(run_dir).trials}
     assert states == {0: "COMPLETE", 1: "COMPLETE", 2: "RUNNING"}
 
