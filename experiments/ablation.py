@@ -14,10 +14,13 @@ Methods:
                                               hypergradient modes start from (0.01)
   random, grid, tpe, tpe_hyperband, evolution  Optuna samplers over (lr, width), each trial a
                                               plain run of ``--trial-epochs`` epochs
-  hg_greedy, hg_truncated, hg_forward,         one run whose lr is tuned by hypergradients
-  hg_carried                                  (greedy K=1; reverse K=10 truncated to 5;
-                                              forward K=10; forward K=10 with the tangents
-                                              carried across the run) for the whole budget
+  hg_greedy, hg_truncated, hg_amortized,       one run whose lr is tuned by hypergradients
+  hg_forward, hg_carried                      (greedy K=1; reverse K=10 truncated to 5; the
+                                              same on every 4th horizon only; forward K=10;
+                                              forward K=10 with the tangents carried across
+                                              the run) for the whole budget, fitted on a
+                                              hyper-validation split carved from train (10 %)
+                                              so that val, which selects, stays unseen
   sgd_hd                                       one run with the SGD-HD optimizer (online lr)
   pbt, pbt_hybrid                              PBT population of 4 sharing the budget; the
                                               hybrid's members also tune lr by hypergradient
@@ -58,6 +61,7 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 
 from gradhpo.data import DatasetNotFoundError, load_dataset  # noqa: E402
+from gradhpo.jobs.tune import HYPER_VAL_FRACTION  # noqa: E402
 from gradhpo.pbt.manager import PopulationBasedTraining, RunMember  # noqa: E402
 from gradhpo.run import TrainingRun  # noqa: E402
 from gradhpo.search import create_study  # noqa: E402
@@ -97,12 +101,24 @@ SAMPLERS = {
 HYPERGRADIENT = {
     "hg_greedy": {"method": "greedy", "horizon": 1},
     "hg_truncated": {"method": "reverse", "horizon": 10, "truncate": 5},
+    # Amortized: the same hypergradient on every 4th horizon only, plain steps in between.
+    "hg_amortized": {"method": "reverse", "horizon": 10, "truncate": 5, "every": 4},
     "hg_forward": {"method": "forward", "horizon": 10},
     # Forward mode carried across the whole run (RTHO): long-horizon, online.
     "hg_carried": {"method": "forward", "horizon": 10, "carry": True, "carry_decay": 0.99},
 }
 METHODS = ["plain", *SAMPLERS, *HYPERGRADIENT, "sgd_hd", "pbt", "pbt_hybrid"]
 LR_LOW, LR_HIGH, LR_START = 1e-3, 1.0, 0.01
+HEADLINE_MODES = [
+    "plain",
+    "hg_greedy",
+    "hg_truncated",
+    "hg_amortized",
+    "hg_carried",
+    "sgd_hd",
+    "pbt",
+    "pbt_hybrid",
+]
 
 
 class Tracker:
@@ -230,7 +246,12 @@ def run_sampler(
 
 
 def run_hypergradient(name: str, task: dict, data: Any, seed: int, tracker: Tracker) -> None:
-    tuner = {"hypers": [{"name": "lr"}], "hyper_lr": 0.05, **HYPERGRADIENT[name]}
+    tuner = {
+        "hypers": [{"name": "lr"}],
+        "hyper_lr": 0.05,
+        "hyper_val_fraction": HYPER_VAL_FRACTION,
+        **HYPERGRADIENT[name],
+    }
     run = make_run(task, data, seed, LR_START, tuner=tuner)
     _train_single(run, tracker)
 
@@ -262,7 +283,13 @@ def run_pbt(task: dict, data: Any, seed: int, tracker: Tracker, hybrid: bool, tm
         {"optimizer.lr": {"type": "float", "low": LR_LOW, "high": LR_HIGH, "log": True}}
     )
     tuner = (
-        {"hypers": [{"name": "lr"}], "method": "greedy", "horizon": 1, "hyper_lr": 0.05}
+        {
+            "hypers": [{"name": "lr"}],
+            "method": "greedy",
+            "horizon": 1,
+            "hyper_lr": 0.05,
+            "hyper_val_fraction": HYPER_VAL_FRACTION,
+        }
         if hybrid
         else None
     )
@@ -373,6 +400,17 @@ def main() -> int:
         help="TPE's best of 30 trials vs gradhpo's modes at 1/5 of TPE's wall-clock seconds",
     )
     parser.add_argument("--headline-task", choices=sorted(TASKS), default="mnist1d")
+    parser.add_argument(
+        "--headline-modes", nargs="+", choices=HEADLINE_MODES, default=HEADLINE_MODES
+    )
+    parser.add_argument(
+        "--seed-list", type=int, nargs="+", default=None, help="headline: these seeds only"
+    )
+    parser.add_argument(
+        "--headline-table",
+        action="store_true",
+        help="headline: only redraw the table and plot from the seed files in --out",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--results",
@@ -490,7 +528,7 @@ def main() -> int:
     plot_curves(
         curves,
         args.methods,
-        args.seeds,
+        range(args.seeds),
         ("steps", "training steps (all runs of the method)"),
         ("best_val", "best validation accuracy so far"),
         f"ablation on {args.task}: best so far vs compute",
@@ -500,7 +538,7 @@ def main() -> int:
     plot_curves(  # anytime: the test accuracy of the configuration selected so far
         curves,
         args.methods,
-        args.seeds,
+        range(args.seeds),
         ("seconds", "wall-clock seconds (training and validation)"),
         ("test_of_best", "test accuracy of the configuration selected on val"),
         f"{args.task}: anytime test accuracy vs seconds",
@@ -529,7 +567,7 @@ def load_task_data(task: dict, train_size: int | None) -> Any:
 def plot_curves(
     curves: list[dict],
     methods: list[str],
-    seeds: int,
+    seeds: list[int] | range,
     x: tuple[str, str],
     y: tuple[str, str],
     title: str,
@@ -540,7 +578,7 @@ def plot_curves(
     (``x[1]``, ``y[1]``: axis labels); NaN points (no test figure yet) are left out."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, method in enumerate(methods):
-        for seed in range(seeds):
+        for seed in seeds:
             pts = [
                 (c[x[0]], c[y[0]])
                 for c in curves
@@ -553,7 +591,7 @@ def plot_curves(
                     where="post",
                     color=f"C{k % 10}",
                     alpha=0.8,
-                    label=method if seed == 0 else None,
+                    label=method if seed == seeds[0] else None,
                     linestyle="-" if k < 10 else "--",
                 )
     ax.set_xlabel(x[1])
@@ -567,74 +605,179 @@ def plot_curves(
     plt.close(fig)
 
 
-HEADLINE_MODES = ["plain", "hg_greedy", "hg_truncated", "hg_carried", "sgd_hd", "pbt", "pbt_hybrid"]
 
 
 def headline(args: argparse.Namespace) -> int:
     """TPE with 30 trials of ``--trial-epochs`` epochs against each gradhpo mode given one
     fifth of the wall-clock seconds TPE used, on ``--headline-task``. The goal: a mode that
     uses hypergradients reaches TPE's test accuracy (of the configuration selected on val).
-    Appends to RESULTS.md."""
+
+    Each seed's rows and curves go to ``<out>/seed<k>.csv`` / ``curves_seed<k>.csv`` as each
+    method finishes, so seeds can run in separate processes (``--seed-list``, one core each)
+    and a killed run keeps what it finished; the table and the anytime plot are then drawn
+    from every seed file of ``<out>`` (``--headline-table`` redraws them alone)."""
     task = TASKS[args.headline_task]
+    out = args.out or headline_dir(args)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.headline_table:
+        return headline_table(args, out, task)
     try:
         data = load_task_data(task, args.train_size)
     except DatasetNotFoundError as exc:
         print(f"ablation: {exc}", file=sys.stderr)
         return 2
+    setup = headline_setup(args, len(data.train))
     per_epoch = len(data.train) // task["batch"]
     tpe_budget = 30 * args.trial_epochs * per_epoch
-    rows = []
+    seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
+        for seed in seeds:
+            rows: list[dict] = []
+            curves: list[dict] = []
             tpe = run_method("tpe", task, data, seed, tpe_budget, args.trial_epochs, Path(tmp))
-            rows.append(
-                ("tpe (30 trials)", seed, tpe.steps, tpe.best_val, tpe.best_test, tpe.elapsed)
-            )
-            print(
-                f"tpe seed {seed}: val {tpe.best_val:.4f} test {tpe.best_test:.4f} steps {tpe.steps} "
-                f"{tpe.elapsed:.1f} s",
-                flush=True,
-            )
-            for mode in HEADLINE_MODES:
+            keep_seed_row(out, setup, seed, TPE_ROW, tpe, rows, curves)
+            for mode in args.headline_modes:
                 t = run_method(
                     mode, task, data, seed, None, args.trial_epochs, Path(tmp), tpe.elapsed / 5
                 )  # tpe.elapsed is frozen: run_method stopped its clock
-                rows.append((mode, seed, t.steps, t.best_val, t.best_test, t.elapsed))
-                print(
-                    f"{mode} seed {seed}: val {t.best_val:.4f} test {t.best_test:.4f} steps {t.steps} "
-                    f"{t.elapsed:.1f} s",
-                    flush=True,
-                )
-    lines = [
-        "| method | steps (mean) | seconds (mean) | best val accuracy | test accuracy of the selected | reaches TPE's test accuracy |",
-        "|---|---|---|---|---|---|",
-    ]
-    tpe_test = {seed: b for m, seed, _, _, b, _ in rows if m.startswith("tpe")}
+                keep_seed_row(out, setup, seed, mode, t, rows, curves)
+    return headline_table(args, out, task)
+
+
+TPE_ROW = "tpe (30 trials)"
+
+
+def keep_seed_row(
+    out: Path,
+    setup: str,
+    seed: int,
+    method: str,
+    tracker: Tracker,
+    rows: list[dict],
+    curves: list[dict],
+) -> None:
+    """Adds one finished method to its seed's rows and curves and rewrites both files."""
+    rows.append(
+        {
+            "method": method,
+            "seed": seed,
+            "steps": tracker.steps,
+            "seconds": round(tracker.elapsed, 2),
+            "best_val": tracker.best_val,
+            "test_of_best": tracker.best_test,
+            "setup": setup,
+        }
+    )
+    curves.extend(
+        {
+            "method": method,
+            "seed": seed,
+            "steps": s,
+            "seconds": round(t, 3),
+            "best_val": v,
+            "test_of_best": b,
+        }
+        for s, t, v, b in tracker.curve
+    )
+    write_csv(out / f"seed{seed}.csv", rows)
+    write_csv(out / f"curves_seed{seed}.csv", curves)
+    print(
+        f"{method} seed {seed}: val {tracker.best_val:.4f} test {tracker.best_test:.4f} "
+        f"steps {tracker.steps} {tracker.elapsed:.1f} s",
+        flush=True,
+    )
+
+
+def headline_dir(args: argparse.Namespace) -> Path:
+    size = "all" if args.train_size == 0 else (args.train_size or "default")
+    return (
+        ROOT
+        / "experiments"
+        / "results"
+        / f"headline_{args.headline_task}_e{args.trial_epochs}_n{size}"
+    )
+
+
+def headline_setup(args: argparse.Namespace, n_train: int) -> str:
+    """What makes two seed files comparable: the task, the protocol and the machine."""
+    return (
+        f"{args.headline_task}, {n_train} training images, TPE 30 x {args.trial_epochs} epochs, "
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+    )
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def read_seed_files(out: Path, stem: str) -> list[dict]:
+    rows: list[dict] = []
+    for path in sorted(out.glob(f"{stem}*.csv")):
+        with path.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                for key in ("steps", "seed"):
+                    row[key] = int(row[key])
+                for key in ("seconds", "best_val", "test_of_best"):
+                    row[key] = float(row[key])
+                rows.append(row)
+    return rows
+
+
+def headline_table(args: argparse.Namespace, out: Path, task: dict) -> int:
+    rows = read_seed_files(out, "seed")
+    if not rows:
+        print(f"ablation: no headline seed files (seed<k>.csv) in {out}", file=sys.stderr)
+        return 2
+    setups = sorted({r["setup"] for r in rows})
+    if len(setups) > 1:
+        print(f"ablation: {out} mixes seed files of different setups: {setups}", file=sys.stderr)
+        return 2
+    tpe_test = {r["seed"]: r["test_of_best"] for r in rows if r["method"] == TPE_ROW}
+    methods = [TPE_ROW, *[m for m in HEADLINE_MODES if any(r["method"] == m for r in rows)]]
 
     def stats(values: list[float]) -> str:
         if len(values) == 1:
             return f"{values[0]:.4f}"
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
-    for method in ["tpe (30 trials)", *HEADLINE_MODES]:
-        sel = [r for r in rows if r[0] == method]
-        reach = sum(r[4] >= tpe_test[r[1]] for r in sel)
+    lines = [
+        "| method | seeds | steps (mean) | seconds (mean) | best val accuracy | "
+        "test accuracy of the selected | reaches TPE's test accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in methods:
+        sel = [r for r in rows if r["method"] == method]
+        reach = sum(r["test_of_best"] >= tpe_test[r["seed"]] for r in sel if r["seed"] in tpe_test)
         lines.append(
-            f"| {method} | {statistics.mean(r[2] for r in sel):.0f} | "
-            f"{statistics.mean(r[5] for r in sel):.1f} | {stats([r[3] for r in sel])} | "
-            f"{stats([r[4] for r in sel])} | "
-            f"{'-' if method.startswith('tpe') else f'{reach}/{len(sel)} seeds'} |"
+            f"| {method} | {len(sel)} | {statistics.mean(r['steps'] for r in sel):.0f} | "
+            f"{statistics.mean(r['seconds'] for r in sel):.1f} | "
+            f"{stats([r['best_val'] for r in sel])} | {stats([r['test_of_best'] for r in sel])} | "
+            f"{'-' if method == TPE_ROW else f'{reach}/{len(sel)} seeds'} |"
         )
-    command = "python experiments/ablation.py " + " ".join(sys.argv[1:])
+    seeds = sorted({r["seed"] for r in rows})
     text = (
-        f"\n## Headline: {args.headline_task}, gradhpo at 1/5 of TPE's wall-clock seconds\n\n"
-        f"Command: `{command}`; TPE: 30 trials x {args.trial_epochs} epochs over (lr, width); "
-        f"every gradhpo mode gets one fifth of the seconds TPE used (steps reported beside). "
-        f"{len(data.train)} training images. {platform.machine()}, {torch.get_num_threads()} "
-        f"torch threads, {time.strftime('%Y-%m-%d')}.\n\n" + "\n".join(lines) + "\n"
+        f"Setup: {setups[0]}; seeds {seeds}; every gradhpo mode gets one fifth of the seconds "
+        f"TPE used in the same process (steps reported beside); hypergradients are fitted on a "
+        f"hyper-validation split carved from train, never on val. Files: `{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}`; "
+        f"{time.strftime('%Y-%m-%d')}.\n\n" + "\n".join(lines) + "\n"
     )
-    with args.results.open("a") as fh:
-        fh.write(text)
+    (out / "table.md").write_text(text)
+    curves = read_seed_files(out, "curves_seed")
+    if curves:
+        plot_curves(
+            curves,
+            methods,
+            seeds,
+            ("seconds", "wall-clock seconds (training and validation)"),
+            ("test_of_best", "test accuracy of the configuration selected on val"),
+            f"headline, {args.headline_task}: anytime test accuracy vs seconds",
+            out / "anytime_test_vs_seconds.png",
+        )
     print(text)
     return 0
 
