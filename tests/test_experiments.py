@@ -135,17 +135,71 @@ def test_ablation_at_equal_wall_clock_seconds(tmp_path: Path) -> None:
 def test_a_finished_methods_clock_is_frozen() -> None:
     """The headline hands each mode 1/5 of TPE's seconds: TPE's figure must not keep growing
     while the modes run (it did, giving later modes larger budgets)."""
-    import importlib.util
     import time
 
-    spec = importlib.util.spec_from_file_location("ablation", ROOT / "experiments" / "ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    ablation = _load_ablation()
     tracker = ablation.Tracker(None, 10.0)
     tracker.finish()
     before = tracker.elapsed
     time.sleep(0.05)
     assert tracker.elapsed == before
+
+
+def _load_ablation():
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "experiments" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    return ablation
+
+
+def test_headline_table_joins_seed_files_and_refuses_mixed_setups(tmp_path: Path) -> None:
+    """Headline seeds run in separate processes, each writing seed<k>.csv; the table counts a
+    mode as reaching TPE only against TPE of the same seed, and files of another setup (task,
+    epochs, threads) are an error, not silently averaged."""
+    import argparse
+
+    ablation = _load_ablation()
+    rows = {  # seed: [(method, test accuracy)]
+        0: [(ablation.TPE_ROW, 0.80), ("plain", 0.81), ("hg_truncated", 0.79)],
+        1: [(ablation.TPE_ROW, 0.85), ("plain", 0.82), ("hg_truncated", 0.86)],
+    }
+    for seed, items in rows.items():
+        ablation.write_csv(
+            tmp_path / f"seed{seed}.csv",
+            [
+                {
+                    "method": m,
+                    "seed": seed,
+                    "steps": 10,
+                    "seconds": 1.5,
+                    "best_val": t,
+                    "test_of_best": t,
+                    "setup": "S",
+                }
+                for m, t in items
+            ],
+        )
+    args = argparse.Namespace(headline_task="digits")
+    assert ablation.headline_table(args, tmp_path, {}) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "seeds [0, 1]" in table
+    assert "| plain | 2 | 10 | 1.5 | 0.8150 ± 0.0071 | 0.8150 ± 0.0071 | 1/2 seeds |" in table
+    assert "| hg_truncated | 2 |" in table and "| 1/2 seeds |" in table.split("hg_truncated")[1]
+    ablation.write_csv(
+        tmp_path / "seed2.csv",
+        [
+            {
+                "method": "plain",
+                "seed": 2,
+                "steps": 1,
+                "seconds": 1.0,
+                "best_val": 0.5,
+                "test_of_best": 0.5,
+                "setup": "other",
+            }
+        ],
+    )
+    assert ablation.headline_table(args, tmp_path, {}) == 2
 
 
 def test_fmnist_retrain_runs(tmp_path: Path) -> None:

@@ -20,6 +20,9 @@ A PBT config is a train config plus a ``pbt`` section::
       seed: 0
       batched: false             # true: one vmapped step for all members (BatchedPopulation;
                                  # sync mode, optimizer.* values only, no tuner)
+      groups: 1                  # batched: that many groups of consecutive members, each one
+                                 # vmapped model with its own dropout stream (same run in
+                                 # process or on an executor: one task per group per round)
       executor: null             # members' intervals as tasks: {name: processes | ray, ...};
                                  # sync: a round of tasks at a time; async: a task per member
                                  # in flight, each decided and resubmitted as it finishes
@@ -53,6 +56,7 @@ from gradhpo.pbt.manager import (
     BatchedMember,
     PopulationBasedTraining,
     RunMember,
+    contiguous_groups,
 )
 from gradhpo.pbt.store import PBTDatabase
 from gradhpo.run.builder import build_run, load_job_data
@@ -76,6 +80,7 @@ PBT_DEFAULTS: dict[str, Any] = {
     "metric": "val_accuracy",
     "seed": None,
     "batched": False,
+    "groups": 1,
     "executor": None,
     "checkpoints": "files",
 }
@@ -118,12 +123,18 @@ def validate_pbt_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], SearchS
         config["training"]["seed"] if p["seed"] is None else check_int("pbt.seed", p["seed"], 0)
     )
     p["executor"] = check_executor("pbt.executor", p["executor"])
-    if p["executor"] is not None and p["executor"]["name"] != "serial" and p["batched"]:
-        raise ConfigError(
-            "pbt.executor: a batched population trains in this process; drop one of them"
-        )
     if not isinstance(p["batched"], bool):
         raise ConfigError(f"pbt.batched: expected true or false, got {p['batched']!r}")
+    check_int("pbt.groups", p["groups"], 1)
+    if p["groups"] > p["population"]:
+        raise ConfigError(
+            f"pbt.groups: at most one group per member ({p['population']}), got {p['groups']!r}"
+        )
+    if p["groups"] != 1 and not p["batched"]:
+        raise ConfigError(
+            f"pbt.groups: splits a batched population (pbt.batched: true), got {p['groups']!r} "
+            "with batched false"
+        )
     if p["batched"]:
         if config["tuner"] is not None:
             raise ConfigError(
@@ -178,7 +189,10 @@ class _Population:
         self.data = data
         self.tb_root = Path(config["output"]["tensorboard_dir"]) / config["name"]
         self.loggers: dict[int, TensorBoardLogger] = {}
-        self.group: BatchedGroup | None = None
+        p = config["pbt"]
+        #: The batched groups (pbt.groups): member indices, and each group once built.
+        self.members_of = contiguous_groups(p["population"], p["groups"])
+        self.groups: dict[int, BatchedGroup] = {}
 
     def factory(self, index: int, values: dict[str, Any]) -> Any:
         if self.config["pbt"]["batched"]:
@@ -192,13 +206,20 @@ class _Population:
         return RunMember(run, self.config["pbt"]["metric"], values)
 
     def _batched_member(self, index: int, values: dict[str, Any]) -> BatchedMember:
-        """Member ``index`` of the one BatchedPopulation (built at the first call): member i
-        has seed ``training.seed + i`` like the unbatched members."""
-        if self.group is None:
-            n = self.config["pbt"]["population"]
-            population = BatchedPopulation.from_config(self.config, self.data, n)
-            self.group = BatchedGroup(population, self.config["pbt"]["metric"])
-        member = self.group.member(index)
+        """Member ``index``: a row of its group's BatchedPopulation (built at the first call
+        for any of its members; on an executor worker only the task's group is built).
+        Member i has seed ``training.seed + i`` like the unbatched members; each group has a
+        dropout stream of its own, so a population gives the same run wherever its groups
+        train."""
+        k = next(k for k, members in enumerate(self.members_of) if index in members)
+        members = self.members_of[k]
+        if k not in self.groups:
+            base = int(self.config["training"]["seed"])
+            population = BatchedPopulation.from_config(
+                self.config, self.data, len(members), seeds=[base + i for i in members]
+            )
+            self.groups[k] = BatchedGroup(population, self.config["pbt"]["metric"])
+        member = self.groups[k].member(index - members[0])
         member.apply(values)
         return member
 
@@ -225,7 +246,7 @@ class _Population:
         """Shipped to executor workers without the data, loggers or batched group: a worker
         reloads the data set from the config (once per process)."""
         state = dict(self.__dict__)
-        state.update(data=None, loggers={}, group=None)
+        state.update(data=None, loggers={}, groups={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -280,7 +301,7 @@ def prepare_pbt(
         except (ModelConfigError, ValueError, TypeError) as exc:
             raise ConfigError(f"{where}: gives an invalid member: {exc}") from exc
     directory = resume_dir or run_dir_of(config)
-    population.group = None  # the pre-flight population is not the one that trains
+    population.groups = {}  # the pre-flight population is not the one that trains
     p = config["pbt"]
     if resume_dir is None:
         create_run_dir(directory, "pbt", config, populate=lambda tmp: PBTDatabase(tmp).close())
@@ -301,6 +322,7 @@ def prepare_pbt(
         seed=p["seed"],
         on_evaluate=population.on_evaluate,
         checkpoints=p["checkpoints"],
+        together=population.members_of if p["batched"] else None,
     )
     return manager, config, population
 

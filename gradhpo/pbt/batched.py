@@ -643,9 +643,17 @@ class BatchedPopulation:
         self._step = torch.as_tensor(state["step"]).to(self.device, torch.int64).clone()
         self._diverged = torch.as_tensor(state["diverged"]).to(self.device, torch.bool).clone()
         self.seeds = [int(s) for s in config.get("seeds", self.seeds)]
-        self._rng_state = state["rng"]["torch"].clone()
-        if self._cuda_rng_state is not None and "cuda" in state["rng"]:
-            self._cuda_rng_state = state["rng"]["cuda"].clone()
+        self.load_rng_state(state["rng"])
+
+    def load_rng_state(self, rng: Mapping[str, Tensor]) -> None:
+        """Restore the population's dropout stream (the ``rng`` of :meth:`state_dict` or of
+        any :meth:`member_state_dict`): what a full restore of its members does, since
+        their masks come from this one stream."""
+        if not isinstance(rng, Mapping) or not isinstance(rng.get("torch"), Tensor):
+            raise ValueError(f"rng: expected {{'torch': <RNG state tensor>}}, got {rng!r}")
+        self._rng_state = rng["torch"].clone()
+        if self._cuda_rng_state is not None and "cuda" in rng:
+            self._cuda_rng_state = rng["cuda"].clone()
 
     def __repr__(self) -> str:
         return (

@@ -46,8 +46,12 @@ __all__ = [
     "BatchedGroup",
     "BatchedMember",
     "PopulationBasedTraining",
+    "contiguous_groups",
+    "step_together",
     "member_task",
     "member_state_task",
+    "group_task",
+    "group_state_task",
 ]
 
 # How the checkpoints of members trained on an executor move (see PopulationBasedTraining):
@@ -195,6 +199,83 @@ def _state_bytes(state: Mapping[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def contiguous_groups(population: int, groups: int) -> list[list[int]]:
+    """``population`` members in ``groups`` runs of consecutive indices whose sizes differ
+    by at most one (the first groups are the smaller): the batched groups of a population."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= population:
+        raise ValueError(f"groups must be an integer in [1, {population}], got {groups!r}")
+    bounds = [k * population // groups for k in range(groups + 1)]
+    return [list(range(bounds[k], bounds[k + 1])) for k in range(groups)]
+
+
+def step_together(members: Sequence[Member], n: int) -> None:
+    """Train ``members`` ``n`` steps each: batched members with one vmapped step per group
+    (once per group, however many of its members are listed), the others one by one."""
+    groups: dict[int, BatchedGroup] = {}
+    for member in members:
+        if isinstance(member, BatchedMember):
+            groups.setdefault(id(member.group), member.group)
+        else:
+            member.step(n)
+    for group in groups.values():
+        group.step(n)
+
+
+def _train_members(
+    factory: Callable[[int, dict[str, Any]], Member],
+    indices: Sequence[int],
+    values: Sequence[Mapping[str, Any]],
+    states: Sequence[str | bytes | None],
+    steps: int,
+) -> tuple[list[Member], list[float]]:
+    """What a training task does for the members ``indices`` (a batched group, or one
+    member): build each with its values, restore it fully from its checkpoint (``states``:
+    paths or bytes, None for a fresh member), apply its values, train them ``steps`` steps
+    together (:func:`step_together`) and score each."""
+    members = [factory(i, dict(v)) for i, v in zip(indices, values, strict=True)]
+    for member, state in zip(members, states, strict=True):
+        if state is not None:
+            member.load_state_dict(_load_state(state))
+    for member, v in zip(members, values, strict=True):
+        member.apply(v)
+    step_together(members, steps)
+    return members, [float(member.score()) for member in members]
+
+
+def group_task(
+    factory: Callable[[int, dict[str, Any]], Member],
+    indices: Sequence[int],
+    values: Sequence[Mapping[str, Any]],
+    state_paths: Sequence[str | None],
+    steps: int,
+    out_paths: Sequence[str],
+) -> list[tuple[float, dict[str, float]]]:
+    """One interval of the members ``indices`` on an executor, checkpoints as files
+    (``checkpoints="files"``): see :func:`_train_members`; each new state is written to its
+    ``out_paths`` entry atomically. Returns ``(score, hyperparameters)`` per member."""
+    members, scores = _train_members(factory, indices, values, state_paths, steps)
+    for member, out in zip(members, out_paths, strict=True):
+        write_torch(out, member.state_dict())
+    return [(score, dict(m.hyperparameters)) for m, score in zip(members, scores, strict=True)]
+
+
+def group_state_task(
+    factory: Callable[[int, dict[str, Any]], Member],
+    indices: Sequence[int],
+    values: Sequence[Mapping[str, Any]],
+    states: Sequence[bytes | None],
+    steps: int,
+) -> list[tuple[float, dict[str, float], bytes]]:
+    """One interval of the members ``indices`` on an executor, checkpoints through the
+    executor (``checkpoints="executor"``): the starting states are checkpoint bytes, and the
+    new ones come back as such, per member with its score and hyperparameters."""
+    members, scores = _train_members(factory, indices, values, states, steps)
+    return [
+        (score, dict(m.hyperparameters), _state_bytes(m.state_dict()))
+        for m, score in zip(members, scores, strict=True)
+    ]
+
+
 def _train_interval(
     factory: Callable[[int, dict[str, Any]], Member],
     index: int,
@@ -316,9 +397,14 @@ class BatchedMember:
         return self.group.population.member_state_dict(self.index)
 
     def load_state_dict(self, state: Mapping[str, Any], *, keep_stream: bool = False) -> None:
-        self.group.population.load_member_state_dict(
-            self.index, state, load_iterator=not keep_stream
-        )
+        """Load this member's row. A full restore (``keep_stream=False``: a resume, a task
+        starting from the member's checkpoint) also restores the group's dropout stream
+        saved with it; the members of a group are saved at the same step, so they carry the
+        same stream. An exploit (``keep_stream=True``) takes only the source's weights."""
+        population = self.group.population
+        population.load_member_state_dict(self.index, state, load_iterator=not keep_stream)
+        if not keep_stream and state.get("rng") is not None:
+            population.load_rng_state(state["rng"])
         self.group.invalidate()
 
     def apply(self, values: Mapping[str, Any]) -> None:
@@ -367,6 +453,9 @@ class PopulationBasedTraining:
             arguments and results, through Ray's object store or the process pool's pipes;
             only this process reads and writes ``directory``). Both give the same run; without
             an executor there is nothing to move.
+        together: members that train together in one task on an executor (a partition of
+            the indices, e.g. :func:`contiguous_groups`: the batched groups of a population);
+            default: one task per member.
     """
 
     def __init__(
@@ -389,6 +478,7 @@ class PopulationBasedTraining:
         initial_values: Sequence[Mapping[str, Any]] | None = None,
         on_evaluate: Callable[[int, int, float, Evaluated, dict[str, Any]], None] | None = None,
         checkpoints: str = "files",
+        together: Sequence[Sequence[int]] | None = None,
     ) -> None:
         for name, value, low in (
             ("population", population, 2),
@@ -417,6 +507,21 @@ class PopulationBasedTraining:
             raise ValueError(
                 f"initial_values must have {population} entries, got {len(initial_values)}"
             )
+        if together is None:
+            together = [[i] for i in range(population)]
+        together = [[int(i) for i in group] for group in together]
+        if sorted(i for group in together for i in group) != list(range(population)) or not all(
+            together
+        ):
+            raise ValueError(
+                f"together must split the members 0..{population - 1} into non-empty groups, "
+                f"got {together!r}"
+            )
+        if mode == "async" and any(len(group) > 1 for group in together):
+            raise ValueError(
+                "together: async members are served one at a time; groups need mode 'sync'"
+            )
+        self.together = together
         self.factory = factory
         self.parameters = list(parameters)
         self.db = PBTDatabase(directory)
@@ -655,14 +760,10 @@ class PopulationBasedTraining:
         if not self.members:
             self.start()
         if self.mode == "sync":
-            groups = {id(m.group): m.group for m in self.members if isinstance(m, BatchedMember)}
             while min(self.steps) < self.total_steps:
                 n = min(self.interval, self.total_steps - min(self.steps))
-                for group in groups.values():  # batched members: one vmapped step for all
-                    group.step(n)
-                for i, member in enumerate(self.members):
-                    if not isinstance(member, BatchedMember):
-                        member.step(n)
+                step_together(self.members, n)
+                for i in range(self.population):
                     self.steps[i] += n
                 scores = {i: self._evaluate(i) for i in range(self.population)}
                 final = min(self.steps) >= self.total_steps
@@ -699,22 +800,28 @@ class PopulationBasedTraining:
                 self.db.new_checkpoint_path(i, self.steps[i] + n) for i in range(self.population)
             ]
             states: list[bytes] | None = None
+            results: list[tuple[Any, ...]] = [()] * self.population
             if as_bytes:
                 tasks: list[tuple[Any, ...]] = [
                     (
                         self.factory,
-                        i,
-                        self.values[i],
-                        None
-                        if (ck := self.checkpoints[i]) is None
-                        else self.db.checkpoint_bytes(ck),
-                        None,
+                        group,
+                        [self.values[i] for i in group],
+                        [
+                            None
+                            if (ck := self.checkpoints[i]) is None
+                            else self.db.checkpoint_bytes(ck)
+                            for i in group
+                        ],
                         n,
                     )
-                    for i in range(self.population)
+                    for group in self.together
                 ]
-                results = executor.run(member_state_task, tasks)
+                done = executor.run(group_state_task, tasks)
                 del tasks  # the starting states: nobody needs them any more
+                for group, rows in zip(self.together, done, strict=True):
+                    for i, row in zip(group, rows, strict=True):
+                        results[i] = row
                 states = [state for _, _, state in results]
                 for i, state in enumerate(states):  # what a files task writes before it returns
                     self.db.write_checkpoint_bytes(outs[i], state)
@@ -722,16 +829,21 @@ class PopulationBasedTraining:
                 tasks = [
                     (
                         self.factory,
-                        i,
-                        self.values[i],
-                        None if (ck := self.checkpoints[i]) is None else str(path(ck)),
-                        None,
+                        group,
+                        [self.values[i] for i in group],
+                        [
+                            None if (ck := self.checkpoints[i]) is None else str(path(ck))
+                            for i in group
+                        ],
                         n,
-                        str(outs[i]),
+                        [str(outs[i]) for i in group],
                     )
-                    for i in range(self.population)
+                    for group in self.together
                 ]
-                results = executor.run(member_task, tasks)
+                done = executor.run(group_task, tasks)
+                for group, rows in zip(self.together, done, strict=True):
+                    for i, row in zip(group, rows, strict=True):
+                        results[i] = row
             scores = {}
             for i, (score, hypers, *_) in enumerate(results):
                 self.steps[i] += n

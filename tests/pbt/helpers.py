@@ -78,21 +78,22 @@ def trace(pbt: PopulationBasedTraining) -> tuple[list, list]:
     return scores, lineage
 
 
-def run_result(run_dir: Path) -> dict[str, Any]:
+def run_result(run_dir: Path, best: bool = True) -> dict[str, Any]:
     """What a user gets from a finished config-driven run: every score, every exploit, every
-    member, the best member."""
+    member, the best member (``best=False``: a run the CLI did not finish, without it)."""
     db = PBTDatabase(run_dir)
     try:
-        best = dict(db.get_meta("best"))
-        best.pop("resumed")
-        return {
+        result: dict[str, Any] = {
             "scores": [(s["step"], s["member"], s["score"], s["values"]) for s in db.scores()],
             "lineage": [
                 (e["step"], e["member"], e["source"], e["old"], e["new"]) for e in db.lineage()
             ],
             "members": [(m["member"], m["step"], m["values"], m["score"]) for m in db.members()],
-            "best": best,
         }
+        if best:
+            result["best"] = dict(db.get_meta("best"))
+            result["best"].pop("resumed")
+        return result
     finally:
         db.close()
 

@@ -1,11 +1,12 @@
 """`gradhpo pbt` / `resume` killed (SIGKILL) at named points - inside the run directory's
 creation, during a member checkpoint's write, inside a step's database transaction, right
 before and right after its COMMIT, between the deletions that follow a commit, before the
-best member is recorded - then resumed: the result is the uninterrupted run's, plain and
-hybrid (a `tuner` in every member) alike (issue 16). A population on two processes whose
+best member is recorded - then resumed: the result is the uninterrupted run's, plain,
+hybrid (a `tuner` in every member) and batched (two vmapped groups of two) alike (issue 16). A population on two processes whose
 checkpoints move through the executor (`pbt.checkpoints: executor`: the driver writes what
 the tasks return) killed between a task's return and the driver's write of its state, and at
-the step's commit, resumes to the uninterrupted in-process run (issue 17). So does an async
+the step's commit, resumes to the uninterrupted in-process run, one task per member or per batched group
+(issue 17). So does an async
 population on one worker process, killed with a task per member in flight; on two workers
 (checkpoints through the executor or in the run directory) every interval is scored once.
 
@@ -35,6 +36,16 @@ HYBRID = digits_pbt_config("hybrid", tuner=HYBRID_TUNER)
 # Async: members served one at a time, one transaction per member step (2 exploits here).
 ASYNC: dict[str, Any] = {**copy.deepcopy(PLAIN), "name": "apop"}
 ASYNC["pbt"]["mode"] = "async"
+# Batched: two groups of two members, each one vmapped model with its own dropout stream.
+BATCHED = digits_pbt_config("bpop")
+BATCHED["pbt"].update(
+    batched=True,
+    groups=2,
+    space={
+        "optimizer.lr": {"type": "float", "low": 0.02, "high": 0.3, "log": True},
+        "optimizer.momentum": {"type": "float", "low": 0.5, "high": 0.95},
+    },
+)
 HYBRID["pbt"]["space"] = {
     "training.batch_size": {"type": "categorical", "choices": [32, 64]},
     "model.dropout": {"type": "float", "low": 0.05, "high": 0.5},
@@ -96,7 +107,9 @@ def _left_consistent(runs: Path, run_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("config", "exploits"), [(PLAIN, 3), (ASYNC, 2), (HYBRID, 3)], ids=["plain", "async", "hybrid"]
+    ("config", "exploits"),
+    [(PLAIN, 3), (ASYNC, 2), (HYBRID, 3), (BATCHED, 3)],
+    ids=["plain", "async", "hybrid", "batched"],
 )
 def test_pbt_killed_at_named_points_resumes_to_the_uninterrupted_result(
     tmp_path: Path, config: dict[str, Any], exploits: int
@@ -158,21 +171,25 @@ def _kill_at_points_then_resume(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("base", [PLAIN, BATCHED], ids=["plain", "batched"])
 def test_executor_checkpoints_killed_at_named_points_resume_to_the_in_process_result(
-    tmp_path: Path,
+    tmp_path: Path, base: dict[str, Any]
 ) -> None:
+    """Batched: one task per group of two members per round; the group's tasks run in fresh
+    worker processes, so every round restores each group's dropout stream from its states."""
+    name = base["name"]
     path = tmp_path / "pbt.yaml"
-    path.write_text(yaml.safe_dump(PLAIN), encoding="utf-8")
+    path.write_text(yaml.safe_dump(base), encoding="utf-8")
     done = _run(_cli("pbt", str(path), "--out", str(tmp_path / "ref")), tmp_path)
     assert done.returncode == 0, done.stderr.decode()
-    reference = run_result(tmp_path / "ref" / "pop")
+    reference = run_result(tmp_path / "ref" / name)
 
-    config = copy.deepcopy(PLAIN)
+    config = copy.deepcopy(base)
     config["pbt"]["executor"] = {"name": "processes", "workers": 2, "threads_per_worker": 1}
     config["pbt"]["checkpoints"] = "executor"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     runs = tmp_path / "runs"
-    run_dir = runs / "pop"
+    run_dir = runs / name
     _kill_at_points_then_resume(path, runs, run_dir, EXECUTOR_KILLS, tmp_path)
     assert run_result(run_dir) == reference
     _left_consistent(runs, run_dir)

@@ -86,6 +86,10 @@ BAD = [
     ),
     ("pbt/fraction", 0.7, r"pbt.fraction: expected a number in \(0.0, 0.5\], got 0.7"),
     ("pbt/factors", [], r"pbt.factors: expected a non-empty list"),
+    ("pbt/groups", 0, r"pbt.groups: expected an integer >= 1, got 0"),
+    ("pbt/groups", "2", r"pbt.groups: expected an integer, got '2'"),
+    ("pbt/groups", 4, r"pbt.groups: at most one group per member \(3\), got 4"),
+    ("pbt/groups", 2, r"pbt.groups: splits a batched population \(pbt.batched: true\), got 2"),
     ("pbt/space", {}, r"pbt.space: expected at least one parameter"),
     (
         "pbt/space/model.depth",
@@ -160,14 +164,13 @@ def test_batched_pbt_config_limits(tmp_path: Path, capsys, monkeypatch) -> None:
     config["tuner"] = None
     assert pbt(tmp_path, config) == 2
     assert "a batched population can only explore optimizer.* values" in capsys.readouterr().err
-    # Async members on an executor are built; a batched population on one is not.
+    # Batched groups train in lockstep, in process or one task per group on an executor.
+    config["pbt"]["space"] = {"optimizer.lr": {"type": "float", "low": 0.01, "high": 0.5}}
     config["pbt"]["executor"] = {"name": "processes", "workers": 2}
+    config["pbt"]["mode"] = "async"
     assert pbt(tmp_path, config) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (
-        "gradhpo: error: pbt.executor: a batched population trains in this process; "
-        "drop one of them"
-    ), err
+    assert err == "gradhpo: error: pbt.batched: needs mode 'sync', got 'async'", err
 
 
 def test_pbt_hybrid_with_a_learned_lr_schedule(tmp_path: Path, capsys, monkeypatch) -> None:
