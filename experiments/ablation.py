@@ -173,6 +173,21 @@ class Tracker:
         self.curve.append((self.steps, self.elapsed, self.best_val, self.best_test))
 
 
+def curve_rows(method: str, seed: int, tracker: Tracker) -> list[dict]:
+    """A method's anytime curve as CSV rows: steps, seconds, best val so far, its test."""
+    return [
+        {
+            "method": method,
+            "seed": seed,
+            "steps": s,
+            "seconds": round(t, 3),
+            "best_val": v,
+            "test_of_best": b,
+        }
+        for s, t, v, b in tracker.curve
+    ]
+
+
 def make_run(
     task: dict,
     data: Any,
@@ -461,29 +476,13 @@ def main() -> int:
                         "steps_to_target": to_target,
                     }
                 )
-                curves += [
-                    {
-                        "method": method,
-                        "seed": seed,
-                        "steps": s,
-                        "seconds": round(t, 3),
-                        "best_val": v,
-                        "test_of_best": b,
-                    }
-                    for s, t, v, b in tracker.curve
-                ]
+                curves += curve_rows(method, seed, tracker)
                 print(
                     f"{method:>14} seed {seed}: val {tracker.best_val:.4f} test {tracker.best_test:.4f} steps {tracker.steps} {seconds:.1f} s"
                 )
 
-    with (out / "runs.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with (out / "curves.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(curves[0]))
-        writer.writeheader()
-        writer.writerows(curves)
+    write_csv(out / "runs.csv", rows)
+    write_csv(out / "curves.csv", curves)
 
     def stats(values: list[float]) -> str:
         if len(values) == 1:
@@ -605,8 +604,6 @@ def plot_curves(
     plt.close(fig)
 
 
-
-
 def headline(args: argparse.Namespace) -> int:
     """TPE with 30 trials of ``--trial-epochs`` epochs against each gradhpo mode given one
     fifth of the wall-clock seconds TPE used, on ``--headline-task``. The goal: a mode that
@@ -668,17 +665,7 @@ def keep_seed_row(
             "setup": setup,
         }
     )
-    curves.extend(
-        {
-            "method": method,
-            "seed": seed,
-            "steps": s,
-            "seconds": round(t, 3),
-            "best_val": v,
-            "test_of_best": b,
-        }
-        for s, t, v, b in tracker.curve
-    )
+    curves += curve_rows(method, seed, tracker)
     write_csv(out / f"seed{seed}.csv", rows)
     write_csv(out / f"curves_seed{seed}.csv", curves)
     print(
