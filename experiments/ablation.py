@@ -108,7 +108,8 @@ HYPERGRADIENT = {
     "hg_carried": {"method": "forward", "horizon": 10, "carry": True, "carry_decay": 0.99},
 }
 METHODS = ["plain", *SAMPLERS, *HYPERGRADIENT, "sgd_hd", "pbt", "pbt_hybrid"]
-LR_LOW, LR_HIGH, LR_START = 1e-3, 1.0, 0.01
+LR_LOW, LR_HIGH, DEFAULT_LR_START = 1e-3, 1.0, 0.01
+LR_START = DEFAULT_LR_START  # --start-lr
 HEADLINE_MODES = [
     "plain",
     "hg_greedy",
@@ -410,6 +411,13 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--start-lr",
+        type=float,
+        default=LR_START,
+        help="the lr of the plain control and where the tuned modes start (a bad default "
+        "shows what tuning recovers)",
+    )
+    parser.add_argument(
         "--headline",
         action="store_true",
         help="TPE's best of 30 trials vs gradhpo's modes at 1/5 of TPE's wall-clock seconds",
@@ -434,6 +442,10 @@ def main() -> int:
         help="results page to write",
     )
     args = parser.parse_args()
+    if not (args.start_lr > 0 and math.isfinite(args.start_lr)):
+        parser.error(f"--start-lr: expected a positive number, got {args.start_lr!r}")
+    global LR_START
+    LR_START = args.start_lr
     torch.set_num_threads(args.threads)
     # The first torch.optim optimizer of a process imports torch._dynamo (seconds): paid here,
     # before any method's clock starts, not by whichever method happens to run first.
@@ -516,7 +528,8 @@ def main() -> int:
     )
     header = (
         f"Task `{args.task}` ({len(data.train)} training images), budget {budget_text} per "
-        f"method per seed, {args.seeds} seeds (mean ± sd). Command: `{command}`. "
+        f"method per seed, {args.seeds} seeds (mean ± sd); plain runs at, and the tuned modes "
+        f"start from, lr {LR_START:g}. Command: `{command}`. "
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
         f"{time.strftime('%Y-%m-%d')}."
@@ -690,6 +703,7 @@ def headline_setup(args: argparse.Namespace, n_train: int) -> str:
     return (
         f"{args.headline_task}, {n_train} training images, TPE 30 x {args.trial_epochs} epochs, "
         f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+        + (f", start lr {LR_START:g}" if LR_START != DEFAULT_LR_START else "")
     )
 
 
