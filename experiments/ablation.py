@@ -35,8 +35,11 @@ Fashion-MNIST, Debian's dataset-fashion-mnist; ``--train-size`` changes the subs
     python experiments/ablation.py --task fashion_mnist --seeds 3 --seconds 300
     python experiments/ablation.py --headline --headline-task fashion_mnist --seeds 3
 
-Writes experiments/results/ablation_<task>/{runs.csv, curves.csv, table.md, best_so_far.png}
-and experiments/RESULTS.md (the latest run's table, command and machine).
+Writes experiments/results/ablation_<task>/{runs.csv, curves.csv, table.md, best_so_far.png,
+anytime_test_vs_seconds.png} (``--out`` elsewhere); ``--results PAGE`` appends the table to a
+results page (experiments/RESULTS.md is written by hand from these files, never overwritten).
+The headline writes experiments/results/headline_<task>_e<epochs>_n<size>/: one CSV per seed,
+table.md and the anytime plot.
 """
 
 from __future__ import annotations
@@ -438,8 +441,9 @@ def main() -> int:
     parser.add_argument(
         "--results",
         type=Path,
-        default=ROOT / "experiments" / "RESULTS.md",
-        help="results page to write",
+        default=None,
+        help="a results page to append the table to (e.g. experiments/RESULTS.md); the table "
+        "is always in <out>/table.md",
     )
     args = parser.parse_args()
     if not (args.start_lr > 0 and math.isfinite(args.start_lr)):
@@ -557,11 +561,9 @@ def main() -> int:
         out / "anytime_test_vs_seconds.png",
     )
 
-    args.results.write_text(
-        "# Results\n\nWritten by `experiments/ablation.py` (latest run). Per-run CSV, curves and the "
-        f"plot: `experiments/results/ablation_{args.task}/`.\n\n## Ablation: {args.task}\n\n"
-        + table
-    )
+    if args.results is not None:  # appended: the page also holds other runs' sections
+        with args.results.open("a") as fh:
+            fh.write(f"\n## Ablation: {args.task}\n\nFiles: `{out}`.\n\n" + table)
     print(table)
     return 0
 
