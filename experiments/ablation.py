@@ -416,7 +416,7 @@ def main() -> int:
     parser.add_argument(
         "--start-lr",
         type=float,
-        default=LR_START,
+        default=DEFAULT_LR_START,
         help="the lr of the plain control and where the tuned modes start (a bad default "
         "shows what tuning recovers)",
     )
