@@ -793,57 +793,27 @@ class PopulationBasedTraining:
         if self.mode == "async":
             return self._run_remote_async(executor, progress)
         as_bytes = self.checkpoint_transport == "executor"
-        path = self.db.checkpoint_path
         while min(self.steps) < self.total_steps:
             n = min(self.interval, self.total_steps - min(self.steps))
             outs = [
                 self.db.new_checkpoint_path(i, self.steps[i] + n) for i in range(self.population)
             ]
-            states: list[bytes] | None = None
+            tasks: list[tuple[Any, ...]] = [
+                (self.factory, group, [self.values[i] for i in group], self._starts(group), n)
+                + (() if as_bytes else ([str(outs[i]) for i in group],))
+                for group in self.together
+            ]
+            done = executor.run(group_state_task if as_bytes else group_task, tasks)
+            del tasks  # the starting states: nobody needs them any more
             results: list[tuple[Any, ...]] = [()] * self.population
+            for group, rows in zip(self.together, done, strict=True):
+                for i, row in zip(group, rows, strict=True):
+                    results[i] = row
+            states: list[bytes] | None = None
             if as_bytes:
-                tasks: list[tuple[Any, ...]] = [
-                    (
-                        self.factory,
-                        group,
-                        [self.values[i] for i in group],
-                        [
-                            None
-                            if (ck := self.checkpoints[i]) is None
-                            else self.db.checkpoint_bytes(ck)
-                            for i in group
-                        ],
-                        n,
-                    )
-                    for group in self.together
-                ]
-                done = executor.run(group_state_task, tasks)
-                del tasks  # the starting states: nobody needs them any more
-                for group, rows in zip(self.together, done, strict=True):
-                    for i, row in zip(group, rows, strict=True):
-                        results[i] = row
                 states = [state for _, _, state in results]
                 for i, state in enumerate(states):  # what a files task writes before it returns
                     self.db.write_checkpoint_bytes(outs[i], state)
-            else:
-                tasks = [
-                    (
-                        self.factory,
-                        group,
-                        [self.values[i] for i in group],
-                        [
-                            None if (ck := self.checkpoints[i]) is None else str(path(ck))
-                            for i in group
-                        ],
-                        n,
-                        [str(outs[i]) for i in group],
-                    )
-                    for group in self.together
-                ]
-                done = executor.run(group_task, tasks)
-                for group, rows in zip(self.together, done, strict=True):
-                    for i, row in zip(group, rows, strict=True):
-                        results[i] = row
             scores = {}
             for i, (score, hypers, *_) in enumerate(results):
                 self.steps[i] += n
@@ -864,19 +834,29 @@ class PopulationBasedTraining:
                 progress.update(n)
         return self.best()
 
+    def _starts(self, group: Sequence[int]) -> list[str | bytes | None]:
+        """The committed checkpoints the members ``group`` start their next interval from:
+        bytes (``checkpoints="executor"``) or paths for the tasks to read; None for a member
+        that has not trained yet."""
+        as_bytes = self.checkpoint_transport == "executor"
+        return [
+            None
+            if (ck := self.checkpoints[i]) is None
+            else (self.db.checkpoint_bytes(ck) if as_bytes else str(self.db.checkpoint_path(ck)))
+            for i in group
+        ]
+
     def _submit_interval(self, executor: Any, i: int) -> tuple[Any, int, Any]:
         """Submit member ``i``'s next interval from its committed checkpoint (async mode);
         returns ``(task, steps, the file its trained state goes to)``."""
         n = min(self.interval, self.total_steps - self.steps[i])
         out = self.db.new_checkpoint_path(i, self.steps[i] + n)
-        ck = self.checkpoints[i]
+        (start,) = self._starts([i])
         if self.checkpoint_transport == "executor":
-            state = None if ck is None else self.db.checkpoint_bytes(ck)
             task = executor.submit(
-                member_state_task, (self.factory, i, self.values[i], state, None, n)
+                member_state_task, (self.factory, i, self.values[i], start, None, n)
             )
         else:
-            start = None if ck is None else str(self.db.checkpoint_path(ck))
             task = executor.submit(
                 member_task, (self.factory, i, self.values[i], start, None, n, str(out))
             )
